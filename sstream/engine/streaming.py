@@ -1,0 +1,320 @@
+"""StreamingCNN: run a local CNN tile by tile, forward and backward, with exact results.
+
+The algorithm (Pinckaers et al., TPAMI 2020, with the window arithmetic of ENGINE.md):
+
+1. forward, without autograd: for every tile of the plan, run the stream on the tile's input
+   crop and copy the kept part of its output into the full feature map (N, C', H', W');
+2. the feature map enters the autograd graph as the output of `_StreamFunction`, so whatever
+   comes after it (the head, the loss) is ordinary autograd;
+3. backward: for every tile, re-run the crop with autograd, back-propagate the kept part with
+   the matching slice of the feature-map gradient, and sum the parameter gradients over tiles.
+   Every output position belongs to exactly one tile, so the sums equal the whole-image
+   gradients. The crops' input gradients overlap; they are added up in a band of rows that is
+   handed out (to `image.grad`, or to a sink) as soon as no later tile can touch it.
+
+Only crops, one at a time, ever go through the stream: no activation of full-image size exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from sstream.engine.geometry import StreamGeometry, analyse, training_flags
+from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
+
+InputGradSink = Callable[[Box, torch.Tensor], None]
+"""Receives (box, gradient) for full-width row bands of the input gradient, top to bottom:
+box = (y0, y1, 0, W) in input pixels, gradient (N, C, y1 - y0, W) on the compute device."""
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """A lazily read image: anything with a shape (N, C, H, W) and a `read(box)` method.
+
+    `read((y0, y1, x0, x1))` returns the region as a tensor (N, C, y1 - y0, x1 - x0) in the
+    dtype the stream expects. Regions are read again during the backward pass.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]: ...
+
+    def read(self, box: Box) -> torch.Tensor: ...
+
+
+class TensorSource:
+    """An in-memory image tensor (N, C, H, W) presented as an ImageSource."""
+
+    def __init__(self, image: torch.Tensor) -> None:
+        if image.dim() != 4:
+            raise ValueError(f"expected an image tensor (N, C, H, W), got shape "
+                             f"{tuple(image.shape)}")
+        self.image = image.detach()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.image.shape)  # type: ignore[return-value]
+
+    def read(self, box: Box) -> torch.Tensor:
+        y0, y1, x0, x1 = box
+        return self.image[:, :, y0:y1, x0:x1]
+
+
+def _as_tuple(tile_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(tile_size, int):
+        tile_size = (tile_size, tile_size)
+    size = tuple(int(t) for t in tile_size)
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"tile_size must be a positive int or (height, width), got {tile_size}")
+    return size  # type: ignore[return-value]
+
+
+class StreamingCNN(nn.Module):
+    """Wraps a stream of local ops so that calling it streams tiles, exactly.
+
+    `scnn(image)` equals `stream(image)`, and backpropagating through it gives the stream's
+    parameters (and `image`, if it requires grad) exactly the gradients plain autograd gives.
+
+    Args:
+        stream: the convolutional trunk; every op must be local (see the README's table),
+            otherwise UnsupportedModuleError names the offending module.
+        tile_size: tile side in input pixels, int or (height, width), before the overlap the
+            engine adds. Rounded up to a multiple of the output stride; see `self.tile_size`.
+    """
+
+    def __init__(self, stream: nn.Module, tile_size: int | Sequence[int]) -> None:
+        super().__init__()
+        self.stream = stream
+        self.geometry: StreamGeometry = analyse(stream, in_eval_mode=True)
+        requested = _as_tuple(tile_size)
+        self.tile_size: tuple[int, int] = tuple(  # type: ignore[assignment]
+            -(-t // s) * s for t, s in zip(requested, self.geometry.stride))
+        self._analysed_flags: tuple[bool, ...] | None = None
+        self._output_sizes: dict[tuple[int, ...], tuple[int, int]] = {}
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (f"tile_size={self.tile_size}, output_stride={g.stride}, "
+                f"receptive_field={g.receptive_field}")
+
+    # -- planning ------------------------------------------------------------------------
+
+    def output_size(self, input_shape: Sequence[int]) -> tuple[int, int]:
+        """(H', W') of the stream's output for an input of shape (N, C, H, W) or (C, H, W)."""
+        key = tuple(input_shape[-3:])
+        if key not in self._output_sizes:
+            self._output_sizes[key] = _meta_output_size(self.stream, key)
+        return self._output_sizes[key]
+
+    def plan(self, input_shape: Sequence[int]) -> TilePlan:
+        """The tile plan for an input of shape (N, C, H, W)."""
+        height, width = int(input_shape[-2]), int(input_shape[-1])
+        return make_plan(self.geometry, (height, width), self.output_size(input_shape),
+                         self.tile_size)
+
+    # -- running -------------------------------------------------------------------------
+
+    def forward(self, image: torch.Tensor | ImageSource,
+                input_grad_sink: InputGradSink | None = None) -> torch.Tensor:
+        """Stream `image` (a tensor (N, C, H, W) or an ImageSource) through the stream.
+
+        With `input_grad_sink`, the backward pass hands the input gradient to the sink in
+        full-width row bands, top to bottom, instead of (or besides) `image.grad`.
+        """
+        self._refuse_current_modes()
+        source = TensorSource(image) if isinstance(image, torch.Tensor) else image
+        if not isinstance(source, ImageSource):
+            raise TypeError("image must be a tensor (N, C, H, W) or an ImageSource")
+        run = _TileRunner(self.stream, self.plan(source.shape), source, input_grad_sink)
+        params = [p for p in self.stream.parameters() if p.requires_grad]
+        image_anchor = image if isinstance(image, torch.Tensor) else _NO_TENSOR
+        sink_anchor = torch.empty(0, requires_grad=input_grad_sink is not None)
+        wants_graph = bool(params) or image_anchor.requires_grad or input_grad_sink is not None
+        if not (torch.is_grad_enabled() and wants_graph):
+            return run.forward()
+        return _StreamFunction.apply(run, image_anchor, sink_anchor, *params)
+
+    def _refuse_current_modes(self) -> None:
+        """Re-check locality when train/eval flags changed (BatchNorm, dropout in training)."""
+        flags = training_flags(self.stream)
+        if flags != self._analysed_flags:
+            analyse(self.stream)
+            self._analysed_flags = flags
+
+
+_NO_TENSOR = torch.empty(0)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    for tensor in module.parameters():
+        return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _meta_output_size(stream: nn.Module, chw: tuple[int, ...]) -> tuple[int, int]:
+    """Run the stream on the meta device (no memory, no compute) to get its output size."""
+    state = {name: torch.empty_like(t, device="meta")
+             for name, t in [*stream.named_parameters(), *stream.named_buffers()]}
+    image = torch.empty((1, *chw), device="meta", dtype=_module_dtype(stream))
+    with torch.no_grad():
+        out = torch.func.functional_call(stream, state, (image,))
+    return int(out.shape[-2]), int(out.shape[-1])
+
+
+class _TileRunner:
+    """Runs one image's tile plan forward (no grad) and backward (re-run per tile)."""
+
+    def __init__(self, stream: nn.Module, plan: TilePlan, source: ImageSource,
+                 sink: InputGradSink | None) -> None:
+        self.stream, self.plan, self.source, self.sink = stream, plan, source, sink
+        self.device = _module_device(stream)
+        kind = self.device.type
+        self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+
+    @contextmanager
+    def _autocast(self) -> Iterator[None]:
+        """Backward re-runs use the autocast state the forward ran under."""
+        kind, enabled, dtype = self.autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            yield
+
+    def crop(self, tile: Tile) -> torch.Tensor:
+        """The tile's input crop on the stream's device (pinned for an async host copy)."""
+        crop = self.source.read(tile.in_box)
+        if crop.device != self.device:
+            if self.device.type == "cuda" and crop.device.type == "cpu":
+                crop = crop.pin_memory()
+            crop = crop.to(self.device, non_blocking=True)
+        return crop
+
+    def kept(self, tile: Tile, crop_out: torch.Tensor) -> torch.Tensor:
+        ky0, ky1, kx0, kx1 = tile.keep_box
+        if crop_out.shape[-2] < ky1 or crop_out.shape[-1] < kx1:
+            raise RuntimeError(
+                f"internal error: crop {tile.in_box} gave output {tuple(crop_out.shape[-2:])}, "
+                f"too small for kept range {tile.keep_box}; please report this stream")
+        return crop_out[..., ky0:ky1, kx0:kx1]
+
+    def forward(self) -> torch.Tensor:
+        fmap: torch.Tensor | None = None
+        with torch.no_grad():
+            for tile in self.plan:
+                kept = self.kept(tile, self.stream(self.crop(tile)))
+                if fmap is None:
+                    batch, channels = kept.shape[:2]
+                    fmap = kept.new_empty((batch, channels, *self.plan.output_size))
+                oy0, oy1, ox0, ox1 = tile.out_box
+                fmap[..., oy0:oy1, ox0:ox1] = kept
+        assert fmap is not None, "a tile plan always has at least one tile"
+        return fmap
+
+    def backward(self, grad_fmap: torch.Tensor, image_grad: torch.Tensor | None,
+                 params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Accumulate parameter gradients (returned) and input gradients (to the bands)."""
+        bands = None
+        if image_grad is not None or self.sink is not None:
+            bands = _InputGradBands(self.source.shape, self.device, self.sink, image_grad)
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        for row in range(len(self.plan.rows)):
+            for col in range(len(self.plan.cols)):
+                tile = self.plan.tile(row, col)
+                crop = self.crop(tile).detach().requires_grad_(bands is not None)
+                with torch.enable_grad(), self._autocast():
+                    kept = self.kept(tile, self.stream(crop))
+                oy0, oy1, ox0, ox1 = tile.out_box
+                grad_kept = grad_fmap[..., oy0:oy1, ox0:ox1].to(kept.dtype)
+                inputs = ([crop] if bands is not None else []) + params
+                grads = torch.autograd.grad(kept, inputs, grad_kept, allow_unused=True)
+                if bands is not None:
+                    bands.add(tile.in_box, grads[0])
+                    grads = grads[1:]
+                for i, grad in enumerate(grads):
+                    if grad is not None:
+                        param_grads[i] = grad if param_grads[i] is None else param_grads[i] + grad
+            if bands is not None:
+                bands.release_rows_before(self.plan.rows_final_after(row))
+        return param_grads
+
+
+class _InputGradBands:
+    """Adds up the crops' overlapping input gradients in a band of full-width rows.
+
+    Rows above `y0` are final and have been handed out; the buffer holds rows [y0, y0 + h).
+    Memory is one band (a row of tiles plus the overlap), never the whole input.
+    """
+
+    def __init__(self, shape: Sequence[int], device: torch.device, sink: InputGradSink | None,
+                 image_grad: torch.Tensor | None) -> None:
+        self.batch, self.channels, self.height, self.width = (int(s) for s in shape)
+        self.device, self.sink, self.image_grad = device, sink, image_grad
+        self.y0 = 0
+        self.buffer: torch.Tensor | None = None
+
+    def add(self, in_box: Box, grad: torch.Tensor) -> None:
+        y0, y1, x0, x1 = in_box
+        self._extend_to(y1, grad.dtype)
+        assert self.buffer is not None and y0 >= self.y0
+        self.buffer[..., y0 - self.y0:y1 - self.y0, x0:x1] += grad
+
+    def _extend_to(self, y1: int, dtype: torch.dtype) -> None:
+        held = 0 if self.buffer is None else self.buffer.shape[-2]
+        if self.y0 + held >= y1:
+            return
+        grown = torch.zeros((self.batch, self.channels, y1 - self.y0, self.width),
+                            dtype=dtype, device=self.device)
+        if self.buffer is not None:
+            grown[..., :held, :] = self.buffer
+        self.buffer = grown
+
+    def release_rows_before(self, y: int) -> None:
+        """Hand out rows [y0, y) — final, since no later tile's crop reaches above y."""
+        if y <= self.y0 or self.buffer is None:
+            return
+        band = self.buffer[..., : y - self.y0, :]
+        if self.sink is not None:
+            self.sink((self.y0, y, 0, self.width), band)
+        if self.image_grad is not None:
+            self.image_grad[..., self.y0:y, :] = band.to(self.image_grad.device)
+        self.buffer = self.buffer[..., y - self.y0:, :].clone()
+        self.y0 = y
+
+
+class _StreamFunction(torch.autograd.Function):
+    """Puts the streamed feature map into the autograd graph; backward streams the tiles."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _TileRunner, image: torch.Tensor, sink_anchor: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.run, ctx.params = run, params
+        ctx.image_meta = (image.dtype, image.device, image.shape)
+        return run.forward()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_fmap: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        run: _TileRunner = ctx.run
+        needs_image = ctx.needs_input_grad[1]
+        image_grad = None
+        if needs_image:
+            dtype, device, shape = ctx.image_meta
+            image_grad = torch.empty(shape, dtype=dtype, device=device)
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[3:]) if needed]
+        params = [ctx.params[i] for i in wanted]
+        grads = run.backward(grad_fmap, image_grad, params)
+        param_grads: list[torch.Tensor | None] = [None] * len(ctx.needs_input_grad[3:])
+        for i, grad in zip(wanted, grads):
+            param_grads[i] = grad
+        return (None, image_grad, None, *param_grads)
+

@@ -1,0 +1,113 @@
+"""Tile plans: which input crop computes which block of the stream's output, exactly.
+
+Coordinates: `in_*` are stream-input pixels, `out_*` are output (feature-map) pixels, and
+`keep_*` are pixels of one crop's output. Boxes are half-open (y0, y1, x0, x1).
+
+Per axis, output tile [j0, j1) is computed from the input crop [c0, c1) with (ENGINE.md)
+
+    c0 = max(0, floor((j0*S - lo) / S) * S)     aligned to the output stride S, so every
+                                                layer's sampling grid matches the whole image
+    c1 = min(H, (j1 - 1)*S + hi + 1)            then widened so that (c1 - c0) = H (mod S)
+
+and the crop's outputs [j0 - c0/S, j1 - c0/S) are kept. Zeros padded at an interior crop edge
+reach only outputs outside the kept range; at a true image border the crop's border is the
+image's. Widening c1 to H's residue mod S makes every layer's size arithmetic on the crop (odd
+sizes, ceil_mode pooling, branches that must agree in size) behave as on the whole image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sstream.engine.geometry import AxisWindow, StreamGeometry
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class AxisSpan:
+    """One tile along one axis: output [out0, out1) from input crop [in0, in1)."""
+
+    out0: int
+    out1: int
+    in0: int
+    in1: int
+
+    def keep(self, stride: int) -> tuple[int, int]:
+        """The kept range in the crop's own output coordinates."""
+        return self.out0 - self.in0 // stride, self.out1 - self.in0 // stride
+
+
+def axis_spans(in_len: int, out_len: int, window: AxisWindow, out_tile: int) -> list[AxisSpan]:
+    """Split one axis of the output into tiles of `out_tile` pixels (the last may be shorter)."""
+    stride = window.stride
+    spans = []
+    for out0 in range(0, out_len, out_tile):
+        out1 = min(out_len, out0 + out_tile)
+        in0 = max(0, ((out0 * stride - window.lo) // stride) * stride)
+        in1 = min(in_len, (out1 - 1) * stride + window.hi + 1)
+        in1 = min(in_len, in1 + (in_len - in1) % stride)
+        spans.append(AxisSpan(out0, out1, in0, in1))
+    return spans
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: the input crop to run and where its kept output goes."""
+
+    row: int
+    col: int
+    in_box: Box
+    out_box: Box
+    keep_box: Box
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """All tiles for one input size, in raster order (rows of tiles top to bottom).
+
+    `input_size` and `output_size` are (height, width); `tile_size` is the tile side in input
+    pixels (a multiple of the output stride).
+    """
+
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    tile_size: tuple[int, int]
+    rows: tuple[AxisSpan, ...]
+    cols: tuple[AxisSpan, ...]
+    stride: tuple[int, int]
+
+    def __iter__(self) -> Iterator[Tile]:
+        for row in range(len(self.rows)):
+            for col in range(len(self.cols)):
+                yield self.tile(row, col)
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def tile(self, row: int, col: int) -> Tile:
+        ys, xs = self.rows[row], self.cols[col]
+        (ky0, ky1), (kx0, kx1) = ys.keep(self.stride[0]), xs.keep(self.stride[1])
+        return Tile(row, col, in_box=(ys.in0, ys.in1, xs.in0, xs.in1),
+                    out_box=(ys.out0, ys.out1, xs.out0, xs.out1), keep_box=(ky0, ky1, kx0, kx1))
+
+    @property
+    def largest_crop(self) -> tuple[int, int]:
+        """The largest input crop (height, width) any tile runs."""
+        return (max(s.in1 - s.in0 for s in self.rows), max(s.in1 - s.in0 for s in self.cols))
+
+    def rows_final_after(self, row: int) -> int:
+        """Input rows below this index receive no gradient from tile rows after `row`."""
+        if row + 1 < len(self.rows):
+            return self.rows[row + 1].in0
+        return self.input_size[0]
+
+
+def make_plan(geometry: StreamGeometry, input_size: tuple[int, int],
+              output_size: tuple[int, int], tile_size: tuple[int, int]) -> TilePlan:
+    """The tile plan for an input of `input_size` whose stream output is `output_size`."""
+    out_tiles = [max(1, t // s) for t, s in zip(tile_size, geometry.stride)]
+    rows = axis_spans(input_size[0], output_size[0], geometry.axis(0), out_tiles[0])
+    cols = axis_spans(input_size[1], output_size[1], geometry.axis(1), out_tiles[1])
+    return TilePlan(input_size, output_size, tile_size, tuple(rows), tuple(cols), geometry.stride)
