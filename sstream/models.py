@@ -1,0 +1,470 @@
+"""The model zoo: a CNN split into a streamed trunk (`stream`) and an ordinary `head`.
+
+A `Classifier` is one ordinary `nn.Module`:
+
+    x (N, 3, H, W), float pixels / 255 in [0, 1]
+      -> stream: Normalize (ImageNet mean/std, per pixel) + trunk stages up to the split point
+         (N, C', H', W')  -- this is what `StreamingCNN(model.stream, tile)` wraps
+      -> head: the remaining trunk stages, global max/avg pooling, flatten, dropout, linear
+         (N, num_classes) logits
+
+Backbones (torchvision constructors with `weights=None`; nothing is downloaded unless
+`pretrained=True` is asked for explicitly):
+
+    model           split points (`stream_layers`)                   stream stride at the end
+    tiny            stage1 .. stage4  (conv-BN-ReLU-maxpool each)     2, 4, 8, 16
+    resnet18/34/50  layer1 .. layer4  (stem conv1/bn1/relu/maxpool    4, 8, 16, 32
+                                       always streams)
+    convnext_tiny   stage1 .. stage4  (stage k = downsample + blocks; 4, 8, 16, 32
+                                       stage1 includes the 4x4 stem)
+    vgg16           block1 .. block5  (convs of a block + its maxpool) 2, 4, 8, 16, 32
+
+`stream_layers=None` streams the whole trunk, so the head is only pooling + linear.
+
+BatchNorm and streaming: a tile cannot see the statistics of the whole image, so a streamed
+BatchNorm must use frozen running statistics (eval mode). `freeze_batchnorm(model, ...)` puts
+every BatchNorm in eval mode and marks it; `Classifier.train()` keeps marked BatchNorms in eval
+mode, so the usual `model.train()` / `model.eval()` calls of a training loop are safe.
+
+Checkpoints (`checkpoint_payload` / `load_checkpoint`) are torch.save'd dicts
+
+    {"format": "sstream-checkpoint/1", "model_config": ModelConfig.to_dict(),
+     "model": Classifier.state_dict(), ...any training keys, ignored when loading...}
+
+and load with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MODEL_NAMES",
+    "Classifier",
+    "ModelConfig",
+    "Normalize",
+    "build_model",
+    "checkpoint_payload",
+    "freeze_batchnorm",
+    "load_backbone_weights",
+    "load_checkpoint",
+    "minimum_input_size",
+    "split_names",
+]
+
+MODEL_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "convnext_tiny", "vgg16")
+POOLINGS = ("max", "avg")
+CHECKPOINT_FORMAT = "sstream-checkpoint/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """What to build. Everything needed to rebuild a trained model travels in checkpoints.
+
+    Attributes:
+        name: one of MODEL_NAMES.
+        num_classes: outputs of the final linear layer (logits).
+        stream_layers: split point: stream up to and including this named stage (see the
+            module docstring; `split_names(name)` lists them); None streams the whole trunk.
+        pooling: global pooling of the head, "max" or "avg".
+        dropout: dropout probability before the final linear layer (in the head, so it may be
+            random: the head is not re-run per tile).
+    """
+
+    name: str = "tiny"
+    num_classes: int = 2
+    stream_layers: str | None = None
+    pooling: str = "max"
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (JSON- and weights_only-safe)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown keys raise ValueError (a newer or foreign format)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; expected some of "
+                             f"{sorted(known)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        """Raise ValueError for an unknown name, split point, pooling or a bad number."""
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.name!r}; valid models: "
+                             f"{', '.join(MODEL_NAMES)}")
+        valid = split_names(self.name)
+        if self.stream_layers is not None and self.stream_layers not in valid:
+            raise ValueError(f"unknown stream_layers {self.stream_layers!r} for {self.name}; "
+                             f"valid split points: {', '.join(valid)} (or None for the "
+                             "whole trunk)")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; valid: {', '.join(POOLINGS)}")
+        if int(self.num_classes) != self.num_classes or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; buffers shaped (1, C, 1, 1), so it is per pixel and
+    streams. Input: (N, C, H, W) pixels / 255."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """stream (streamable trunk) + head (rest of the trunk, pooling, linear).
+
+    `forward(x)` runs both on the whole image: the plain-PyTorch reference. For training on
+    big images wrap `model.stream` in `StreamingCNN` and apply `model.head` to its output.
+
+    `train(mode)` keeps BatchNorms marked by `freeze_batchnorm` in eval mode.
+    """
+
+    def __init__(self, config: ModelConfig, stream: nn.Sequential, head: nn.Sequential) -> None:
+        super().__init__()
+        self.config = config
+        self.stream = stream
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stream(x))  # (N, 3, H, W) -> (N, C', H', W') -> (N, classes)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        for module in self.modules():
+            if getattr(module, "_sstream_frozen_bn", False):
+                module.eval()
+        return self
+
+
+def freeze_batchnorm(model: nn.Module, train_affine: bool) -> None:
+    """Put every BatchNorm in `model` in eval mode (frozen running statistics) and mark it.
+
+    Affine weight and bias get `requires_grad = train_affine`. A `Classifier` keeps marked
+    BatchNorms in eval mode through later `.train()` calls; for other modules, call this
+    again after `.train()`.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            module._sstream_frozen_bn = True  # read by Classifier.train
+            for param in (module.weight, module.bias):
+                if param is not None:
+                    param.requires_grad_(train_affine)
+
+
+# --------------------------------------------------------------------------------------------
+# Backbones: each builder returns (backbone, stages, channels, extra_head, ignored_prefixes)
+#   backbone: the module whose state_dict a --weights file must match (torchvision format)
+#   stages:   ordered (name, module) of the trunk; split points are the names in SPLITS
+#   channels: feature channels after the last stage (the linear layer's input)
+#   extra_head: modules applied after pooling + flatten, before dropout + linear
+#   ignored_prefixes: weights-file keys of the replaced classifier, skipped when loading
+
+
+@dataclass
+class _Backbone:
+    module: nn.Module
+    stages: list[tuple[str, nn.Module]]
+    channels: int
+    extra_head: list[tuple[str, nn.Module]]
+    ignored_prefixes: tuple[str, ...]
+
+
+_SPLITS: dict[str, tuple[str, ...]] = {
+    "tiny": ("stage1", "stage2", "stage3", "stage4"),
+    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
+    "resnet34": ("layer1", "layer2", "layer3", "layer4"),
+    "resnet50": ("layer1", "layer2", "layer3", "layer4"),
+    "convnext_tiny": ("stage1", "stage2", "stage3", "stage4"),
+    "vgg16": ("block1", "block2", "block3", "block4", "block5"),
+}
+
+
+def split_names(name: str) -> tuple[str, ...]:
+    """Valid `stream_layers` values for model `name` (ValueError for an unknown model)."""
+    if name not in _SPLITS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    return _SPLITS[name]
+
+
+class _TinyTrunk(nn.Sequential):
+    """Four conv3x3-BN-ReLU-maxpool2 stages, 16-32-64-64 channels, output stride 16."""
+
+    def __init__(self) -> None:
+        stages = []
+        for index, (c_in, c_out) in enumerate([(3, 16), (16, 32), (32, 64), (64, 64)]):
+            stages.append((f"stage{index + 1}", nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True), nn.MaxPool2d(2))))
+        super().__init__(OrderedDict(stages))
+
+
+def _tiny() -> _Backbone:
+    trunk = _TinyTrunk()
+    return _Backbone(trunk, list(trunk.named_children()), 64, [], ())
+
+
+def _resnet(name: str) -> _Backbone:
+    net = getattr(torchvision.models, name)(weights=None)
+    stem = [("conv1", net.conv1), ("bn1", net.bn1), ("relu", net.relu), ("maxpool", net.maxpool)]
+    layers = [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
+    return _Backbone(net, stem + layers, net.fc.in_features, [], ("fc.",))
+
+
+def _convnext_tiny() -> _Backbone:
+    # Stochastic depth off: a streamed block re-run for the backward must give the same output.
+    # torchvision's StochasticDepth(p=0) is the identity but its traced function is unknown
+    # to the engine's table of local ops; the Identity streams.
+    net = torchvision.models.convnext_tiny(weights=None, stochastic_depth_prob=0.0)
+    for block in net.modules():
+        if isinstance(getattr(block, "stochastic_depth", None), torchvision.ops.StochasticDepth):
+            block.stochastic_depth = nn.Identity()
+    f = net.features
+    stages = [("stem", f[0]), ("stage1", f[1]),
+              ("stage2", nn.Sequential(OrderedDict(downsample=f[2], blocks=f[3]))),
+              ("stage3", nn.Sequential(OrderedDict(downsample=f[4], blocks=f[5]))),
+              ("stage4", nn.Sequential(OrderedDict(downsample=f[6], blocks=f[7])))]
+    # torchvision's classifier is LayerNorm2d -> Flatten -> Linear; keep its (loadable) norm as
+    # a LayerNorm over channels after pooling, replace the Linear.
+    norm = nn.LayerNorm(768, eps=1e-6)
+    norm.load_state_dict(net.classifier[0].state_dict())
+    net.classifier[0] = norm  # so that a weights file's classifier.0.* lands in the head
+    return _Backbone(net, stages, 768, [("norm", norm)], ("classifier.2.",))
+
+
+class _VGG16Features(nn.Module):
+    """torchvision's vgg16 without its 120M-parameter classifier (replaced by our head anyway):
+    same `features.*` keys and initialisation, built in a fraction of the time and memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+        for m in self.features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+
+def _vgg16() -> _Backbone:
+    net = _VGG16Features()
+    f = net.features
+    bounds = [0, 5, 10, 17, 24, 31]  # each block ends with its MaxPool2d (indices 4, 9, ...)
+    stages = [(f"block{i + 1}", nn.Sequential(*f[bounds[i]:bounds[i + 1]])) for i in range(5)]
+    return _Backbone(net, stages, 512, [], ("classifier.",))
+
+
+_BUILDERS: dict[str, Callable[[], _Backbone]] = {
+    "tiny": _tiny,
+    "resnet18": lambda: _resnet("resnet18"),
+    "resnet34": lambda: _resnet("resnet34"),
+    "resnet50": lambda: _resnet("resnet50"),
+    "convnext_tiny": _convnext_tiny,
+    "vgg16": _vgg16,
+}
+
+
+def build_model(config: ModelConfig, weights: str | Path | None = None,
+                pretrained: bool = False) -> Classifier:
+    """Build the Classifier described by `config`.
+
+    Args:
+        config: model name, classes, split point, pooling, dropout.
+        weights: a torchvision-format state dict file (e.g. downloaded ImageNet weights) for
+            the backbone; the original classifier's keys are ignored. See
+            `load_backbone_weights`.
+        pretrained: load torchvision's default ImageNet weights through its weights API
+            (needs network access or a filled torch hub cache).
+
+    Raises:
+        ValueError: unknown model / split point / pooling, or a weights file that does not fit.
+        RuntimeError: `pretrained=True` and the weights cannot be fetched (offline).
+    """
+    config.validate()
+    if weights is not None and pretrained:
+        raise ValueError("give either weights=PATH or pretrained=True, not both")
+    backbone = _BUILDERS[config.name]()
+    if weights is not None:
+        load_backbone_weights(backbone.module, weights, backbone.ignored_prefixes,
+                              what=config.name)
+    elif pretrained:
+        _load_pretrained(backbone, config.name)
+
+    names = [name for name, _ in backbone.stages]
+    split = len(names) if config.stream_layers is None else names.index(config.stream_layers) + 1
+    stream = nn.Sequential(OrderedDict([("normalize", Normalize()), *backbone.stages[:split]]))
+    pool = nn.AdaptiveMaxPool2d(1) if config.pooling == "max" else nn.AdaptiveAvgPool2d(1)
+    head = nn.Sequential(OrderedDict([
+        *backbone.stages[split:], ("pool", pool), ("flatten", nn.Flatten(1)),
+        *backbone.extra_head, ("dropout", nn.Dropout(config.dropout)),
+        ("fc", nn.Linear(backbone.channels, config.num_classes))]))
+    return Classifier(config, stream, head)
+
+
+def _summarise(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            TypeError, AttributeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable torch weights file ({first})") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        raise ValueError(f"{path}: expected a state dict (parameter name -> tensor)")
+    return loaded
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path,
+                          ignored_prefixes: tuple[str, ...] = (), what: str = "") -> None:
+    """Load a state dict file into `backbone` exactly, or raise ValueError naming what differs.
+
+    Keys starting with one of `ignored_prefixes` (the replaced classifier) are skipped. Every
+    other key of the backbone must be present with the same shape and no foreign key may be
+    left over: a file of another architecture never loads partially.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel files
+    expected = {k: v for k, v in backbone.state_dict().items()
+                if not k.startswith(ignored_prefixes)}
+    given = {k: v for k, v in state.items() if not k.startswith(ignored_prefixes)}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = sorted(f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}"
+                    for k in set(expected) & set(given) if given[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_summarise(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_summarise(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {_summarise(shapes, 2)}")
+        raise ValueError(f"{path}: weights do not fit {what or type(backbone).__name__} "
+                         f"(another architecture?): {'; '.join(parts)}")
+    backbone.load_state_dict(given, strict=False)
+
+
+def _load_pretrained(backbone: _Backbone, name: str) -> None:
+    if name == "tiny":
+        raise ValueError("no pretrained weights exist for 'tiny'; use a torchvision model")
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        state = weights.get_state_dict(progress=False)
+    except Exception as exc:  # URLError, socket errors, hash mismatch: all mean "not here"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(
+            f"could not fetch torchvision's ImageNet weights for {name} ({first}); offline? "
+            f"download them elsewhere and pass --weights PATH") from None
+    state = {k: v for k, v in state.items() if not k.startswith(backbone.ignored_prefixes)}
+    backbone.module.load_state_dict(state, strict=False)
+
+
+def minimum_input_size(model: Classifier | nn.Module, channels: int = 3) -> int:
+    """The smallest square side (pixels) the model accepts in eval mode, found on meta."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for side in range(1, 1025):
+            try:
+                _meta_forward(model, (1, channels, side, side))
+                return side
+            except (RuntimeError, ValueError):
+                continue
+    finally:
+        for module, training in flags:
+            module.training = training
+    raise ValueError("the model accepts no input up to 1024 x 1024 pixels")
+
+
+def _meta_forward(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    state = {name: torch.empty_like(t, device="meta")
+             for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    with torch.no_grad():
+        return torch.func.functional_call(module, state, (torch.empty(shape, device="meta"),))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_payload(model: Classifier) -> dict[str, Any]:
+    """The model part of a checkpoint; add training keys (optimizer, epoch...) and torch.save."""
+    return {"format": CHECKPOINT_FORMAT, "model_config": model.config.to_dict(),
+            "model": model.state_dict()}
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    """The trained Classifier of a checkpoint written from `checkpoint_payload` (eval mode).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError (naming the file): not a torch file, corrupt or truncated, not an sstream
+            checkpoint, an unknown format version, or weights that do not fit the config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            TypeError, AttributeError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable checkpoint (corrupt or truncated? {first})"
+                         ) from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise ValueError(f"{path}: not an sstream checkpoint (no 'format' key)")
+    if payload["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {payload['format']!r} "
+                         f"(this version reads {CHECKPOINT_FORMAT!r})")
+    for key in ("model_config", "model"):
+        if not isinstance(payload.get(key), dict):
+            raise ValueError(f"{path}: sstream checkpoint without a valid {key!r} entry")
+    try:
+        config = ModelConfig.from_dict(payload["model_config"])
+        model = build_model(config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: bad model_config: {exc}") from None
+    try:
+        model.load_state_dict(payload["model"], strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ValueError(f"{path}: weights do not fit the model config {config}: {first}"
+                         ) from None
+    return model.eval()
