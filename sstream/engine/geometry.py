@@ -42,18 +42,25 @@ class UnsupportedModuleError(ValueError):
 
 @dataclass(frozen=True)
 class AxisWindow:
-    """Dependency window along one axis: output j reads input [j*stride - lo, j*stride + hi]."""
+    """Dependency window along one axis: output j reads input [j*stride - lo, j*stride + hi].
+
+    `reach` is what output j needs to *exist*: an input of length L has output j only if
+    j*stride + reach <= L - 1 (conservative: padding can make outputs exist that depend on
+    no input pixel at all, e.g. padding larger than the kernel).
+    """
 
     stride: int = 1
     lo: int = 0
     hi: int = 0
+    reach: int = 0
 
-    def through(self, extent: int, stride: int, pad_before: int) -> AxisWindow:
-        """The window after one sliding-window op (kernel extent, stride, leading padding)."""
+    def through(self, extent: int, stride: int, pad_before: int, pad_after: int) -> AxisWindow:
+        """The window after one sliding-window op (kernel extent, stride, padding)."""
         return AxisWindow(
             stride=self.stride * stride,
             lo=self.lo + pad_before * self.stride,
             hi=self.hi + (extent - 1 - pad_before) * self.stride,
+            reach=self.reach + max(0, extent - 1 - pad_before - pad_after) * self.stride,
         )
 
     def merge(self, other: AxisWindow) -> AxisWindow:
@@ -61,7 +68,8 @@ class AxisWindow:
         if self.stride != other.stride:
             raise ValueError(f"branches with different output strides ({self.stride} and "
                              f"{other.stride}) meet")
-        return AxisWindow(self.stride, max(self.lo, other.lo), max(self.hi, other.hi))
+        return AxisWindow(self.stride, max(self.lo, other.lo), max(self.hi, other.hi),
+                          max(self.reach, other.reach))
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class StreamGeometry:
     stride: tuple[int, int]
     lo: tuple[int, int]
     hi: tuple[int, int]
+    reach: tuple[int, int]
     layers: tuple[tuple[str, AxisWindow, AxisWindow], ...] = ()
 
     @property
@@ -90,7 +99,7 @@ class StreamGeometry:
 
     def axis(self, dim: int) -> AxisWindow:
         """The whole stream's window along axis 0 (y) or 1 (x)."""
-        return AxisWindow(self.stride[dim], self.lo[dim], self.hi[dim])
+        return AxisWindow(self.stride[dim], self.lo[dim], self.hi[dim], self.reach[dim])
 
 
 @dataclass(frozen=True)
@@ -161,32 +170,34 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _conv_axes(conv: nn.Conv2d) -> list[tuple[int, int, int]]:
-    """(extent, stride, leading padding) per axis for a Conv2d, including 'same'/'valid'."""
+_Axis = tuple[int, int, int, int]  # (kernel extent, stride, padding before, padding after)
+
+
+def _conv_axes(conv: nn.Conv2d) -> list[_Axis]:
+    """Per-axis window parameters of a Conv2d, including padding='same'/'valid'."""
     kernel, stride, dilation = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.dilation)
     extents = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
     if conv.padding == "valid":
-        pads = [0, 0]
-    elif conv.padding == "same":  # torch pads the extra pixel (odd total) after the input
-        pads = [(e - 1) // 2 for e in extents]
-    else:
-        pads = list(_pair(conv.padding))
-    return [(e, s, p) for e, s, p in zip(extents, stride, pads)]
+        return [(e, s, 0, 0) for e, s in zip(extents, stride)]
+    if conv.padding == "same":  # torch pads the extra pixel (odd total) after the input
+        return [(e, s, (e - 1) // 2, e - 1 - (e - 1) // 2) for e, s in zip(extents, stride)]
+    return [(e, s, p, p) for e, s, p in zip(extents, stride, _pair(conv.padding))]
 
 
-def _pool_axes(pool: nn.MaxPool2d | nn.AvgPool2d) -> list[tuple[int, int, int]]:
+def _pool_axes(pool: nn.MaxPool2d | nn.AvgPool2d) -> list[_Axis]:
+    """Per-axis window parameters of a pooling layer (ceil_mode only adds outputs at the end,
+    so the floor-mode existence rule used for `reach` stays conservative)."""
     kernel = _pair(pool.kernel_size)
     stride = _pair(pool.stride if pool.stride not in (None, ()) else pool.kernel_size)
     padding = _pair(pool.padding)
     dilation = _pair(getattr(pool, "dilation", 1))
-    return [(d * (k - 1) + 1, s, p) for k, s, p, d in zip(kernel, stride, padding, dilation)]
+    return [(d * (k - 1) + 1, s, p, p) for k, s, p, d in zip(kernel, stride, padding, dilation)]
 
 
-def _window_op(value: _Spatial, axes: list[tuple[int, int, int]]) -> _Spatial:
+def _window_op(value: _Spatial, axes: list[_Axis]) -> _Spatial:
     if (value.hdim, value.wdim) != (value.ndim - 2, value.ndim - 1):
         raise _Refusal("a sliding-window op applied to a tensor that is not (N, C, H, W)")
-    (ey, sy, py), (ex, sx, px) = axes
-    return value.with_windows(value.y.through(ey, sy, py), value.x.through(ex, sx, px))
+    return value.with_windows(value.y.through(*axes[0]), value.x.through(*axes[1]))
 
 
 def _require_channel_last_dims(value: _Spatial, count: int, what: str) -> None:
@@ -213,8 +224,8 @@ def _module_rule(module: nn.Module, value: _Spatial) -> _Spatial:
         return _window_op(value, _pool_axes(module))
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if module.training:
-            raise _Refusal("BatchNorm in training mode uses statistics of the whole batch "
-                           "image; call .eval() on it to stream with frozen statistics")
+            raise _Refusal("BatchNorm in training mode uses statistics of the whole image batch; "
+                           "call .eval() on it to stream with frozen statistics")
         if module.running_mean is None:
             raise _Refusal("BatchNorm without running statistics uses batch statistics")
         return value
@@ -277,18 +288,8 @@ def _node_label(node: fx.Node, root: nn.Module) -> str:
     if stack:
         path, (_, module_type) = list(stack.items())[-1]
         owner = getattr(module_type, "__name__", str(module_type))
-        return f"{_callee_name(node)} inside '{path.split('@')[0]}' ({owner})"
-    return f"{_callee_name(node)} in the stream's forward"
-
-
-def _callee_name(node: fx.Node) -> str:
-    target = node.target
-    if node.op == "call_method":
-        return f"method .{target}()"
-    if node.op == "get_attr":
-        return f"attribute '{target}'"
-    name = getattr(target, "__name__", str(target))
-    return f"function {name}()"
+        return f"'{path.split('@')[0]}' ({owner})"
+    return f"{type(root).__name__}.forward"
 
 
 def analyse(stream: nn.Module, *, in_eval_mode: bool = False) -> StreamGeometry:
@@ -332,7 +333,8 @@ def _propagate(graph: fx.Graph, root: nn.Module) -> StreamGeometry:
                     "tensor computed from its input")
             return StreamGeometry(
                 stride=(result.y.stride, result.x.stride), lo=(result.y.lo, result.x.lo),
-                hi=(result.y.hi, result.x.hi), layers=tuple(layers))
+                hi=(result.y.hi, result.x.hi), reach=(result.y.reach, result.x.reach),
+                layers=tuple(layers))
         try:
             values[node] = _node_rule(node, root, values)
         except _Refusal as refusal:
@@ -421,14 +423,30 @@ def _function_rule(target: Callable[..., Any], args: Any, kwargs: Any,
         normalized_shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
         _require_channel_last_dims(spatial[0], len(tuple(normalized_shape)), "layer_norm")
         return spatial[0]
-    if target is F.dropout or target is F.dropout2d:
-        training = args[2] if len(args) > 2 else kwargs.get("training", True)
-        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    if target is F.dropout or target is F.dropout2d or _is_stochastic_depth(target):
+        # dropout(input, p, training, ...); stochastic_depth(input, p, mode, training)
+        p = _argument(args, kwargs, 1, "p", 0.5)
+        training = _argument(args, kwargs, 3 if _is_stochastic_depth(target) else 2,
+                             "training", True)
         if training and p > 0:
-            raise _Refusal("dropout in training mode is random per run; use eval mode or p=0")
+            raise _Refusal("dropout / stochastic depth in training mode draws new random masks "
+                           "when a tile is re-run for the backward pass; use eval mode or p=0")
         return spatial[0]
+    if target is getattr:
+        raise _Refusal(f"it reads .{args[1]} of a feature map: code that depends on the "
+                       "image's shape or layout cannot be proven local")
     name = getattr(target, "__name__", str(target))
     raise _Refusal(f"function {name}() is not a recognised local operation")
+
+
+def _argument(args: Any, kwargs: Any, position: int, name: str, default: Any) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+def _is_stochastic_depth(target: Any) -> bool:
+    """torchvision.ops.stochastic_depth, an fx-wrapped function (torchvision not imported)."""
+    return (getattr(target, "__name__", "") == "stochastic_depth"
+            and getattr(target, "__module__", "").startswith("torchvision.ops"))
 
 
 def _method_rule(name: str, args: Any, kwargs: Any, spatial: list[_Spatial]) -> _Spatial:

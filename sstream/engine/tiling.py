@@ -7,9 +7,11 @@ Per axis, output tile [j0, j1) is computed from the input crop [c0, c1) with (EN
 
     c0 = max(0, floor((j0*S - lo) / S) * S)     aligned to the output stride S, so every
                                                 layer's sampling grid matches the whole image
-    c1 = min(H, (j1 - 1)*S + hi + 1)            then widened so that (c1 - c0) = H (mod S)
+    c1 = min(H, (j1 - 1)*S + max(hi, reach) + 1)   then widened so that (c1 - c0) = H (mod S)
 
-and the crop's outputs [j0 - c0/S, j1 - c0/S) are kept. Zeros padded at an interior crop edge
+(c0 is moved left when the tile's outputs see only right padding, so the crop is never empty)
+and the crop's outputs [j0 - c0/S, j1 - c0/S) are kept (`reach` makes sure they exist even
+where padding exceeds a kernel). Zeros padded at an interior crop edge
 reach only outputs outside the kept range; at a true image border the crop's border is the
 image's. Widening c1 to H's residue mod S makes every layer's size arithmetic on the crop (odd
 sizes, ceil_mode pooling, branches that must agree in size) behave as on the whole image.
@@ -46,8 +48,9 @@ def axis_spans(in_len: int, out_len: int, window: AxisWindow, out_tile: int) -> 
     for out0 in range(0, out_len, out_tile):
         out1 = min(out_len, out0 + out_tile)
         in0 = max(0, ((out0 * stride - window.lo) // stride) * stride)
-        in1 = min(in_len, (out1 - 1) * stride + window.hi + 1)
+        in1 = min(in_len, (out1 - 1) * stride + max(window.hi, window.reach) + 1)
         in1 = min(in_len, in1 + (in_len - in1) % stride)
+        in0 = min(in0, ((in1 - 1) // stride) * stride)  # outputs that only see right padding
         spans.append(AxisSpan(out0, out1, in0, in1))
     return spans
 

@@ -1,0 +1,139 @@
+"""Tiling really happens, lazy sources and gradient sinks work, geometry is what autograd says."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import sstream
+from tests.conftest import relative_error
+
+
+def small_stream() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 2, 3, 2, 1),
+    ).double()
+
+
+def test_first_layer_never_sees_the_whole_image():
+    stream = small_stream()
+    largest = [0, 0]
+
+    def record(module, inputs):
+        if inputs[0].is_meta:  # the planner sizes the output on the meta device: no memory
+            return
+        height, width = inputs[0].shape[-2:]
+        largest[0], largest[1] = max(largest[0], height), max(largest[1], width)
+
+    stream[0].register_forward_pre_hook(record)
+    scnn = sstream.StreamingCNN(stream, 32)
+    height, width = 150, 131
+    assert 2 * 32 + scnn.geometry.receptive_field[0] < min(height, width)
+    image = torch.randn(1, 3, height, width, dtype=torch.float64, requires_grad=True)
+    scnn(image).sum().backward()
+    assert largest[0] < height and largest[1] < width
+    assert tuple(largest) == scnn.plan(image.shape).largest_crop
+
+
+def test_tile_size_is_rounded_to_the_output_stride_and_exposed():
+    stream = small_stream()
+    scnn = sstream.StreamingCNN(stream, (30, 45))
+    assert scnn.geometry.stride == (8, 8)
+    assert scnn.tile_size == (32, 48)
+    assert scnn.geometry.receptive_field == (scnn.geometry.lo[0] + scnn.geometry.hi[0] + 1,) * 2
+
+
+class RecordingSource:
+    """An ImageSource over a tensor that records every region read."""
+
+    def __init__(self, image: torch.Tensor) -> None:
+        self.image, self.boxes = image, []
+
+    @property
+    def shape(self):
+        return tuple(self.image.shape)
+
+    def read(self, box):
+        self.boxes.append(box)
+        y0, y1, x0, x1 = box
+        return self.image[:, :, y0:y1, x0:x1].clone()
+
+
+def test_lazy_source_and_gradient_sink_equal_whole_image_autograd():
+    stream = small_stream()
+    image = torch.randn(2, 3, 141, 117, dtype=torch.float64)
+    source = RecordingSource(image)
+    received = torch.full_like(image, float("nan"))
+    bands = []
+
+    def sink(box, grad):
+        y0, y1, x0, x1 = box
+        bands.append(box)
+        received[:, :, y0:y1, x0:x1] = grad
+
+    scnn = sstream.StreamingCNN(stream, 24)
+    out = scnn(source, input_grad_sink=sink)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    streamed_param_grads = [p.grad.clone() for p in stream.parameters()]
+
+    stream.zero_grad()
+    leaf = image.clone().requires_grad_(True)
+    expected = stream(leaf)
+    (expected * weights).sum().backward()
+    assert relative_error(out.detach(), expected.detach()) < 1e-12
+    assert relative_error(received, leaf.grad) < 1e-12
+    for got, p in zip(streamed_param_grads, stream.parameters()):
+        assert relative_error(got, p.grad) < 1e-12
+    # bands are full width, top to bottom, contiguous, covering the image once
+    assert [b[0] for b in bands] == [0] + [b[1] for b in bands[:-1]]
+    assert bands[-1][1] == image.shape[-2] and all(b[2:] == (0, 117) for b in bands)
+    assert len(bands) > 1
+    # only crops were read, never the whole image
+    assert all((y1 - y0) < 141 for y0, y1, _, _ in source.boxes)
+
+
+def test_sink_runs_even_when_no_parameter_requires_grad():
+    stream = small_stream().requires_grad_(False)
+    image = torch.randn(1, 3, 60, 50, dtype=torch.float64)
+    total = torch.zeros_like(image)
+
+    def sink(box, grad):
+        total[:, :, box[0]:box[1], box[2]:box[3]] += grad
+
+    scnn = sstream.StreamingCNN(stream, 16)
+    scnn(RecordingSource(image), input_grad_sink=sink).sum().backward()
+    leaf = image.clone().requires_grad_(True)
+    stream(leaf).sum().backward()
+    assert relative_error(total, leaf.grad) < 1e-12
+
+
+@given(kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 3),
+       padding=st.integers(0, 6), pool=st.integers(1, 3), pool_stride=st.integers(1, 3))
+def test_geometry_bounds_the_true_dependency(kernel, stride, dilation, padding, pool,
+                                             pool_stride):
+    """Autograd's own dependency of an output pixel lies inside [j*S - lo, j*S + hi]."""
+    stream = nn.Sequential(nn.Conv2d(1, 1, kernel, stride, padding, dilation),
+                           nn.MaxPool2d(pool, pool_stride, pool // 2)).double()
+    nn.init.constant_(stream[0].weight, 1.0)
+    geometry = sstream.StreamingCNN(stream, 8).geometry
+    size = 48
+    image = torch.rand(1, 1, size, size, dtype=torch.float64, requires_grad=True)
+    out = stream(image)
+    for j in range(out.shape[-1]):
+        (grad,) = torch.autograd.grad(out[0, 0, 0, j], image, retain_graph=True)
+        columns = grad[0, 0].abs().sum(0).nonzero().flatten()
+        if len(columns):
+            assert columns.min() >= j * geometry.stride[1] - geometry.lo[1]
+            assert columns.max() <= j * geometry.stride[1] + geometry.hi[1]
+
+
+def test_float32_matches_within_float32_precision():
+    stream = small_stream().float()
+    image = torch.randn(1, 3, 90, 77)
+    out = sstream.StreamingCNN(stream, 16)(image)
+    assert relative_error(out, stream(image)) < 1e-5
