@@ -1,0 +1,252 @@
+"""Image-level datasets: label CSVs, and slides presented to the engine as image sources.
+
+This is where `sstream.io` (pixels, files) meets the engine (tensors): a `PixelSource` is an
+`sstream.engine.ImageSource` whose `read(box)` returns a float tensor (1, 3, h, w) of
+pixels / 255 — exactly what `load_checkpoint`'s module takes — computed from uint8 RGB on
+demand, region by region. So a gigapixel slide is never one float tensor: either it stays on
+disk (`PixelSource.from_slide`, read lazily) or it is held as uint8 (`from_array`, 3 bytes a
+pixel) and converted crop by crop.
+
+Augmentation (`Augmentation`) suits slides, which have no canonical orientation: flips,
+90-degree rotations and a light per-pixel colour jitter (brightness and per-channel gain).
+All of it is per pixel or a permutation of pixels, so it commutes with region reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sstream.io import SlideImage, open_image
+
+Box = tuple[int, int, int, int]
+RegionReader = Callable[[int, int, int, int], np.ndarray]
+"""(y0, y1, x0, x1) -> uint8 RGB array (y1 - y0, x1 - x0, 3); regions may cross the border."""
+
+
+class DatasetError(ValueError):
+    """A label CSV or its images are unusable; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One CSV row: an image path (resolved against the CSV's folder) and its class."""
+
+    image: Path
+    label: int | None
+    row: int  # 1-based line number in the CSV (the header is line 1)
+
+
+def read_label_csv(path: str | Path, num_classes: int | None = None,
+                   require_labels: bool = True) -> list[Sample]:
+    """Read a CSV with header `image,label` (paths relative to the CSV's folder).
+
+    Every problem is collected and raised at once as DatasetError, with line numbers: missing
+    or empty file, wrong header, a label that is not an integer (or not in [0, num_classes)),
+    duplicate rows, image paths that do not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: CSV file not found" if not path.exists()
+                           else f"{path}: is not a file")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.reader(handle))
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise DatasetError(f"{path}: the CSV is empty (expected header 'image,label')")
+    header = [cell.strip().lower() for cell in rows[0]]
+    wanted = ["image", "label"] if require_labels else ["image"]
+    if header[: len(wanted)] != wanted and not (not require_labels and "image" in header):
+        raise DatasetError(f"{path}: header is {','.join(rows[0])!r}, expected 'image,label'")
+    image_col = header.index("image")
+    label_col = header.index("label") if "label" in header else None
+    samples, problems, seen = [], [], {}
+    for line, row in enumerate(rows[1:], start=2):
+        image_text = row[image_col].strip() if image_col < len(row) else ""
+        label_text = row[label_col].strip() if label_col is not None and label_col < len(row) \
+            else ""
+        if not image_text:
+            problems.append(f"line {line}: empty image path")
+            continue
+        image = (path.parent / image_text).resolve()
+        label = None
+        if label_col is not None and (label_text or require_labels):
+            try:
+                label = int(label_text)
+            except ValueError:
+                problems.append(f"line {line}: label {label_text!r} is not an integer")
+                continue
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                upper = f"{num_classes - 1}" if num_classes else "..."
+                problems.append(f"line {line}: label {label} out of range 0..{upper}")
+                continue
+        if image in seen:
+            problems.append(f"line {line}: duplicate of line {seen[image]} ({image_text})")
+            continue
+        seen[image] = line
+        if not image.is_file():
+            problems.append(f"line {line}: image not found: {image}")
+            continue
+        samples.append(Sample(image, label, line))
+    if not samples and not problems:
+        problems.append("no data rows after the header")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)"
+                                           if len(problems) > 8 else "")
+        raise DatasetError(f"{path}: {shown}")
+    return samples
+
+
+def choose_level(slide: SlideImage, level: int | None, mpp: float | None) -> int:
+    """The pyramid level to read: `level`, or the one best matching `mpp`, or 0."""
+    if level is not None and mpp is not None:
+        raise ValueError("give --level or --mpp, not both")
+    if mpp is not None:
+        return slide.level_for_mpp(mpp)
+    if level is None:
+        return 0
+    if not 0 <= level < slide.level_count:
+        raise ValueError(f"{slide.path}: level {level} does not exist "
+                         f"(the file has levels 0..{slide.level_count - 1})")
+    return level
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A slide-friendly random transform, fixed per image: a dihedral symmetry (flips and
+    90-degree rotations, `rotations` quarter turns counter-clockwise after an optional
+    horizontal flip) and a per-pixel colour jitter `pixel * brightness * gain[channel]`."""
+
+    flip: bool = False
+    rotations: int = 0
+    brightness: float = 1.0
+    gains: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @classmethod
+    def draw(cls, generator: np.random.Generator, colour_jitter: float = 0.05) -> Augmentation:
+        return cls(
+            flip=bool(generator.integers(2)), rotations=int(generator.integers(4)),
+            brightness=float(1 + generator.uniform(-colour_jitter, colour_jitter)),
+            gains=tuple(float(1 + generator.uniform(-colour_jitter / 2, colour_jitter / 2))
+                        for _ in range(3)))  # type: ignore[arg-type]
+
+    @property
+    def is_identity(self) -> bool:
+        return self == Augmentation()
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        """Apply the geometric part to a whole (h, w, 3) array (a view where possible)."""
+        if self.flip:
+            rgb = rgb[:, ::-1]
+        return np.rot90(rgb, self.rotations) if self.rotations else rgb
+
+    def colour(self) -> torch.Tensor | None:
+        """Per-channel multipliers (1, 3, 1, 1), or None for no colour change."""
+        factors = [self.brightness * g for g in self.gains]
+        if all(f == 1.0 for f in factors):
+            return None
+        return torch.tensor(factors, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+class PixelSource:
+    """An ImageSource (1, 3, H, W) of float pixels / 255, read region by region from uint8.
+
+    Use `from_array` for an image held in memory as uint8 RGB, `from_slide` for a lazily
+    read slide level. `colour` optionally multiplies each channel (colour jitter); values are
+    clipped to [0, 1] afterwards, as they would be for a real image.
+    """
+
+    def __init__(self, read_rgb: RegionReader, height: int, width: int,
+                 colour: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image has no pixels ({width} x {height})")
+        self._read_rgb, self.height, self.width = read_rgb, int(height), int(width)
+        self.colour, self.dtype = colour, dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (1, 3, self.height, self.width)
+
+    def read(self, box: Box) -> torch.Tensor:
+        y0, y1, x0, x1 = box
+        rgb = np.ascontiguousarray(self._read_rgb(y0, y1, x0, x1))
+        pixels = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w) uint8
+        pixels = pixels.to(self.dtype) / 255.0
+        if self.colour is not None:
+            pixels = (pixels * self.colour.to(self.dtype)).clamp_(0.0, 1.0)
+        return pixels
+
+    def to_tensor(self) -> torch.Tensor:
+        """The whole image as one tensor (1, 3, H, W): for small images and references."""
+        return self.read((0, self.height, 0, self.width))
+
+    @classmethod
+    def from_array(cls, rgb: np.ndarray, augmentation: Augmentation | None = None,
+                   fill: int = 255) -> PixelSource:
+        """An in-memory uint8 (H, W, 3) image; regions crossing the border read as `fill`."""
+        augmentation = augmentation or Augmentation()
+        rgb = augmentation.apply(rgb)
+        height, width = rgb.shape[:2]
+
+        def read_rgb(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            if 0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width:
+                return rgb[y0:y1, x0:x1]
+            out = np.full((y1 - y0, x1 - x0, 3), fill, dtype=np.uint8)
+            iy0, iy1, ix0, ix1 = max(y0, 0), min(y1, height), max(x0, 0), min(x1, width)
+            if iy0 < iy1 and ix0 < ix1:
+                out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = rgb[iy0:iy1, ix0:ix1]
+            return out
+
+        return cls(read_rgb, height, width, colour=augmentation.colour())
+
+    @classmethod
+    def from_slide(cls, slide: SlideImage, level: int = 0,
+                   window: Box | None = None) -> PixelSource:
+        """A slide level read lazily; `window` (y0, y1, x0, x1) in level pixels selects a
+        part of it (it may extend past the level: the outside reads as white)."""
+        level_width, level_height = slide.level_dimensions[level]
+        wy0, wy1, wx0, wx1 = window or (0, level_height, 0, level_width)
+        scale_x = slide.dimensions[0] / level_width
+        scale_y = slide.dimensions[1] / level_height
+
+        def read_rgb(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            # level pixels -> level-0 location; read_region floors it back to the same pixel
+            location = (math.ceil((wx0 + x0) * scale_x), math.ceil((wy0 + y0) * scale_y))
+            return slide.read_region(location, level, (x1 - x0, y1 - y0))
+
+        return cls(read_rgb, wy1 - wy0, wx1 - wx0)
+
+
+def fit_window(height: int, width: int, size: tuple[int, int] | None, mode: str,
+               generator: np.random.Generator | None = None) -> Box:
+    """The (y0, y1, x0, x1) window of an image cropped or padded to `size` (h, w).
+
+    mode "center" centres the window; "random" draws its offset (training). Padding (a
+    window larger than the image) is centred in either mode; outside pixels read as white.
+    """
+    if size is None:
+        return (0, height, 0, width)
+    starts = []
+    for extent, want in ((height, size[0]), (width, size[1])):
+        if want >= extent or mode == "center" or generator is None:
+            starts.append((extent - want) // 2)
+        else:
+            starts.append(int(generator.integers(0, extent - want + 1)))
+    return (starts[0], starts[0] + size[0], starts[1], starts[1] + size[1])
+
+
+def open_source(path: str | Path, level: int | None = None, mpp: float | None = None
+                ) -> tuple[SlideImage, PixelSource]:
+    """Open a slide and present the chosen level lazily (caller closes the slide)."""
+    slide = open_image(path)
+    try:
+        return slide, PixelSource.from_slide(slide, choose_level(slide, level, mpp))
+    except Exception:
+        slide.close()
+        raise
