@@ -4,10 +4,17 @@ Depends on torch only; knows nothing of files, models or the command line.
 """
 
 from sstream.engine.geometry import AxisWindow, StreamGeometry, UnsupportedModuleError, analyse
-from sstream.engine.streaming import ImageSource, InputGradSink, StreamingCNN, TensorSource
+from sstream.engine.streaming import (
+    ImageSource,
+    InputGradSink,
+    StreamingCNN,
+    TensorSource,
+    TileProgress,
+)
 from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
 
 __all__ = [
     "AxisWindow", "Box", "ImageSource", "InputGradSink", "StreamGeometry", "StreamingCNN",
-    "TensorSource", "Tile", "TilePlan", "UnsupportedModuleError", "analyse", "make_plan",
+    "TensorSource", "Tile", "TileProgress", "TilePlan", "UnsupportedModuleError", "analyse",
+    "make_plan",
 ]

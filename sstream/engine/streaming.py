@@ -27,6 +27,9 @@ from torch import nn
 from sstream.engine.geometry import StreamGeometry, analyse, training_flags
 from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
 
+TileProgress = Callable[[str, int, int], None]
+"""Called as (phase, tiles done, tiles in all) after every tile; phase "forward"/"backward"."""
+
 InputGradSink = Callable[[Box, torch.Tensor], None]
 """Receives (box, gradient) for full-width row bands of the input gradient, top to bottom:
 box = (y0, y1, 0, W) in input pixels, gradient (N, C, y1 - y0, W) on the compute device."""
@@ -93,6 +96,7 @@ class StreamingCNN(nn.Module):
         requested = _as_tuple(tile_size)
         self.tile_size: tuple[int, int] = tuple(  # type: ignore[assignment]
             -(-t // s) * s for t, s in zip(requested, self.geometry.stride))
+        self.on_tile: TileProgress | None = None  # set it to follow long images tile by tile
         self._analysed_flags: tuple[bool, ...] | None = None
         self._output_sizes: dict[tuple[int, ...], tuple[int, int]] = {}
 
@@ -129,7 +133,8 @@ class StreamingCNN(nn.Module):
         source = TensorSource(image) if isinstance(image, torch.Tensor) else image
         if not isinstance(source, ImageSource):
             raise TypeError("image must be a tensor (N, C, H, W) or an ImageSource")
-        run = _TileRunner(self.stream, self.plan(source.shape), source, input_grad_sink)
+        run = _TileRunner(self.stream, self.plan(source.shape), source, input_grad_sink,
+                          self.on_tile)
         params = [p for p in self.stream.parameters() if p.requires_grad]
         image_anchor = image if isinstance(image, torch.Tensor) else _NO_TENSOR
         sink_anchor = torch.empty(0, requires_grad=input_grad_sink is not None)
@@ -177,8 +182,9 @@ class _TileRunner:
     """Runs one image's tile plan forward (no grad) and backward (re-run per tile)."""
 
     def __init__(self, stream: nn.Module, plan: TilePlan, source: ImageSource,
-                 sink: InputGradSink | None) -> None:
+                 sink: InputGradSink | None, on_tile: TileProgress | None) -> None:
         self.stream, self.plan, self.source, self.sink = stream, plan, source, sink
+        self.on_tile = on_tile
         self.device = _module_device(stream)
         kind = self.device.type
         self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
@@ -207,16 +213,21 @@ class _TileRunner:
                 f"too small for kept range {tile.keep_box}; please report this stream")
         return crop_out[..., ky0:ky1, kx0:kx1]
 
+    def _report(self, phase: str, done: int) -> None:
+        if self.on_tile is not None:
+            self.on_tile(phase, done, len(self.plan))
+
     def forward(self) -> torch.Tensor:
         fmap: torch.Tensor | None = None
         with torch.no_grad():
-            for tile in self.plan:
+            for done, tile in enumerate(self.plan, start=1):
                 kept = self.kept(tile, self.stream(self.crop(tile)))
                 if fmap is None:
                     batch, channels = kept.shape[:2]
                     fmap = kept.new_empty((batch, channels, *self.plan.output_size))
                 oy0, oy1, ox0, ox1 = tile.out_box
                 fmap[..., oy0:oy1, ox0:ox1] = kept
+                self._report("forward", done)
         assert fmap is not None, "a tile plan always has at least one tile"
         return fmap
 
@@ -243,6 +254,7 @@ class _TileRunner:
                 for i, grad in enumerate(grads):
                     if grad is not None:
                         param_grads[i] = grad if param_grads[i] is None else param_grads[i] + grad
+                self._report("backward", row * len(self.plan.cols) + col + 1)
             if bands is not None:
                 bands.release_rows_before(self.plan.rows_final_after(row))
         return param_grads

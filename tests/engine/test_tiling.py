@@ -137,3 +137,15 @@ def test_float32_matches_within_float32_precision():
     image = torch.randn(1, 3, 90, 77)
     out = sstream.StreamingCNN(stream, 16)(image)
     assert relative_error(out, stream(image)) < 1e-5
+
+
+def test_tile_progress_reports_every_tile_in_both_passes():
+    stream = small_stream()
+    scnn = sstream.StreamingCNN(stream, 16)
+    calls = []
+    scnn.on_tile = lambda phase, done, total: calls.append((phase, done, total))
+    image = torch.randn(1, 3, 70, 50, dtype=torch.float64)
+    scnn(image).sum().backward()
+    total = len(scnn.plan(image.shape))
+    assert calls == [("forward", i, total) for i in range(1, total + 1)] + [
+        ("backward", i, total) for i in range(1, total + 1)]
