@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -76,37 +77,390 @@ def _not_implemented(command: str) -> None:
 # ---- train ----------------------------------------------------------------------------------
 
 
+def _parse_size(text: str | None, option: str) -> tuple[int, int] | None:
+    """'1024' or 'WxH' -> (height, width)."""
+    if text is None:
+        return None
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"{option} must be a positive integer or WxH, got {text!r}") from None
+    if len(numbers) not in (1, 2) or min(numbers) <= 0:
+        raise UsageError(f"{option} must be a positive integer or WxH, got {text!r}")
+    width, height = (numbers[0], numbers[0]) if len(numbers) == 1 else numbers
+    return (height, width)
+
+
+def _load_config_file(path: Path) -> dict:
+    """Options from a TOML or YAML file; keys are option names (dashes or underscores)."""
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UsageError("YAML config files need PyYAML (pip install pyyaml); "
+                                 "or use TOML") from None
+            values = yaml.safe_load(text) or {}
+        else:
+            import tomllib
+
+            values = tomllib.loads(text)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"--config {path}: cannot parse ({exc})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a table of option = value")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _explicit(ctx: typer.Context, name: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
 @app.command()
-def train() -> None:
+def train(
+    ctx: typer.Context,
+    train_csv: Path = typer.Option(None, help="CSV with header image,label (paths relative "
+                                   "to the CSV)."),
+    val_csv: Path = typer.Option(None, help="Validation CSV (same format)."),
+    out: Path = typer.Option(Path("runs/sstream"), help="Output directory."),
+    config: Path = typer.Option(None, help="TOML or YAML file with any of these options; the "
+                                "command line wins."),
+    resume: Path = typer.Option(None, help="Continue the run in this output directory."),
+    overwrite: bool = typer.Option(False, help="Start afresh in an output directory that "
+                                   "holds a run."),
+    model: str = typer.Option("tiny", help="tiny, resnet18, resnet34, resnet50, "
+                              "convnext_tiny or vgg16."),
+    num_classes: int = typer.Option(None, help="Classes (default: 1 + largest label)."),
+    stream_layers: str = typer.Option(None, help="Stream up to this stage (e.g. layer3); "
+                                      "the rest runs normally. Default: the whole trunk."),
+    pooling: str = typer.Option("max", help="Global pooling of the head: max or avg."),
+    dropout: float = typer.Option(0.0, help="Dropout before the final linear layer."),
+    weights: Path = typer.Option(None, help="torchvision-format state dict for the backbone "
+                                 "(e.g. ImageNet weights downloaded beforehand)."),
+    pretrained: bool = typer.Option(False, help="torchvision's ImageNet weights (needs "
+                                    "network; fails clearly offline)."),
+    train_bn_affine: bool = typer.Option(True, help="Train BatchNorm weight/bias (statistics "
+                                         "stay frozen either way)."),
+    level: int = typer.Option(None, help="Pyramid level to read (0 = full resolution)."),
+    mpp: float = typer.Option(None, help="Read the level closest to this resolution "
+                              "(microns per pixel)."),
+    image_size: str = typer.Option(None, help="Crop or pad every image to this size "
+                                   "(N or WxH; random crop in training, centre in validation)."),
+    augment: bool = typer.Option(True, help="Flips, 90-degree rotations, light colour "
+                                 "jitter (seeded)."),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    weight_decay: float = typer.Option(1e-4, help="Weight decay."),
+    momentum: float = typer.Option(0.9, help="SGD momentum."),
+    epochs: int = typer.Option(10, help="Epochs."),
+    schedule: str = typer.Option("cosine", help="Learning-rate schedule: cosine, step or "
+                                 "constant (stepped per epoch)."),
+    step_size: int = typer.Option(10, help="Epochs between decays (step schedule)."),
+    step_gamma: float = typer.Option(0.1, help="Decay factor (step schedule)."),
+    accumulate: int = typer.Option(1, help="Images per optimizer step (serial mini-batch)."),
+    amp: bool = typer.Option(False, help="Mixed precision (fp16 + GradScaler on CUDA, bf16 "
+                             "on CPU)."),
+    amp_dtype: str = typer.Option(None, help="Force the AMP dtype: bf16 or fp16."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, help="Seed for order, crops, augmentation and init."),
+    tile_size: int = typer.Option(512, help="Tile side in input pixels (memory follows it)."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+    json_events: bool = typer.Option(False, "--json", help="Machine-readable events, one "
+                                     "JSON object per line."),
+) -> None:
     """Train a CNN end-to-end on whole images with image-level labels (streaming)."""
-    _not_implemented("train")
+    import signal
+    from dataclasses import fields
+
+    from sstream.cli_render import JsonTrainEvents, RichTrainEvents
+    from sstream.train import TrainConfig, TrainEvents, resume_config
+    from sstream.train import train as run_training
+
+    with user_errors():
+        names = [f.name for f in fields(TrainConfig)]
+        given = {name: value for name, value in ctx.params.items() if name in names}
+        given["image_size"] = _parse_size(image_size, "--image-size")
+        for key in ("train_csv", "val_csv", "out", "weights"):
+            given[key] = str(given[key]) if given[key] is not None else None
+        if resume is not None:
+            changed = [n for n in names if _explicit(ctx, n) and n not in ("epochs", "device")]
+            if changed or config is not None:
+                raise UsageError("--resume continues with the run's saved config.json; only "
+                                 f"--epochs and --device may change (got {', '.join(changed)})")
+            settings = resume_config(resume, epochs=given["epochs"] if _explicit(ctx, "epochs")
+                                     else None, device=device if _explicit(ctx, "device")
+                                     else None)
+            settings.out = str(resume)
+        else:
+            from_file = _load_config_file(config) if config is not None else {}
+            unknown = sorted(set(from_file) - set(names))
+            if unknown:
+                raise UsageError(f"--config {config}: unknown options {', '.join(unknown)}")
+            for name, value in from_file.items():
+                if not _explicit(ctx, name):
+                    given[name] = _parse_size(str(value), "image_size") if (
+                        name == "image_size" and value is not None) else value
+            settings = TrainConfig.from_dict(given)
+            if not settings.train_csv:
+                raise UsageError("--train-csv is required (or --resume DIR)")
+        events: TrainEvents = (TrainEvents() if quiet else JsonTrainEvents() if json_events
+                               else RichTrainEvents(err_console))
+        stop = {"signal": None}
+
+        def request_stop(signum: int, frame: object) -> None:
+            if stop["signal"] is not None:  # second signal: leave now
+                raise KeyboardInterrupt
+            stop["signal"] = signum
+            err_console.print("\n[yellow]stopping after the current image (again to abort)"
+                              "[/yellow]")
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            result = run_training(settings, events, resume=resume is not None,
+                                  overwrite=overwrite, should_stop=lambda: bool(stop["signal"]))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if hasattr(events, "close"):
+                events.close()
+        if result.interrupted:
+            err_console.print(f"interrupted: last.pt holds the last completed step; continue "
+                              f"with: sstream train --resume {result.out}")
+            raise typer.Exit(130 if stop["signal"] == signal.SIGINT else 143)
+        if not quiet and not json_events:
+            err_console.print(f"done: checkpoints, metrics.csv and curves.png in {result.out}")
 
 
 # ---- predict --------------------------------------------------------------------------------
 
 
 @app.command()
-def predict() -> None:
-    """Predict class probabilities for slides with a trained checkpoint."""
-    _not_implemented("predict")
+def predict(
+    images: list[Path] = typer.Argument(None, help="Slides or images to predict."),
+    checkpoint: Path = typer.Option(..., help="Checkpoint written by sstream train."),
+    csv: Path = typer.Option(None, help="CSV with an image column (and optional labels) "
+                             "instead of IMAGES."),
+    out: Path = typer.Option(None, help="Write predictions to this CSV (columns image, "
+                             "prob_<class>..., pred[, label])."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output file."),
+    level: int = typer.Option(None, help="Pyramid level to read."),
+    mpp: float = typer.Option(None, help="Read the level closest to this resolution."),
+    image_size: str = typer.Option(None, help="Centre crop or pad to N or WxH."),
+    tile_size: int = typer.Option(512, help="Tile side in input pixels."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(False, help="Mixed precision inference."),
+    quiet: bool = typer.Option(False, help="Print only errors."),
+) -> None:
+    """Predict class probabilities for slides with a trained checkpoint (streaming forward)."""
+    from sstream.cli_render import RichPredictEvents, metrics_line, predictions_table
+    from sstream.predict import PredictConfig, PredictEvents
+    from sstream.predict import predict as run_prediction
+
+    with user_errors():
+        if level is not None and mpp is not None:
+            raise UsageError("give --level or --mpp, not both")
+        if tile_size <= 0:
+            raise UsageError("--tile-size must be positive")
+        config = PredictConfig(
+            checkpoint=str(checkpoint), images=[str(i) for i in images or []],
+            csv=str(csv) if csv else None, out=str(out) if out else None, level=level,
+            mpp=mpp, image_size=_parse_size(image_size, "--image-size"), tile_size=tile_size,
+            device=device, amp=amp, overwrite=overwrite)
+        events = PredictEvents() if quiet else RichPredictEvents(err_console)
+        try:
+            result = run_prediction(config, events)
+        finally:
+            if hasattr(events, "close"):
+                events.close()
+        if not quiet:
+            console.print(predictions_table(result.predictions, result.num_classes))
+            if result.metrics:
+                console.print(metrics_line(result.metrics))
+            if result.out:
+                console.print(f"predictions written to {result.out}")
+        for image, reason in result.failures:
+            err_console.print(f"[bold red]error:[/bold red] {image}: {reason}", highlight=False)
+        if result.failures:
+            raise typer.Exit(EXIT_FAILURE)
 
 
 # ---- saliency -------------------------------------------------------------------------------
 
 
 @app.command()
-def saliency() -> None:
+def saliency(
+    slide: str = typer.Argument(..., help="Slide or image to explain (tiled/pyramidal TIFF, "
+                                "SVS, OME-TIFF, PNG, JPEG)."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c",
+                                   help="sstream checkpoint (.pt) of the trained model."),
+    class_index: int | None = typer.Option(
+        None, "--class", help="Class whose logit is explained.",
+        show_default="the predicted class"),
+    level: int | None = typer.Option(
+        None, "--level", help="Slide pyramid level to read (the model's input).",
+        show_default="0"),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="Read the level nearest this many microns per pixel (not coarser)."),
+    method: str = typer.Option(
+        "gradient", "--method",
+        help="gradient: max over colour channels of |d logit / d pixel| (Simonyan et al.); "
+             "gradient-x-input: sum over channels of pixel x gradient (signed)."),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Map TIFF to write.", show_default="<slide>.saliency.tif"),
+    overview: str | None = typer.Option(
+        None, "--overview", help="PNG overview to write.",
+        show_default="<slide>.saliency.png"),
+    no_overview: bool = typer.Option(False, "--no-overview", help="Write no PNG overview."),
+    uint8: bool = typer.Option(
+        False, "--uint8", help="Write uint8 quantised with a percentile scale (recorded in the "
+                               "TIFF description) instead of float32."),
+    percentile: float = typer.Option(
+        99.5, "--percentile", help="Percentile of the non-zero |values| that sets the uint8 "
+                                   "scale and the overview's colour range."),
+    tile_size: int = typer.Option(
+        512, "--tile-size", help="Streaming tile side in pixels (memory grows with it)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1..."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+) -> None:
     """Write a full-resolution saliency map of a slide as a pyramidal TIFF and a PNG overview."""
-    _not_implemented("saliency")
+    from pathlib import Path
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    from sstream.saliency import SaliencyOptionError, compute_saliency, default_output_paths
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:  # type: ignore[no-untyped-def]
+            unit = "rows" if task.fields.get("unit") == "rows" else "tiles"
+            return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s")
+
+    with user_errors():
+        if overview is not None and no_overview:
+            raise UsageError("give --overview PATH or --no-overview, not both")
+        out_path, overview_path = default_output_paths(slide, out)
+        if overview is not None:
+            overview_path = Path(overview)
+        elif no_overview:
+            overview_path = None
+        columns = (TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
+                   RateColumn(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
+        bar = Progress(*columns, console=err_console)  # started by the first tile
+        tasks: dict[str, TaskID] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if not tasks:
+                bar.start()
+            if phase not in tasks:
+                unit = "rows" if phase == "quantise" else "tiles"
+                tasks[phase] = bar.add_task(phase, total=total, unit=unit)
+            bar.update(tasks[phase], completed=done)
+
+        try:
+            result = compute_saliency(
+                slide, checkpoint, out_path, overview=overview_path, class_index=class_index,
+                level=level, mpp=mpp, method=method, uint8=uint8, percentile=percentile,
+                tile_size=tile_size, device=device, overwrite=overwrite, progress=progress)
+        except SaliencyOptionError as exc:
+            raise UsageError(str(exc)) from None
+        finally:
+            if tasks:
+                bar.stop()
+        probabilities = ", ".join(f"{p:.3f}" for p in result.probabilities)
+        console.print(f"class {result.class_index} (predicted {result.predicted_class}; "
+                      f"probabilities {probabilities})", highlight=False)
+        console.print(f"map {result.size[0]} x {result.size[1]} ({result.encoding}, level "
+                      f"{result.level}, {result.method}): {result.out}", highlight=False)
+        if result.overview is not None:
+            console.print(f"overview: {result.overview}", highlight=False)
+        console.print(f"values {result.min:.3g} .. {result.max:.3g}, scale {result.scale:.3g} "
+                      f"(p{result.percentile:g} of |non-zero|), {result.tiles} tiles in "
+                      f"{result.seconds:.1f} s", highlight=False, soft_wrap=True)
 
 
 # ---- estimate-memory ------------------------------------------------------------------------
 
 
 @app.command("estimate-memory")
-def estimate_memory() -> None:
-    """Estimate peak memory of conventional vs streaming training, and the tile that fits."""
-    _not_implemented("estimate-memory")
+def estimate_memory(
+    size: list[str] = typer.Option(
+        ..., "--size", help="Image size: 8192 (square) or 8192x6144 (width x height); repeat "
+                            "for several."),
+    model: str = typer.Option("resnet34", "--model", help="Model name (see sstream.models)."),
+    stream_layers: str | None = typer.Option(
+        None, "--stream-layers", help="Stream up to and including this stage (resnet: "
+        "layer1..layer4; convnext_tiny/tiny: stage1..stage4; vgg16: block1..block5).",
+        show_default="the whole trunk"),
+    tile_size: list[str] = typer.Option(
+        [], "--tile-size", help="Streaming tile side in pixels; repeat for several.",
+        show_default="512 1024 2048 4096 (those not larger than the image)"),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="float32, or float16/bfloat16 (mixed precision: float32 "
+                                   "parameters, gradients and optimizer state)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (momentum)."),
+    budget: str | None = typer.Option(
+        None, "--budget", help="Memory budget, e.g. 12GiB (2**30 bytes each), 12GB (10**9), "
+                               "500MiB, 12e9: prints the largest tile that fits."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    plot: str | None = typer.Option(
+        None, "--plot", help="Write a PNG: predicted peak against image size (log axes), "
+                             "conventional and streaming, with the budget line."),
+) -> None:
+    """Estimate peak memory of conventional vs streaming training, and the tile that fits.
+
+    Traced on the meta device: no GPU, no real memory, seconds even for 65536 x 65536.
+    """
+    import json
+
+    from sstream.estimate import estimate_memory as run_estimate
+    from sstream.estimate import memory_table, parse_bytes, parse_tile_size, write_memory_plot
+
+    with user_errors():
+        try:
+            if budget is not None:
+                parse_bytes(budget)
+            tiles = [parse_tile_size(t) for t in tile_size]
+            result = run_estimate(model, size, stream_layers, tiles, dtype, optimizer, budget)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        estimates = result.pop("estimates")
+        plot_path = None
+        if plot is not None:
+            fitting = [a["tile_size"] for a in result["advice"] if a["tile_size"] is not None]
+            side = min(estimates[0].image_size)
+            plot_tile = (fitting[0] if fitting and isinstance(fitting[0], int)
+                         else tiles[0] if tiles else min(1024, side))
+            plot_path = write_memory_plot(plot, model, stream_layers, plot_tile, dtype,
+                                          optimizer, result["budget_bytes"],
+                                          max_size=max(65536, side))
+        if json_output:
+            print(json.dumps(result, indent=2))
+        else:
+            console.print(memory_table(result))
+            for advice in result["advice"]:
+                style = "green" if advice["fits"] else "bold red"
+                console.print(f"[{style}]{advice['message']}[/{style}]", highlight=False)
+            if plot_path is not None:
+                console.print(f"plot written to {plot_path}")
+        if result["advice"] and not any(a["fits"] for a in result["advice"]):
+            raise typer.Exit(EXIT_FAILURE)
 
 
 # ---- make-sample-data -----------------------------------------------------------------------

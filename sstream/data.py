@@ -176,11 +176,17 @@ class PixelSource:
     def read(self, box: Box) -> torch.Tensor:
         y0, y1, x0, x1 = box
         rgb = np.ascontiguousarray(self._read_rgb(y0, y1, x0, x1))
+        if not rgb.flags.writeable:  # torch wants writable memory; views of a file may not be
+            rgb = rgb.copy()
         pixels = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w) uint8
         pixels = pixels.to(self.dtype) / 255.0
         if self.colour is not None:
             pixels = (pixels * self.colour.to(self.dtype)).clamp_(0.0, 1.0)
         return pixels
+
+    def to_rgb_array(self) -> np.ndarray:
+        """The whole image as uint8 (H, W, 3), before any colour change."""
+        return np.ascontiguousarray(self._read_rgb(0, self.height, 0, self.width))
 
     def to_tensor(self) -> torch.Tensor:
         """The whole image as one tensor (1, 3, H, W): for small images and references."""

@@ -1,0 +1,174 @@
+"""How the CLI shows the jobs' progress: rich progress bars, tables, or JSON lines.
+
+The jobs report through event objects (`TrainEvents`, `PredictEvents`); these subclasses
+render them. Nothing here computes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from sstream.predict import PredictEvents, Prediction
+from sstream.train import TrainEvents
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+class RichTrainEvents(TrainEvents):
+    """An epoch bar, an image bar (loss, images/s, tiles/s) and a table after each epoch."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = _progress(console)
+        self.epoch_task: Any = None
+        self.image_task: Any = None
+        self.tiles_done = 0
+        self.epoch_started = time.perf_counter()
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        g = info["geometry"]
+        self.console.print(
+            f"training on [bold]{info['train_images']}[/bold] images "
+            f"({info['val_images']} for validation) on {info['device']}; tile "
+            f"{info['tile_size'][0]}x{info['tile_size'][1]} px, output stride {g.stride[0]}, "
+            f"receptive field {g.receptive_field[0]} px; outputs in {info['out']}")
+        epoch, index = info["resumed_at"]
+        if epoch or index:
+            self.console.print(f"resuming at epoch {epoch + 1}, image {index + 1}")
+        self.progress.start()
+
+    def on_epoch_start(self, epoch: int, epochs: int, images: int) -> None:
+        if self.epoch_task is None:
+            self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=epoch,
+                                                     status="")
+        if self.image_task is not None:
+            self.progress.remove_task(self.image_task)
+        self.image_task = self.progress.add_task(f"epoch {epoch + 1}", total=images,
+                                                 status="")
+        self.epoch_started = time.perf_counter()
+
+    def on_image(self, epoch: int, done: int, images: int, loss: float, tiles: int) -> None:
+        self.tiles_done += tiles
+        elapsed = max(time.perf_counter() - self.epoch_started, 1e-9)
+        self.progress.update(self.image_task, completed=done, status=(
+            f"loss {loss:.4f}  {done / elapsed:.2f} img/s  {self.tiles_done / elapsed:.1f} "
+            "tiles/s"))
+
+    def on_validation(self, done: int, images: int) -> None:
+        self.progress.update(self.image_task, status=f"validating {done}/{images}")
+
+    def on_epoch_end(self, metrics: dict[str, Any]) -> None:
+        self.tiles_done = 0
+        self.progress.advance(self.epoch_task)
+        table = Table(title=f"epoch {metrics['epoch']}", show_header=True)
+        for key in metrics:
+            table.add_column(key)
+        table.add_row(*[_fmt(v) for v in metrics.values()])
+        self.progress.console.print(table)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class JsonTrainEvents(TrainEvents):
+    """One JSON object per line on stdout, for scripts."""
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                 for k, v in fields.items()}
+        sys.stdout.write(json.dumps({"event": event, **clean}, default=str) + "\n")
+        sys.stdout.flush()
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        g = info["geometry"]
+        self._emit("start", **{k: v for k, v in info.items() if k != "geometry"},
+                   output_stride=g.stride, receptive_field=g.receptive_field)
+
+    def on_epoch_start(self, epoch: int, epochs: int, images: int) -> None:
+        self._emit("epoch_start", epoch=epoch + 1, epochs=epochs, images=images)
+
+    def on_image(self, epoch: int, done: int, images: int, loss: float, tiles: int) -> None:
+        self._emit("image", epoch=epoch + 1, done=done, images=images, loss=loss, tiles=tiles)
+
+    def on_epoch_end(self, metrics: dict[str, Any]) -> None:
+        self._emit("epoch_end", **metrics)
+
+    def on_checkpoint(self, path: Path) -> None:
+        self._emit("checkpoint", path=str(path))
+
+
+class RichPredictEvents(PredictEvents):
+    """A slide bar and a tile bar per slide."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = _progress(console)
+        self.slides: Any = None
+        self.tiles: Any = None
+
+    def on_start(self, images: int) -> None:
+        self.progress.start()
+        self.slides = self.progress.add_task("slides", total=images, status="")
+
+    def on_slide_start(self, image: str, tiles: int) -> None:
+        if self.tiles is not None:
+            self.progress.remove_task(self.tiles)
+        self.tiles = self.progress.add_task(Path(image).name, total=tiles, status="tiles")
+
+    def on_tile(self, phase: str, done: int, total: int) -> None:
+        if self.tiles is not None:
+            self.progress.update(self.tiles, completed=done)
+
+    def on_slide_end(self, image: str, prediction: Prediction | None, error: str | None
+                     ) -> None:
+        self.progress.advance(self.slides)
+        if error:
+            self.progress.console.print(f"[red]skipped[/red] {image}: {error}")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def predictions_table(predictions: list[Prediction], num_classes: int) -> Table:
+    table = Table(title="predictions")
+    table.add_column("image")
+    for k in range(num_classes):
+        table.add_column(f"prob_{k}", justify="right")
+    table.add_column("pred", justify="right")
+    with_labels = any(p.label is not None for p in predictions)
+    if with_labels:
+        table.add_column("label", justify="right")
+    for p in predictions:
+        row = [p.image, *[f"{v:.3f}" for v in p.probabilities], str(p.pred)]
+        table.add_row(*(row + ([_fmt(p.label)] if with_labels else [])))
+    return table
+
+
+def metrics_line(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())

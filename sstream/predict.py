@@ -1,0 +1,155 @@
+"""The prediction job: class probabilities for slides, by a streaming forward pass.
+
+Slides are read lazily (only the regions the tiles need), so their size is limited by disk,
+not memory. One unreadable slide is reported and skipped; the others are still predicted.
+The result CSV has the columns `image, prob_0 .. prob_{K-1}, pred` (and `label` when the
+input CSV had labels) and is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sstream.data import PixelSource, choose_level, fit_window, read_label_csv
+from sstream.engine import ImageSource, StreamingCNN
+from sstream.io import atomic_output, open_image
+from sstream.metrics import classification_metrics
+from sstream.models import Classifier, load_checkpoint
+from sstream.runtime import amp_dtype, autocast, resolve_device
+
+
+def class_probabilities(model: Classifier, scnn: StreamingCNN, source: ImageSource | torch.Tensor,
+                        amp: bool = False, dtype: torch.dtype = torch.bfloat16) -> np.ndarray:
+    """Softmax probabilities (classes,) of one image, streamed without keeping gradients."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, amp, dtype):
+        logits = model.head(scnn(source))  # (1, classes)
+    return torch.softmax(logits.float(), dim=-1)[0].cpu().numpy()
+
+
+@dataclass
+class PredictConfig:
+    """Options of `sstream predict`."""
+
+    checkpoint: str
+    images: list[str] = field(default_factory=list)
+    csv: str | None = None
+    out: str | None = None
+    level: int | None = None
+    mpp: float | None = None
+    image_size: tuple[int, int] | None = None
+    tile_size: int = 512
+    device: str = "auto"
+    amp: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class Prediction:
+    image: str
+    probabilities: list[float]
+    pred: int
+    label: int | None = None
+
+
+@dataclass
+class PredictResult:
+    predictions: list[Prediction]
+    failures: list[tuple[str, str]]          # (image, reason)
+    metrics: dict[str, float] | None
+    out: Path | None
+    num_classes: int
+
+
+class PredictEvents:
+    """Hooks for progress display; no-ops here."""
+
+    def on_start(self, images: int) -> None: ...
+    def on_slide_start(self, image: str, tiles: int) -> None: ...
+    def on_tile(self, phase: str, done: int, total: int) -> None: ...
+    def on_slide_end(self, image: str, prediction: Prediction | None, error: str | None
+                     ) -> None: ...
+
+
+def _inputs(config: PredictConfig, num_classes: int) -> list[tuple[str, Path, int | None]]:
+    """(name as given, resolved path, label or None) for every image to predict."""
+    if config.csv and config.images:
+        raise ValueError("give images or --csv, not both")
+    if config.csv:
+        samples = read_label_csv(config.csv, num_classes, require_labels=False)
+        root = Path(config.csv).parent
+        return [(str(s.image.relative_to(root.resolve())) if s.image.is_relative_to(
+            root.resolve()) else str(s.image), s.image, s.label) for s in samples]
+    if not config.images:
+        raise ValueError("no images given: pass image paths or --csv list.csv")
+    return [(name, Path(name), None) for name in config.images]
+
+
+def predict(config: PredictConfig, events: PredictEvents | None = None) -> PredictResult:
+    """Predict every image; see the module docstring.
+
+    Raises:
+        ValueError / FileNotFoundError: unreadable checkpoint, bad CSV, conflicting options.
+        FileExistsError: the output CSV exists and not `overwrite`.
+    """
+    events = events or PredictEvents()
+    if config.level is not None and config.mpp is not None:
+        raise ValueError("give --level or --mpp, not both")
+    if config.out and Path(config.out).exists() and not config.overwrite:
+        raise FileExistsError(f"{config.out} exists; use --overwrite to replace it")
+    device = resolve_device(config.device)
+    model = load_checkpoint(config.checkpoint).to(device).eval()
+    scnn = StreamingCNN(model.stream, config.tile_size)
+    scnn.on_tile = events.on_tile
+    num_classes = model.config.num_classes
+    inputs = _inputs(config, num_classes)
+    events.on_start(len(inputs))
+    predictions, failures = [], []
+    dtype = amp_dtype(device, None)
+    for name, path, label in inputs:
+        try:
+            with open_image(path) as slide:
+                level = choose_level(slide, config.level, config.mpp)
+                width, height = slide.level_dimensions[level]
+                window = fit_window(height, width, config.image_size, "center")
+                source = PixelSource.from_slide(slide, level, window)
+                events.on_slide_start(name, len(scnn.plan(source.shape)))
+                probabilities = class_probabilities(model, scnn, source, config.amp, dtype)
+        except (ValueError, OSError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            failures.append((name, reason))
+            events.on_slide_end(name, None, reason)
+            continue
+        prediction = Prediction(name, [float(p) for p in probabilities],
+                                int(probabilities.argmax()), label)
+        predictions.append(prediction)
+        events.on_slide_end(name, prediction, None)
+    labelled = [p for p in predictions if p.label is not None]
+    metrics = (classification_metrics(np.array([p.probabilities for p in labelled]),
+                                      np.array([p.label for p in labelled]))
+               if labelled else None)
+    out = Path(config.out) if config.out else None
+    if out is not None:
+        write_predictions(out, predictions, num_classes, config.overwrite)
+    return PredictResult(predictions, failures, metrics, out, num_classes)
+
+
+def write_predictions(path: Path, predictions: list[Prediction], num_classes: int,
+                      overwrite: bool) -> None:
+    """The predictions CSV, written atomically."""
+    with_labels = any(p.label is not None for p in predictions)
+    columns = ["image", *[f"prob_{k}" for k in range(num_classes)], "pred"]
+    columns += ["label"] if with_labels else []
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for p in predictions:
+                row = [p.image, *[f"{v:.6f}" for v in p.probabilities], p.pred]
+                writer.writerow(row + ([p.label if p.label is not None else ""]
+                                       if with_labels else []))

@@ -1,0 +1,517 @@
+"""The training job: streaming training on image-level labels, with checkpoints and resume.
+
+One image at a time goes through `StreamingCNN(model.stream)` (tile by tile) and the head;
+`accumulate` images make one optimizer step (the paper's serial mini-batch). The next image is
+read and prepared by a background thread while the current one trains.
+
+Exact resume: everything random is either derived from (seed, epoch, position) — the data
+order, crops and augmentations — or saved in the checkpoint (torch's RNG state, which the
+head's dropout draws from). A checkpoint is taken at an optimizer-step boundary, so
+interrupting and resuming gives the same weights as an uninterrupted run (on CPU).
+
+Output directory: `config.json` (the resolved configuration), `last.pt`, `best.pt`,
+`metrics.csv` (one row per epoch) and `curves.png`, each written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sstream.data import (
+    Augmentation,
+    PixelSource,
+    Sample,
+    choose_level,
+    fit_window,
+    read_label_csv,
+)
+from sstream.engine import StreamingCNN
+from sstream.io import atomic_output, open_image
+from sstream.metrics import classification_metrics
+from sstream.models import (
+    Classifier,
+    ModelConfig,
+    build_model,
+    checkpoint_payload,
+    freeze_batchnorm,
+    minimum_input_size,
+)
+from sstream.plots import Panel, Series, line_plot
+from sstream.predict import class_probabilities
+from sstream.runtime import amp_dtype, autocast, peak_memory_mb, reset_peak_memory, resolve_device
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "lr",
+                  "seconds", "images_per_s", "tiles_per_s", "peak_memory_mb"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a NaN loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `sstream train` (the CLI and config files fill this)."""
+
+    train_csv: str = ""
+    val_csv: str | None = None
+    out: str = "runs/sstream"
+    model: str = "tiny"
+    num_classes: int | None = None      # None: 1 + the largest label in the training CSV
+    stream_layers: str | None = None
+    pooling: str = "max"
+    dropout: float = 0.0
+    weights: str | None = None
+    pretrained: bool = False
+    train_bn_affine: bool = True
+    level: int | None = None
+    mpp: float | None = None
+    image_size: tuple[int, int] | None = None   # (height, width) crop/pad; None: whole level
+    augment: bool = True
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    epochs: int = 10
+    schedule: str = "cosine"
+    step_size: int = 10
+    step_gamma: float = 0.1
+    accumulate: int = 1
+    amp: bool = False
+    amp_dtype: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    tile_size: int = 512
+
+    def validate(self) -> None:
+        """Raise ValueError for options that cannot work together."""
+        if not self.train_csv:
+            raise ValueError("--train-csv is required")
+        if self.level is not None and self.mpp is not None:
+            raise ValueError("give --level or --mpp, not both")
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.accumulate >= 1, "--accumulate must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.tile_size >= 1, "--tile-size must be positive"),
+            (self.step_size >= 1, "--step-size must be at least 1"),
+            (self.image_size is None or min(self.image_size) >= 1,
+             "--image-size must be positive"),
+            (self.mpp is None or self.mpp > 0, "--mpp must be positive"),
+            (self.level is None or self.level >= 0, "--level must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        values = dict(values)
+        if values.get("image_size") is not None:
+            values["image_size"] = tuple(values["image_size"])
+        return cls(**values)
+
+
+# ---- events (the CLI renders them; the library stays silent) ---------------------------------
+
+
+class TrainEvents:
+    """Hooks the training loop calls; override what you want to show. All no-ops here."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_epoch_start(self, epoch: int, epochs: int, images: int) -> None: ...
+    def on_image(self, epoch: int, done: int, images: int, loss: float, tiles: int) -> None: ...
+    def on_tile(self, phase: str, done: int, total: int) -> None: ...
+    def on_validation(self, done: int, images: int) -> None: ...
+    def on_epoch_end(self, metrics: dict[str, Any]) -> None: ...
+    def on_checkpoint(self, path: Path) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Where training stands, saved with every checkpoint."""
+
+    epoch: int = 0            # the epoch in progress (or the next one)
+    image_index: int = 0      # images of this epoch already used for completed steps
+    step: int = 0             # optimizer steps taken
+    best_score: float = -math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_loss_sum: float = 0.0
+    epoch_seconds: float = 0.0
+    epoch_tiles: int = 0
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    state: TrainState
+    interrupted: bool = False
+    model: Classifier | None = None
+
+
+# ---- the pieces ---------------------------------------------------------------------------
+
+
+def _generator(seed: int, *keys: int) -> np.random.Generator:
+    """A numpy generator determined by the seed and the position (epoch, image...)."""
+    return np.random.default_rng([seed, *keys])
+
+
+def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    """The shuffled order of the training images in `epoch` (same on every resume)."""
+    return _generator(seed, epoch, 0).permutation(count)
+
+
+def load_training_image(sample: Sample, config: TrainConfig, train: bool, seed_keys: tuple[int, ...]
+                        ) -> PixelSource:
+    """Read one image (level, crop/pad, augmentation) into a uint8-backed PixelSource."""
+    generator = _generator(config.seed, *seed_keys)
+    with open_image(sample.image) as slide:
+        level = choose_level(slide, config.level, config.mpp)
+        width, height = slide.level_dimensions[level]
+        window = fit_window(height, width, config.image_size, "random" if train else "center",
+                            generator if train else None)
+        rgb = PixelSource.from_slide(slide, level, window).to_rgb_array()
+    augmentation = Augmentation.draw(generator) if (train and config.augment) else None
+    return PixelSource.from_array(rgb, augmentation)
+
+
+def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]
+                    ) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer
+                    ) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.step_gamma)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _check_images(samples: list[Sample], config: TrainConfig, minimum: int, what: str) -> None:
+    """Open every image before training starts; report all unreadable or too small ones."""
+    problems = []
+    for sample in samples:
+        try:
+            with open_image(sample.image) as slide:
+                level = choose_level(slide, config.level, config.mpp)
+                width, height = slide.level_dimensions[level]
+        except ValueError as exc:
+            problems.append(f"line {sample.row}: {exc}")
+            continue
+        if config.image_size is not None:
+            height, width = config.image_size
+        if min(height, width) < minimum:
+            problems.append(f"line {sample.row}: {sample.image.name} is {width} x {height} "
+                            f"pixels, smaller than the model's minimum {minimum} x {minimum}")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)"
+                                           if len(problems) > 8 else "")
+        raise ValueError(f"{what}: {shown}")
+
+
+def save_checkpoint(path: Path, model: Classifier, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: torch.amp.GradScaler | None, state: TrainState,
+                    config: TrainConfig, rng_state: torch.Tensor) -> None:
+    """Write a checkpoint atomically (temporary file, fsync, rename)."""
+    payload = checkpoint_payload(model)
+    payload.update({
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "train_state": asdict(state),
+        "train_config": config.to_dict(),
+        "torch_rng_state": rng_state,
+    })
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.csv (one row per epoch) and curves.png, both rewritten atomically."""
+    with atomic_output(out / "metrics.csv", overwrite=True) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+    epochs = [row["epoch"] for row in history]
+
+    def column(name: str) -> list[float | None]:
+        return [row.get(name) for row in history]
+
+    line_plot(out / "curves.png", [
+        Panel("loss", [Series("train loss", epochs, column("train_loss")),
+                       Series("val loss", epochs, column("val_loss"))], xlabel="epoch"),
+        Panel("validation", [Series("accuracy", epochs, column("val_accuracy")),
+                             Series("AUC", epochs, column("val_auc"))], xlabel="epoch"),
+    ])
+
+
+def _score(metrics: dict[str, Any]) -> float:
+    """What `best.pt` maximises: val AUC, else val accuracy, else -train loss."""
+    for key, sign in (("val_auc", 1), ("val_accuracy", 1), ("train_loss", -1)):
+        value = metrics.get(key)
+        if value is not None and not math.isnan(value):
+            return sign * value
+    return -math.inf
+
+
+# ---- the job ------------------------------------------------------------------------------
+
+
+class _Trainer:
+    """Holds what one training run needs; `run()` is the loop."""
+
+    def __init__(self, config: TrainConfig, events: TrainEvents, resume: bool,
+                 overwrite: bool, should_stop: Callable[[], bool]) -> None:
+        config.validate()
+        torch.manual_seed(config.seed)  # before the model is built: its init is seeded too
+        self.config, self.events, self.should_stop = config, events, should_stop
+        self.out = Path(config.out)
+        self._prepare_out_dir(resume, overwrite)
+        self.train_samples = read_label_csv(config.train_csv, config.num_classes)
+        labels = [s.label for s in self.train_samples]
+        num_classes = config.num_classes or max(2, max(labels) + 1)
+        self.val_samples = (read_label_csv(config.val_csv, num_classes)
+                            if config.val_csv else [])
+        self.device = resolve_device(config.device)
+        self.model = build_model(
+            ModelConfig(config.model, num_classes, config.stream_layers, config.pooling,
+                        config.dropout), weights=config.weights, pretrained=config.pretrained)
+        freeze_batchnorm(self.model.stream, train_affine=config.train_bn_affine)
+        minimum = minimum_input_size(self.model)
+        _check_images(self.train_samples, config, minimum, str(config.train_csv))
+        _check_images(self.val_samples, config, minimum, str(config.val_csv))
+        self.model.to(self.device)
+        self.scnn = StreamingCNN(self.model.stream, config.tile_size)
+        self.scnn.on_tile = events.on_tile
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _make_optimizer(config, params)
+        self.scheduler = _make_scheduler(config, self.optimizer)
+        self.amp_dtype = amp_dtype(self.device, config.amp_dtype)
+        use_scaler = config.amp and self.device.type == "cuda" and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.state = TrainState()
+        self.rng_at_step = torch.get_rng_state()
+        if resume:
+            self._restore(self.out / "last.pt")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sstream-prefetch")
+
+    def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
+        if resume:
+            if not (self.out / "last.pt").is_file():
+                raise ValueError(f"{self.out}: no last.pt to resume from")
+            return
+        if (self.out / "last.pt").exists() and not overwrite:
+            raise FileExistsError(f"{self.out} already holds a training run (last.pt); use "
+                                  "--resume to continue it or --overwrite to start afresh")
+        self.out.mkdir(parents=True, exist_ok=True)
+        with atomic_output(self.out / "config.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+
+    def _restore(self, path: Path) -> None:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        saved = TrainConfig.from_dict(payload["train_config"])
+        differing = [f.name for f in fields(TrainConfig)
+                     if f.name not in ("epochs", "device", "out")
+                     and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if differing:
+            raise ValueError(f"{path}: the run was started with other settings "
+                             f"({', '.join(differing)}); resume with the saved config.json")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        self.state = TrainState(**payload["train_state"])
+        self.rng_at_step = payload["torch_rng_state"]
+        torch.set_rng_state(self.rng_at_step)
+
+    def _checkpoint(self, name: str) -> None:
+        path = self.out / name
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler,
+                        self.state, self.config, self.rng_at_step)
+        self.events.on_checkpoint(path)
+
+    def _prefetch(self, epoch: int, order: np.ndarray, index: int) -> Future | None:
+        if index >= len(order):
+            return None
+        sample = self.train_samples[int(order[index])]
+        return self.pool.submit(load_training_image, sample, self.config, True,
+                                (epoch, 1, index))
+
+    def run(self) -> TrainResult:
+        config = self.config
+        self.events.on_start({"out": str(self.out), "device": str(self.device),
+                              "train_images": len(self.train_samples),
+                              "val_images": len(self.val_samples), "tile_size":
+                              self.scnn.tile_size, "geometry": self.scnn.geometry,
+                              "resumed_at": (self.state.epoch, self.state.image_index)})
+        try:
+            for epoch in range(self.state.epoch, config.epochs):
+                if not self._train_epoch(epoch):
+                    return TrainResult(self.out, self.state, interrupted=True, model=self.model)
+                self._end_epoch(epoch)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return TrainResult(self.out, self.state, model=self.model)
+
+    def _train_epoch(self, epoch: int) -> bool:
+        """Train one epoch from `state.image_index`; False when stopped (checkpoint saved)."""
+        config, state = self.config, self.state
+        order = epoch_order(config.seed, epoch, len(self.train_samples))
+        count = len(order)
+        self.events.on_epoch_start(epoch, config.epochs, count)
+        self.model.train()
+        reset_peak_memory(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        pending = self._prefetch(epoch, order, state.image_index)
+        group_loss, started = 0.0, time.perf_counter()
+        for index in range(state.image_index, count):
+            source = pending.result()
+            pending = self._prefetch(epoch, order, index + 1)
+            group_start = index - (index % config.accumulate)
+            group_size = min(config.accumulate, count - group_start)
+            label = self.train_samples[int(order[index])].label
+            loss = self._train_image(source, label, group_size)
+            group_loss += loss
+            tiles = len(self.scnn.plan(source.shape))
+            state.epoch_tiles += tiles
+            self.events.on_image(epoch, index + 1, count, loss, tiles)
+            if index + 1 - group_start == group_size:       # the group is complete: step
+                self._step()
+                state.image_index, state.step = index + 1, state.step + 1
+                state.epoch_loss_sum += group_loss
+                state.epoch_seconds += time.perf_counter() - started
+                group_loss, started = 0.0, time.perf_counter()
+                self.rng_at_step = torch.get_rng_state()
+            if self.should_stop():
+                torch.set_rng_state(self.rng_at_step)  # drop a partial group: back to the step
+                self._checkpoint("last.pt")
+                return False
+        return True
+
+    def _train_image(self, source: PixelSource, label: int, group_size: int) -> float:
+        """Forward and backward one image; gradients accumulate (loss / group size)."""
+        with autocast(self.device, self.config.amp, self.amp_dtype):
+            fmap = self.scnn(source)                       # (1, C', H', W'), streamed
+            logits = self.model.head(fmap)                 # (1, classes)
+        loss = F.cross_entropy(logits.float(), torch.tensor([label], device=self.device))
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the loss became {loss.item()} at optimizer step "
+                                f"{self.state.step}; stopped, keeping the last good checkpoint "
+                                "(lower --lr, or try without --amp)")
+        scaled = loss / group_size
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        return float(loss.item())
+
+    def _step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _end_epoch(self, epoch: int) -> None:
+        state = self.state
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        count = len(self.train_samples)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "train_loss": state.epoch_loss_sum / count, "lr": lr,
+            "seconds": round(state.epoch_seconds, 2),
+            "images_per_s": count / max(state.epoch_seconds, 1e-9),
+            "tiles_per_s": state.epoch_tiles / max(state.epoch_seconds, 1e-9),
+        }
+        if self.val_samples:
+            metrics = self.validate()
+            row.update({f"val_{k}": v for k, v in metrics.items()})
+        row["peak_memory_mb"] = round(peak_memory_mb(self.device), 1)
+        state.history.append(row)
+        state.epoch, state.image_index = epoch + 1, 0
+        state.epoch_loss_sum = state.epoch_seconds = 0.0
+        state.epoch_tiles = 0
+        improved = _score(row) > state.best_score
+        if improved:
+            state.best_score = _score(row)
+        self.rng_at_step = torch.get_rng_state()
+        self._checkpoint("last.pt")
+        if improved:
+            self._checkpoint("best.pt")
+        write_metrics(self.out, state.history)
+        self.events.on_epoch_end(row)
+
+    def validate(self) -> dict[str, float]:
+        """Streaming forward on the validation set: accuracy, AUC, loss."""
+        self.model.eval()
+        probabilities, labels = [], []
+        for index, sample in enumerate(self.val_samples):
+            source = load_training_image(sample, self.config, False, ())
+            probabilities.append(class_probabilities(self.model, self.scnn, source,
+                                                     self.config.amp, self.amp_dtype))
+            labels.append(sample.label)
+            self.events.on_validation(index + 1, len(self.val_samples))
+        self.model.train()
+        return classification_metrics(np.stack(probabilities), np.array(labels))
+
+
+def train(config: TrainConfig, events: TrainEvents | None = None, resume: bool = False,
+          overwrite: bool = False, should_stop: Callable[[], bool] = lambda: False
+          ) -> TrainResult:
+    """Train as configured; see the module docstring for the outputs.
+
+    `should_stop` is polled after every image: when it returns True, training stops at the
+    last completed optimizer step, writes last.pt and returns with `interrupted=True`.
+
+    Raises:
+        ValueError: bad options, CSVs or images (all problems listed), or an incompatible
+            resume. FileExistsError: `out` holds a run and neither resume nor overwrite.
+        TrainingError: the loss became NaN or infinite (last good checkpoint kept).
+    """
+    return _Trainer(config, events or TrainEvents(), resume, overwrite, should_stop).run()
+
+
+def resume_config(out: str | Path, **overrides: Any) -> TrainConfig:
+    """The saved configuration of a run directory, with `overrides` (e.g. epochs) applied."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{out}: not a training directory (no config.json)")
+    values = json.loads(path.read_text())
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values)

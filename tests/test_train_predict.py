@@ -1,0 +1,153 @@
+"""Training and prediction end to end: exact steps, exact resume, predictions vs conventional."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sstream.data import PixelSource
+from sstream.models import ModelConfig, build_model, freeze_batchnorm, load_checkpoint
+from sstream.predict import PredictConfig, predict
+from sstream.train import TrainConfig, TrainingError, train
+
+
+def write_dataset(root: Path, count: int = 4, size: tuple[int, int] = (72, 88),
+                  name: str = "train") -> Path:
+    """Random RGB PNGs with alternating labels, plus a CSV with relative paths."""
+    rng = np.random.default_rng(len(name) + count)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(count):
+        path = root / "images" / f"{name}_{index}.png"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        rows.append((f"images/{path.name}", index % 2))
+    csv_path = root / f"{name}.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label"])
+        writer.writerows(rows)
+    return csv_path
+
+
+def config(tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(train_csv=str(write_dataset(tmp_path)), out=str(tmp_path / "run"),
+                  epochs=2, tile_size=32, device="cpu", lr=1e-2, accumulate=2, seed=3,
+                  dropout=0.3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_one_step_equals_conventional_training(tmp_path):
+    """Two images accumulated into one SGD step: streamed == whole-image autograd."""
+    settings = config(tmp_path, epochs=1, augment=False, dropout=0.0, optimizer="sgd",
+                      momentum=0.0, weight_decay=0.0, schedule="constant")
+    rows = list(csv.DictReader(open(settings.train_csv)))[:2]
+    with open(settings.train_csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    torch.manual_seed(settings.seed)
+    reference = build_model(ModelConfig("tiny", 2, dropout=0.0))
+    freeze_batchnorm(reference.stream, train_affine=True)
+    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad],
+                                lr=settings.lr, momentum=0.0)
+    for row in rows:
+        image = np.asarray(Image.open(Path(settings.train_csv).parent / row["image"]))
+        x = PixelSource.from_array(image).to_tensor()
+        loss = F.cross_entropy(reference(x), torch.tensor([int(row["label"])])) / 2
+        loss.backward()
+    optimizer.step()
+
+    result = train(settings)
+    trained = result.model.state_dict()
+    for name, value in reference.state_dict().items():
+        assert torch.allclose(trained[name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    full = train(config(tmp_path / "a"))
+    polls = {"count": 0}
+
+    def stop_after_three_images() -> bool:
+        polls["count"] += 1
+        return polls["count"] == 3  # mid-epoch, in the middle of an accumulation group
+
+    interrupted = train(config(tmp_path / "b"), should_stop=stop_after_three_images)
+    assert interrupted.interrupted and interrupted.state.image_index == 2
+    resumed = train(config(tmp_path / "b"), resume=True)
+    assert not resumed.interrupted
+    expected, actual = full.model.state_dict(), resumed.model.state_dict()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    metrics = (tmp_path / "b" / "run" / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith("epoch,train_loss") and len(metrics) == 3
+    assert (tmp_path / "b" / "run" / "curves.png").stat().st_size > 0
+
+
+def test_outputs_and_refusal_to_clobber(tmp_path):
+    settings = config(tmp_path, epochs=1, val_csv=str(write_dataset(tmp_path, 2, name="val")))
+    train(settings)
+    run = Path(settings.out)
+    assert {"last.pt", "best.pt", "metrics.csv", "curves.png", "config.json"} <= {
+        p.name for p in run.iterdir()}
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val_auc", "val_accuracy", "val_loss", "images_per_s"} <= set(header)
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(settings)
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    settings = config(tmp_path, epochs=2, accumulate=1)
+    train(TrainConfig(**{**settings.__dict__, "epochs": 1}))
+    good = (Path(settings.out) / "last.pt").read_bytes()
+    calls = {"n": 0}
+    real = F.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr("sstream.train.F.cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match="nan"):
+        train(settings, resume=True)
+    assert (Path(settings.out) / "last.pt").read_bytes() == good
+
+
+def test_predictions_equal_the_conventional_model(tmp_path):
+    settings = config(tmp_path, epochs=1)
+    train(settings)
+    checkpoint = Path(settings.out) / "last.pt"
+    csv_path = write_dataset(tmp_path / "test", 3, size=(131, 97), name="test")
+    result = predict(PredictConfig(checkpoint=str(checkpoint), csv=str(csv_path),
+                                   out=str(tmp_path / "preds.csv"), tile_size=32, device="cpu"))
+    model = load_checkpoint(checkpoint)
+    assert len(result.predictions) == 3 and not result.failures
+    for prediction in result.predictions:
+        image = np.asarray(Image.open(csv_path.parent / prediction.image))
+        with torch.no_grad():
+            expected = torch.softmax(model(PixelSource.from_array(image).to_tensor()), -1)[0]
+        assert np.allclose(prediction.probabilities, expected.numpy(), atol=1e-5)
+    rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
+    assert list(rows[0]) == ["image", "prob_0", "prob_1", "pred", "label"]
+    assert result.metrics is not None and 0.0 <= result.metrics["accuracy"] <= 1.0
+
+
+def test_one_unreadable_slide_is_skipped_and_reported(tmp_path):
+    settings = config(tmp_path, epochs=1)
+    train(settings)
+    good = write_dataset(tmp_path / "p", 1, name="good").parent / "images" / "good_0.png"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    result = predict(PredictConfig(checkpoint=str(Path(settings.out) / "last.pt"),
+                                   images=[str(good), str(broken)], device="cpu"))
+    assert [p.image for p in result.predictions] == [str(good)]
+    assert len(result.failures) == 1 and "broken.png" in result.failures[0][0]
