@@ -1,0 +1,562 @@
+"""Lazy reading of gigapixel slides with the OpenSlide vocabulary.
+
+`open_image(path)` returns a `SlideImage`. Coordinates follow OpenSlide: `location` is (x, y)
+in level-0 pixels, `size` is (w, h) in pixels of the requested level, and arrays come back as
+(h, w, 3) uint8 RGB. TIFF files (tiled or striped, classic or BigTIFF, pyramids as tifffile
+series levels: SubIFDs, top-level reduced pages, Aperio SVS, OME) are read through a
+tifffile zarr store per level, so a region read decodes only the tiles or strips it
+intersects. PNG/JPEG/other Pillow formats are small by nature and are decoded whole.
+
+Conversion to RGB uint8 (`to_rgb8`), applied to every pixel the same way:
+
+- bit depth: uint8 as is; other unsigned integers keep their top 8 bits (`v >> (bits - 8)`,
+  so uint16 is `v >> 8`); signed integers are clipped at 0 and scaled `v * 255 // max`;
+  bool is 0 / 255; float is `rint(clip(v * s, 0, 255))` with NaN -> 0, where `s` is decided
+  once per image: `s = 255` (values are in [0, 1]) unless the image's smallest pyramid level
+  (read at open if it has at most 4 MP) has a maximum above 1, then `s = 1` (values already
+  in [0, 255]).
+- channels: 1 (gray) is repeated to RGB; 3 is RGB; 2 (gray + alpha) and 4 (RGBA) are
+  composited over white, `(c * a + 255 * (255 - a) + 127) // 255` on 8-bit values; more
+  than 4 channels: the first 3 are taken as RGB. Palette images go through their colormap
+  (top 8 bits); MinIsWhite grayscale is inverted.
+- other axes (a Z, T or page sequence of equal-size planes): the first plane is read.
+- sparse TIFF tiles (offset or byte count 0, legal in TIFF) read as 0 before conversion.
+
+Errors are one line `ImageReadError("<path>: <cause>")`, raised at open (missing file,
+directory, not an image, truncated/corrupt structure, unsupported compression, zero size)
+or at read time (a tile that fails to decode); never garbage pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ImageReadError",
+    "PIL_MAX_PIXELS",
+    "SlideImage",
+    "open_image",
+    "to_rgb8",
+]
+
+# Pillow refuses images above ~179 MP as decompression bombs. Slides routinely exceed that,
+# so the limit is raised on purpose (per open, under a lock, restored afterwards) to this
+# value: 1 GP decodes to 3 GB of RGB. Larger images belong in a tiled TIFF.
+PIL_MAX_PIXELS = 1_000_000_000
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_FLOAT_PROBE_MAX_PIXELS = 4_000_000
+_LEVEL_TOLERANCE = 0.01  # relative slack when comparing downsamples and mpp
+_PIL_LOCK = threading.Lock()
+
+
+class ImageReadError(ValueError):
+    """An image cannot be opened or a region cannot be decoded; the message names the file."""
+
+    def __init__(self, path: str | os.PathLike, cause: str | BaseException):
+        if isinstance(cause, BaseException):
+            cause = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        cause = " ".join(str(cause).split())  # always one line
+        super().__init__(f"{path}: {cause}")
+        self.path = str(path)
+
+
+def open_image(path: str | os.PathLike) -> SlideImage:
+    """Open a slide or ordinary image lazily; see `SlideImage`.
+
+    Raises:
+        ImageReadError: missing file, a directory, not a readable image, corrupt or truncated
+            structure, unsupported compression or a zero-sized image.
+    """
+    return SlideImage(path)
+
+
+class SlideImage:
+    """A multi-resolution image read lazily, region by region (OpenSlide vocabulary).
+
+    Attributes:
+        path: the file.
+        dimensions: (width, height) of level 0.
+        level_count: number of pyramid levels (1 for a flat image).
+        level_dimensions: (width, height) per level, largest first.
+        level_downsamples: level-0 size / level size per level (mean of x and y ratios).
+        mpp: microns per pixel of level 0 (mean of x and y), None if the file does not say.
+            Sources in order: Aperio description `MPP = `, OME `PhysicalSizeX/Y`, TIFF
+            XResolution/YResolution with ResolutionUnit inch or centimetre. PNG/JPEG: None.
+        mpp_x, mpp_y: the same per axis.
+
+    Reads are serialised by a lock, so one object may be shared with a prefetch thread.
+    Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._tiff = None
+        self._closed = False
+        self._levels: list[_Level] = []
+        self.mpp_x: float | None = None
+        self.mpp_y: float | None = None
+        if not self.path.exists():
+            raise ImageReadError(self.path, "no such file")
+        if self.path.is_dir():
+            raise ImageReadError(self.path, "is a directory, not an image file")
+        try:
+            with open(self.path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ImageReadError(self.path, e) from e
+        if len(magic) == 0:
+            raise ImageReadError(self.path, "empty file (0 bytes)")
+        try:
+            if magic in _TIFF_MAGIC:
+                self._open_tiff()
+            else:
+                self._open_pillow()
+        except ImageReadError:
+            self.close()
+            raise
+        except Exception as e:  # anything tifffile/Pillow raise on a bad file
+            self.close()
+            raise ImageReadError(self.path, e) from e
+        w0, h0 = self._levels[0].width, self._levels[0].height
+        self.dimensions: tuple[int, int] = (w0, h0)
+        self.level_count: int = len(self._levels)
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
+            (lv.width, lv.height) for lv in self._levels
+        )
+        self.level_downsamples: tuple[float, ...] = tuple(
+            (w0 / lv.width + h0 / lv.height) / 2 for lv in self._levels
+        )
+
+    # ---- OpenSlide vocabulary -------------------------------------------------------------
+
+    @property
+    def mpp(self) -> float | None:
+        """Microns per level-0 pixel (mean of x and y), or None if unknown."""
+        if self.mpp_x is None or self.mpp_y is None:
+            return None
+        return (self.mpp_x + self.mpp_y) / 2
+
+    def level_mpp(self, level: int) -> float | None:
+        """Microns per pixel of `level`, or None if unknown."""
+        self._check_level(level)
+        return None if self.mpp is None else self.mpp * self.level_downsamples[level]
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed `downsample` (1% slack), as
+        OpenSlide does; 0 for downsample < 1."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + _LEVEL_TOLERANCE):
+                best = level
+        return best
+
+    def level_for_mpp(self, target_mpp: float) -> int:
+        """The coarsest level whose mpp is not coarser than `target_mpp` (1% slack).
+
+        Reading that level and resizing by `level_mpp(level) / target_mpp` <= 1 never
+        upsamples. A target finer than level 0 gives level 0.
+
+        Raises:
+            ImageReadError: the file does not state its resolution.
+            ValueError: `target_mpp` is not positive.
+        """
+        if not target_mpp > 0:
+            raise ValueError(f"target_mpp must be positive, got {target_mpp}")
+        if self.mpp is None:
+            raise ImageReadError(self.path, "resolution (mpp) unknown, cannot choose a level")
+        return self.get_best_level_for_downsample(target_mpp / self.mpp)
+
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        fill: int = 255,
+    ) -> np.ndarray:
+        """Read a region as RGB uint8, shape (h, w, 3).
+
+        Args:
+            location: (x, y) of the top-left corner in level-0 pixels (may be negative).
+            level: pyramid level; the corner maps to `floor(location / level_downsample)`.
+            size: (w, h) in pixels of `level`.
+            fill: value (0-255) for the parts outside the image; default 255 (white, the
+                background of a bright-field slide).
+
+        Raises:
+            ImageReadError: a tile or strip of the region fails to decode.
+            ValueError: bad level, negative size or fill outside 0..255.
+        """
+        self._check_level(level)
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        if w < 0 or h < 0:
+            raise ValueError(f"size must be non-negative, got {size}")
+        if not 0 <= fill <= 255:
+            raise ValueError(f"fill must be in 0..255, got {fill}")
+        lv = self._levels[level]
+        # level-0 -> level coordinates, per axis (downsamples may differ slightly in x and y)
+        lx0 = math.floor(x * lv.width / self.dimensions[0])
+        ly0 = math.floor(y * lv.height / self.dimensions[1])
+        out = np.full((h, w, 3), fill, dtype=np.uint8)
+        # intersection of [lx0, lx0 + w) x [ly0, ly0 + h) with the level, in level pixels
+        ix0, iy0 = max(lx0, 0), max(ly0, 0)
+        ix1, iy1 = min(lx0 + w, lv.width), min(ly0 + h, lv.height)
+        if ix0 >= ix1 or iy0 >= iy1:
+            return out
+        if self._closed:
+            raise ValueError(f"{self.path}: read from a closed SlideImage")
+        try:
+            with self._lock:
+                raw = lv.read(iy0, iy1, ix0, ix1)  # (ih, iw, c) in the file's dtype
+            rgb = lv.to_rgb(raw)
+        except Exception as e:
+            raise ImageReadError(self.path, _region_cause(level, ix0, iy0, ix1, iy1, e)) from e
+        out[iy0 - ly0 : iy1 - ly0, ix0 - lx0 : ix1 - lx0] = rgb
+        return out
+
+    def read_level(self, level: int) -> np.ndarray:
+        """A whole level as (h, w, 3) uint8; meant for small levels (thumbnails)."""
+        self._check_level(level)
+        return self.read_region((0, 0), level, self.level_dimensions[level])
+
+    def close(self) -> None:
+        """Release the file handle; further reads raise ValueError."""
+        with self._lock:
+            self._closed = True
+            for lv in self._levels:
+                lv.close()
+            if self._tiff is not None:
+                self._tiff.close()
+                self._tiff = None
+
+    def __enter__(self) -> SlideImage:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"SlideImage({str(self.path)!r}, dimensions={self.dimensions}, "
+            f"level_count={self.level_count}, mpp={self.mpp})"
+        )
+
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level < len(self._levels):
+            raise ValueError(f"level must be in 0..{len(self._levels) - 1}, got {level}")
+
+    # ---- backends -------------------------------------------------------------------------
+
+    def _open_tiff(self) -> None:
+        import tifffile
+
+        self._tiff = tifffile.TiffFile(self.path)
+        tf = self._tiff
+        if not tf.series:
+            raise ImageReadError(self.path, "TIFF holds no image")
+        series = tf.series[0]
+        file_size = os.path.getsize(self.path)
+        levels = []
+        for index, level_series in enumerate(series.levels):
+            _check_tiff_level(self.path, level_series, index, file_size)
+            levels.append(_TiffLevel(series, index))
+        self._levels = [lv for lv in levels if lv.width > 0 and lv.height > 0]
+        if len(self._levels) < len(levels) or not self._levels:
+            raise ImageReadError(self.path, "zero-sized image")
+        self._levels.sort(key=lambda lv: -lv.width * lv.height)
+        if np.dtype(self._levels[0].dtype).kind == "f":
+            scale = 255.0
+            smallest = self._levels[-1]
+            if smallest.width * smallest.height <= _FLOAT_PROBE_MAX_PIXELS:
+                probe = smallest.read(0, smallest.height, 0, smallest.width)
+                if probe.size and np.nanmax(probe) > 1:
+                    scale = 1.0
+            for lv in self._levels:
+                lv.float_scale = scale
+        self.mpp_x, self.mpp_y = _tiff_mpp(tf)
+
+    def _open_pillow(self) -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        with _PIL_LOCK:
+            previous = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = max(previous or 0, PIL_MAX_PIXELS)
+            try:
+                with Image.open(self.path) as im:
+                    w, h = im.size
+                    if w * h == 0:
+                        raise ImageReadError(self.path, "zero-sized image")
+                    if w * h > PIL_MAX_PIXELS:
+                        raise ImageReadError(
+                            self.path,
+                            f"{w}x{h} exceeds sstream.io.PIL_MAX_PIXELS={PIL_MAX_PIXELS} for a "
+                            "non-tiled format; convert it to a tiled pyramidal TIFF",
+                        )
+                    im.load()
+                    rgb = _pillow_to_rgb8(im)
+            except UnidentifiedImageError as e:
+                raise ImageReadError(self.path, "not a recognised image format") from e
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+        self._levels = [_ArrayLevel(rgb)]
+
+
+class _Level:
+    """One resolution level: size and a raw reader returning (h, w, c) in file dtype."""
+
+    width: int
+    height: int
+    dtype: np.dtype
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_rgb(self, raw: np.ndarray) -> np.ndarray:
+        return raw
+
+    def close(self) -> None:
+        pass
+
+
+class _ArrayLevel(_Level):
+    """A level already decoded to (h, w, 3) uint8 in memory (Pillow formats)."""
+
+    def __init__(self, rgb: np.ndarray):
+        self._rgb = rgb
+        self.height, self.width = rgb.shape[:2]
+        self.dtype = rgb.dtype
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self._rgb[y0:y1, x0:x1]
+
+
+class _TiffLevel(_Level):
+    """A tifffile series level behind a zarr array: only intersecting chunks are decoded."""
+
+    def __init__(self, series, index: int):
+        import zarr
+
+        level_series = series.levels[index]
+        self._store = series.aszarr(level=index)
+        self._array = zarr.open(self._store, mode="r")
+        axes = level_series.axes
+        shape = level_series.shape
+        self.height, self.width = shape[axes.index("Y")], shape[axes.index("X")]
+        self.dtype = level_series.dtype
+        self._axes = axes
+        sample_axis = "S" if "S" in axes else ("C" if "C" in axes else None)
+        self._sample_axis = sample_axis
+        keyframe = level_series.keyframe
+        self.photometric = int(keyframe.photometric)
+        colormap = getattr(keyframe, "colormap", None)
+        self.palette = None
+        if self.photometric == 3 and colormap is not None:
+            cmap = np.asarray(colormap)
+            lut = cmap >> 8 if cmap.max() > 255 else cmap
+            self.palette = np.ascontiguousarray(lut.T.astype(np.uint8))  # (n, 3)
+        self.float_scale = 255.0
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        index = []
+        kept = []
+        for ax in self._axes:
+            if ax == "Y":
+                index.append(slice(y0, y1))
+                kept.append(ax)
+            elif ax == "X":
+                index.append(slice(x0, x1))
+                kept.append(ax)
+            elif ax == self._sample_axis:
+                index.append(slice(None))
+                kept.append(ax)
+            else:
+                index.append(0)  # first plane of any other axis
+        raw = np.asarray(self._array[tuple(index)])
+        if self._sample_axis is None:
+            return raw[..., None]
+        return np.moveaxis(raw, kept.index(self._sample_axis), -1)
+
+    def to_rgb(self, raw: np.ndarray) -> np.ndarray:
+        if self.palette is not None:
+            return self.palette[np.clip(raw[..., 0], 0, len(self.palette) - 1)]
+        rgb = to_rgb8(raw, float_scale=self.float_scale)
+        if self.photometric == 0:  # MinIsWhite
+            rgb = 255 - rgb
+        return rgb
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def to_rgb8(raw: np.ndarray, float_scale: float = 255.0) -> np.ndarray:
+    """Convert (h, w, c) pixels of any dtype to (h, w, 3) uint8 by the module's rule.
+
+    `float_scale` multiplies float values before clipping to [0, 255]: 255 for [0, 1] data,
+    1 for [0, 255] data.
+    """
+    if raw.ndim == 2:
+        raw = raw[..., None]
+    v = _to_uint8(raw, float_scale)
+    c = v.shape[-1]
+    if c == 1:
+        return np.repeat(v, 3, axis=-1)
+    if c == 2:
+        return _over_white(np.repeat(v[..., :1], 3, axis=-1), v[..., 1:2])
+    if c == 3:
+        return v
+    if c == 4:
+        return _over_white(v[..., :3], v[..., 3:4])
+    return np.ascontiguousarray(v[..., :3])
+
+
+def _to_uint8(raw: np.ndarray, float_scale: float) -> np.ndarray:
+    kind, bits = raw.dtype.kind, raw.dtype.itemsize * 8
+    if raw.dtype == np.uint8:
+        return raw
+    if kind == "b":
+        return raw.astype(np.uint8) * np.uint8(255)
+    if kind == "u":
+        return (raw >> (bits - 8)).astype(np.uint8)
+    if kind == "i":
+        top = np.iinfo(raw.dtype).max
+        v = np.clip(raw.astype(np.int64), 0, top)
+        return (v * 255 // top).astype(np.uint8)
+    if kind == "f":
+        v = np.nan_to_num(raw.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        return np.rint(np.clip(v * np.float32(float_scale), 0, 255)).astype(np.uint8)
+    raise ValueError(f"unsupported pixel type {raw.dtype}")
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    c = rgb.astype(np.int32)
+    a = alpha.astype(np.int32)
+    return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _pillow_to_rgb8(im) -> np.ndarray:
+    """Pillow image -> (h, w, 3) uint8 under the same rule as TIFFs."""
+    mode = im.mode
+    if mode in ("RGB", "L"):
+        return to_rgb8(np.asarray(im))
+    if mode in ("RGBA", "LA"):
+        return to_rgb8(np.asarray(im))
+    if mode in ("P", "PA", "La", "RGBa"):
+        return to_rgb8(np.asarray(im.convert("RGBA")))
+    if mode == "1":
+        return to_rgb8(np.asarray(im).astype(bool))
+    if mode.startswith("I;16"):
+        return to_rgb8(np.asarray(im).astype(np.uint16))
+    if mode == "I":
+        return to_rgb8(np.asarray(im).astype(np.int32))
+    if mode == "F":
+        arr = np.asarray(im).astype(np.float32)
+        scale = 1.0 if arr.size and np.nanmax(arr) > 1 else 255.0
+        return to_rgb8(arr, float_scale=scale)
+    return to_rgb8(np.asarray(im.convert("RGB")))
+
+
+def _check_tiff_level(path: Path, level_series, index: int, file_size: int) -> None:
+    """Fail at open, not mid-training, on what can be checked without decoding pixels."""
+    import tifffile
+
+    for page in level_series.pages:
+        if page is None:
+            raise ImageReadError(path, f"level {index}: missing page")
+        keyframe = page.keyframe if page.keyframe is not None else page
+        compression = int(keyframe.compression)
+        try:
+            tifffile.TIFF.DECOMPRESSORS[compression]
+        except (KeyError, NotImplementedError, ImportError) as e:
+            name = getattr(keyframe.compression, "name", str(compression))
+            raise ImageReadError(
+                path, f"level {index}: unsupported TIFF compression {name} ({compression})"
+            ) from e
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        present = (offsets > 0) & (counts > 0)
+        if np.any(offsets[present] + counts[present] > file_size):
+            raise ImageReadError(
+                path, f"level {index}: truncated file (image data extends past the end)"
+            )
+
+
+def _tiff_mpp(tf) -> tuple[float | None, float | None]:
+    """(mpp_x, mpp_y) from Aperio description, OME metadata or resolution tags."""
+    page = tf.pages.first
+    description = page.description or ""
+    if tf.is_svs or description.startswith("Aperio"):
+        m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", description)
+        if m:
+            mpp = _positive(m.group(1))
+            if mpp is not None:
+                return mpp, mpp
+    if tf.is_ome and tf.ome_metadata:
+        mpp_xy = _ome_mpp(tf.ome_metadata)
+        if mpp_xy is not None:
+            return mpp_xy
+    unit = page.tags.valueof("ResolutionUnit")
+    microns_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit) if unit is not None else 2)
+    if microns_per_unit is None:
+        return None, None
+    xres, yres = page.tags.valueof("XResolution"), page.tags.valueof("YResolution")
+    mpp_x = _mpp_from_rational(xres, microns_per_unit)
+    mpp_y = _mpp_from_rational(yres, microns_per_unit)
+    if mpp_x is None or mpp_y is None:
+        return None, None
+    return mpp_x, mpp_y
+
+
+_OME_UNIT_MICRONS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3}
+
+
+def _ome_mpp(xml: str) -> tuple[float, float] | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.endswith("}Pixels") or element.tag == "Pixels":
+            sizes = []
+            for axis in "XY":
+                value = _positive(element.get(f"PhysicalSize{axis}"))
+                unit = element.get(f"PhysicalSize{axis}Unit", "µm")
+                if value is None or unit not in _OME_UNIT_MICRONS:
+                    return None
+                sizes.append(value * _OME_UNIT_MICRONS[unit])
+            return sizes[0], sizes[1]
+    return None
+
+
+def _mpp_from_rational(value, microns_per_unit: float) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        if len(value) != 2 or value[1] == 0:
+            return None
+        value = value[0] / value[1]
+    pixels_per_unit = _positive(value)
+    if pixels_per_unit is None or pixels_per_unit == 1.0:  # 1/1 is the "unset" default
+        return None
+    return microns_per_unit / pixels_per_unit
+
+
+def _positive(text) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _region_cause(level: int, x0: int, y0: int, x1: int, y1: int, e: BaseException) -> str:
+    name = type(e).__name__
+    return f"cannot decode level {level} pixels x {x0}:{x1}, y {y0}:{y1} ({name}: {e})"
