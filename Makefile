@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_EPOCHS ?= 6
 
 .PHONY: install test lint demo bench bench-quick clean
 
@@ -10,7 +11,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
@@ -21,8 +21,22 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check sstream tests benchmarks
 
+DEMO := demo_output
+DEMO_SLIDE = sample_data/$$(sed -n 2p sample_data/val.csv | cut -d, -f1)
+
 demo: $(STAMP)
-	$(BIN)/python -m sstream demo --out demo_output
+	$(BIN)/sstream train --train-csv sample_data/train.csv --val-csv sample_data/val.csv \
+		--out $(DEMO)/run --model tiny --epochs $(DEMO_EPOCHS) --tile-size 256 --lr 3e-3 \
+		--accumulate 2 --overwrite
+	$(BIN)/sstream predict --checkpoint $(DEMO)/run/best.pt --csv sample_data/val.csv \
+		--out $(DEMO)/predictions.csv --overwrite
+	$(BIN)/sstream saliency $(DEMO_SLIDE) --checkpoint $(DEMO)/run/best.pt \
+		--out $(DEMO)/saliency.tif --overview $(DEMO)/saliency.png --tile-size 256 --overwrite
+	@echo
+	@echo "demo outputs in $(DEMO)/:"
+	@echo "  run/          checkpoints (last.pt, best.pt), metrics.csv, curves.png, config.json"
+	@echo "  predictions.csv   validation-set probabilities"
+	@echo "  saliency.tif      full-resolution saliency map (pyramidal TIFF), saliency.png overview"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
