@@ -47,6 +47,10 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600; give the file the mode an ordinary open() would (or the mode of
+    # the file it replaces)
+    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
+    os.chmod(tmp, mode)
     try:
         yield tmp
         _fsync_file(tmp)
@@ -62,8 +66,20 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     _fsync_dir(parent)
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would race with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_file(path: Path) -> None:
-    """Flush a written file's data to disk (no-op for files the body removed)."""
+    """Flush a written file's data to disk (FileNotFoundError if the body removed it)."""
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

@@ -171,8 +171,7 @@ class TiffMapWriter:
             c = (self.channels,) if self.channels == 3 else ()
             self._tile_row = np.empty((self.tile_size, self.width, *c), self.dtype)
             self._tile_row_fill = 0
-            tiles_per_row = -(-self.width // self.tile_size)
-            self._tiles: queue.Queue = queue.Queue(maxsize=tiles_per_row + 1)
+            self._tile_rows: queue.Queue = queue.Queue(maxsize=1)
             self._thread_error: BaseException | None = None
             self._tiff = tifffile.TiffWriter(tmp_path, bigtiff=True, ome=ome)
             self._thread = threading.Thread(target=self._write_level0, daemon=True)
@@ -249,8 +248,8 @@ class TiffMapWriter:
         self._closed = True
         with contextlib.suppress(queue.Empty):
             while True:  # unblock the level-0 thread, then tell it to stop
-                self._tiles.get_nowait()
-        self._tiles.put(_ABORT)
+                self._tile_rows.get_nowait()
+        self._tile_rows.put(_ABORT)
         self._thread.join()
         with contextlib.suppress(Exception):
             self._tiff.close()
@@ -277,7 +276,7 @@ class TiffMapWriter:
         if k == 0:
             self._add_level0_rows(rows)
         else:
-            rows.tofile(self._spools[k - 1])
+            self._spools[k - 1].write(np.ascontiguousarray(rows).data)
         if k + 1 == len(self.level_shapes) or rows.shape[0] == 0:
             return
         if self._carry[k] is not None:
@@ -306,16 +305,17 @@ class TiffMapWriter:
                 self._emit_tile_row(self._tile_row)
 
     def _emit_tile_row(self, tile_row: np.ndarray) -> None:
-        for x0 in range(0, self.width, self.tile_size):
-            tile = tile_row[:, x0 : x0 + self.tile_size].copy()
-            while True:
-                try:
-                    self._tiles.put(tile, timeout=0.1)
-                    break
-                except queue.Full:
-                    if not self._thread.is_alive():
-                        error = self._thread_error or RuntimeError("level-0 writer stopped")
-                        raise error from None
+        # whole rows of tiles cross to the level-0 thread: one hand-off per row, not per
+        # tile, keeps the two threads from trading the GIL thousands of times
+        item = tile_row.copy()
+        while True:
+            try:
+                self._tile_rows.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                if not self._thread.is_alive():
+                    error = self._thread_error or RuntimeError("level-0 writer stopped")
+                    raise error from None
         self._tile_row_fill = 0
 
     # ---- TIFF -----------------------------------------------------------------------------
@@ -327,12 +327,12 @@ class TiffMapWriter:
             self._thread_error = e
 
     def _queued_tiles(self) -> Iterator[np.ndarray]:
-        rows, cols = (-(-n // self.tile_size) for n in self.level_shapes[0])
-        for _ in range(rows * cols):
-            tile = self._tiles.get()
-            if tile is _ABORT:
+        for _ in range(0, self.height, self.tile_size):
+            tile_row = self._tile_rows.get()
+            if tile_row is _ABORT:
                 raise RuntimeError("aborted")
-            yield tile
+            for x0 in range(0, self.width, self.tile_size):
+                yield tile_row[:, x0 : x0 + self.tile_size]
 
     def _write_reduced_level(self, k: int) -> None:
         h, w = self.level_shapes[k]
