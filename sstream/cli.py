@@ -165,25 +165,33 @@ def train(
                                  "constant (stepped per epoch)."),
     step_size: int = typer.Option(10, help="Epochs between decays (step schedule)."),
     step_gamma: float = typer.Option(0.1, help="Decay factor (step schedule)."),
-    accumulate: int = typer.Option(1, help="Images per optimizer step (serial mini-batch)."),
+    accumulate: int = typer.Option(1, help="Images per optimizer step and rank (serial "
+                                   "mini-batch; the step averages ranks x accumulate images)."),
     amp: bool = typer.Option(False, help="Mixed precision (fp16 + GradScaler on CUDA, bf16 "
                              "on CPU)."),
     amp_dtype: str = typer.Option(None, help="Force the AMP dtype: bf16 or fp16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed for order, crops, augmentation and init."),
     tile_size: int = typer.Option(512, help="Tile side in input pixels (memory follows it)."),
+    dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a rank waits for "
+                                       "the others before the job stops."),
     quiet: bool = typer.Option(False, help="No progress output."),
     json_events: bool = typer.Option(False, "--json", help="Machine-readable events, one "
                                      "JSON object per line."),
 ) -> None:
-    """Train a CNN end-to-end on whole images with image-level labels (streaming)."""
+    """Train a CNN end-to-end on whole images with image-level labels (streaming).
+
+    Data parallel on several GPUs or machines: torchrun --nproc_per_node=N -m sstream train ...
+    """
+    import os
     import signal
     from dataclasses import fields
 
     from sstream.cli_render import JsonTrainEvents, RichTrainEvents
-    from sstream.train import TrainConfig, TrainEvents, resume_config
+    from sstream.train import RESUMABLE_CHANGES, TrainConfig, TrainEvents, resume_config
     from sstream.train import train as run_training
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
     with user_errors():
         names = [f.name for f in fields(TrainConfig)]
         given = {name: value for name, value in ctx.params.items() if name in names}
@@ -191,13 +199,14 @@ def train(
         for key in ("train_csv", "val_csv", "out", "weights"):
             given[key] = str(given[key]) if given[key] is not None else None
         if resume is not None:
-            changed = [n for n in names if _explicit(ctx, n) and n not in ("epochs", "device")]
+            resumable = [n for n in RESUMABLE_CHANGES if n != "out"]
+            changed = [n for n in names if _explicit(ctx, n) and n not in resumable]
             if changed or config is not None:
                 raise UsageError("--resume continues with the run's saved config.json; only "
-                                 f"--epochs and --device may change (got {', '.join(changed)})")
-            settings = resume_config(resume, epochs=given["epochs"] if _explicit(ctx, "epochs")
-                                     else None, device=device if _explicit(ctx, "device")
-                                     else None)
+                                 "--epochs, --device, --accumulate and --dist-timeout may "
+                                 f"change (got {', '.join(changed)})")
+            settings = resume_config(resume, **{n: given[n] for n in resumable
+                                                if _explicit(ctx, n)})
             settings.out = str(resume)
         else:
             from_file = _load_config_file(config) if config is not None else {}
@@ -211,16 +220,17 @@ def train(
             settings = TrainConfig.from_dict(given)
             if not settings.train_csv:
                 raise UsageError("--train-csv is required (or --resume DIR)")
-        events: TrainEvents = (TrainEvents() if quiet else JsonTrainEvents() if json_events
-                               else RichTrainEvents(err_console))
+        events: TrainEvents = (TrainEvents() if quiet or not main_rank else JsonTrainEvents()
+                               if json_events else RichTrainEvents(err_console))
         stop = {"signal": None}
 
         def request_stop(signum: int, frame: object) -> None:
             if stop["signal"] is not None:  # second signal: leave now
                 raise KeyboardInterrupt
             stop["signal"] = signum
-            err_console.print("\n[yellow]stopping after the current image (again to abort)"
-                              "[/yellow]")
+            if main_rank:
+                err_console.print("\n[yellow]stopping after the current image, or step with "
+                                  "several ranks (again to abort)[/yellow]")
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -232,10 +242,11 @@ def train(
             if hasattr(events, "close"):
                 events.close()
         if result.interrupted:
-            err_console.print(f"interrupted: last.pt holds the last completed step; continue "
-                              f"with: sstream train --resume {result.out}")
+            if result.rank == 0:
+                err_console.print(f"interrupted: last.pt holds the last completed step; "
+                                  f"continue with: sstream train --resume {result.out}")
             raise typer.Exit(130 if stop["signal"] == signal.SIGINT else 143)
-        if not quiet and not json_events:
+        if not quiet and not json_events and result.rank == 0:
             err_console.print(f"done: checkpoints, metrics.csv and curves.png in {result.out}")
 
 

@@ -11,6 +11,14 @@ interrupting and resuming gives the same weights as an uninterrupted run (on CPU
 
 Output directory: `config.json` (the resolved configuration), `last.pt`, `best.pt`,
 `metrics.csv` (one row per epoch) and `curves.png`, each written atomically.
+
+Data parallel (under `torchrun`, see `sstream.distributed`): N ranks each stream their share
+of every optimizer step's group of N x accumulate images and sum their gradients before the
+step, which equals one process with accumulate = N x accumulate. `state.image_index` counts
+images of the whole group, so a run resumes on any number of ranks. Rank 0 alone writes the
+outputs and reports events; validation is sharded and its predictions gathered. Dropout
+draws from each rank's own RNG (all saved in checkpoints), so with dropout N ranks are
+statistically, not bitwise, equal to one process.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from sstream.data import (
     fit_window,
     read_label_csv,
 )
+from sstream.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from sstream.engine import StreamingCNN
 from sstream.io import atomic_output, open_image
 from sstream.metrics import classification_metrics
@@ -51,7 +60,7 @@ from sstream.models import (
 )
 from sstream.plots import Panel, Series, line_plot
 from sstream.predict import class_probabilities
-from sstream.runtime import amp_dtype, autocast, peak_memory_mb, reset_peak_memory, resolve_device
+from sstream.runtime import amp_dtype, autocast, peak_memory_mb, reset_peak_memory
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
@@ -96,6 +105,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     tile_size: int = 512
+    dist_timeout: float = DEFAULT_TIMEOUT_S   # seconds a rank waits for the others
 
     def validate(self) -> None:
         """Raise ValueError for options that cannot work together."""
@@ -111,6 +121,7 @@ class TrainConfig:
             (self.lr > 0, "--lr must be positive"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.tile_size >= 1, "--tile-size must be positive"),
+            (self.dist_timeout > 0, "--dist-timeout must be positive"),
             (self.step_size >= 1, "--step-size must be at least 1"),
             (self.image_size is None or min(self.image_size) >= 1,
              "--image-size must be positive"),
@@ -151,12 +162,16 @@ class TrainEvents:
     def on_checkpoint(self, path: Path) -> None: ...
 
 
+# Settings a resume may change: they do not alter what has been trained so far.
+RESUMABLE_CHANGES = ("epochs", "device", "out", "accumulate", "dist_timeout")
+
+
 @dataclass
 class TrainState:
     """Where training stands, saved with every checkpoint."""
 
     epoch: int = 0            # the epoch in progress (or the next one)
-    image_index: int = 0      # images of this epoch already used for completed steps
+    image_index: int = 0      # images of this epoch (all ranks) used for completed steps
     step: int = 0             # optimizer steps taken
     best_score: float = -math.inf
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -171,6 +186,7 @@ class TrainResult:
     state: TrainState
     interrupted: bool = False
     model: Classifier | None = None
+    rank: int = 0             # this process's rank; only rank 0 wrote outputs
 
 
 # ---- the pieces ---------------------------------------------------------------------------
@@ -242,8 +258,13 @@ def _check_images(samples: list[Sample], config: TrainConfig, minimum: int, what
 
 def save_checkpoint(path: Path, model: Classifier, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler | None, state: TrainState,
-                    config: TrainConfig, rng_state: torch.Tensor) -> None:
-    """Write a checkpoint atomically (temporary file, fsync, rename)."""
+                    config: TrainConfig, rng_state: torch.Tensor,
+                    rank_rng_states: list[torch.Tensor] | None = None) -> None:
+    """Write a checkpoint atomically (temporary file, fsync, rename).
+
+    `rng_state` is rank 0's torch RNG state; `rank_rng_states` every rank's, when there are
+    several (saved as `torch_rng_states`).
+    """
     payload = checkpoint_payload(model)
     payload.update({
         "optimizer": optimizer.state_dict(),
@@ -253,6 +274,8 @@ def save_checkpoint(path: Path, model: Classifier, optimizer: torch.optim.Optimi
         "train_config": config.to_dict(),
         "torch_rng_state": rng_state,
     })
+    if rank_rng_states is not None:
+        payload["torch_rng_states"] = rank_rng_states
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_output(path, overwrite=True) as tmp:
@@ -295,18 +318,36 @@ class _Trainer:
     """Holds what one training run needs; `run()` is the loop."""
 
     def __init__(self, config: TrainConfig, events: TrainEvents, resume: bool,
-                 overwrite: bool, should_stop: Callable[[], bool]) -> None:
-        config.validate()
+                 overwrite: bool, should_stop: Callable[[], bool], parallel: DataParallel,
+                 device: torch.device) -> None:
         torch.manual_seed(config.seed)  # before the model is built: its init is seeded too
-        self.config, self.events, self.should_stop = config, events, should_stop
+        self.config, self.should_stop, self.parallel = config, should_stop, parallel
+        self.events = events if parallel.is_main else TrainEvents()
         self.out = Path(config.out)
-        self._prepare_out_dir(resume, overwrite)
+        self.device = device
+        with parallel.agreement("while starting"):
+            if parallel.is_main:
+                self._prepare_out_dir(resume, overwrite)
+            self._build(config)
+            saved = (self.out / "last.pt").read_bytes() if resume and parallel.is_main else None
+        self.state = TrainState()
+        if parallel.distributed and not parallel.is_main:
+            # dropout draws differ per rank; rank 0 keeps the single-process stream
+            torch.manual_seed(_rank_seed(config.seed, parallel.rank))
+        self.rng_at_step = torch.get_rng_state()
+        if resume:
+            saved = parallel.broadcast_object(saved, "sending last.pt to every rank")
+            with parallel.agreement("while resuming"):
+                self._restore(self.out / "last.pt", saved)
+        parallel.broadcast_module(self.model)  # identical parameters on every rank
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sstream-prefetch")
+
+    def _build(self, config: TrainConfig) -> None:
         self.train_samples = read_label_csv(config.train_csv, config.num_classes)
         labels = [s.label for s in self.train_samples]
         num_classes = config.num_classes or max(2, max(labels) + 1)
         self.val_samples = (read_label_csv(config.val_csv, num_classes)
                             if config.val_csv else [])
-        self.device = resolve_device(config.device)
         self.model = build_model(
             ModelConfig(config.model, num_classes, config.stream_layers, config.pooling,
                         config.dropout), weights=config.weights, pretrained=config.pretrained)
@@ -316,37 +357,32 @@ class _Trainer:
         _check_images(self.val_samples, config, minimum, str(config.val_csv))
         self.model.to(self.device)
         self.scnn = StreamingCNN(self.model.stream, config.tile_size)
-        self.scnn.on_tile = events.on_tile
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = _make_optimizer(config, params)
+        self.scnn.on_tile = self.events.on_tile
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _make_optimizer(config, self.params)
         self.scheduler = _make_scheduler(config, self.optimizer)
         self.amp_dtype = amp_dtype(self.device, config.amp_dtype)
         use_scaler = config.amp and self.device.type == "cuda" and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.state = TrainState()
-        self.rng_at_step = torch.get_rng_state()
-        if resume:
-            self._restore(self.out / "last.pt")
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sstream-prefetch")
 
     def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
         if resume:
             if not (self.out / "last.pt").is_file():
                 raise ValueError(f"{self.out}: no last.pt to resume from")
-            return
-        if (self.out / "last.pt").exists() and not overwrite:
+        elif (self.out / "last.pt").exists() and not overwrite:
             raise FileExistsError(f"{self.out} already holds a training run (last.pt); use "
                                   "--resume to continue it or --overwrite to start afresh")
         self.out.mkdir(parents=True, exist_ok=True)
+        # on resume too: a changed --accumulate or --epochs holds for later resumes
         with atomic_output(self.out / "config.json", overwrite=True) as tmp:
             tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
 
-    def _restore(self, path: Path) -> None:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        saved = TrainConfig.from_dict(payload["train_config"])
+    def _restore(self, path: Path, saved: bytes) -> None:
+        payload = torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)
+        previous = TrainConfig.from_dict(payload["train_config"])
         differing = [f.name for f in fields(TrainConfig)
-                     if f.name not in ("epochs", "device", "out")
-                     and getattr(saved, f.name) != getattr(self.config, f.name)]
+                     if f.name not in RESUMABLE_CHANGES
+                     and getattr(previous, f.name) != getattr(self.config, f.name)]
         if differing:
             raise ValueError(f"{path}: the run was started with other settings "
                              f"({', '.join(differing)}); resume with the saved config.json")
@@ -356,18 +392,33 @@ class _Trainer:
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         self.state = TrainState(**payload["train_state"])
-        self.rng_at_step = payload["torch_rng_state"]
-        torch.set_rng_state(self.rng_at_step)
+        rank = self.parallel.rank
+        states = payload.get("torch_rng_states") or [payload["torch_rng_state"]]
+        if rank < len(states):
+            torch.set_rng_state(states[rank])
+        else:  # more ranks than the run had: a fresh stream per (rank, step)
+            torch.manual_seed(_rank_seed(self.config.seed, rank, self.state.step))
+        self.rng_at_step = torch.get_rng_state()
 
-    def _checkpoint(self, name: str) -> None:
-        path = self.out / name
-        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler,
-                        self.state, self.config, self.rng_at_step)
-        self.events.on_checkpoint(path)
+    def _checkpoint(self, *names: str) -> None:
+        """Write `names` (rank 0) with every rank's RNG state at the last step."""
+        states = (self.parallel.gather_objects(self.rng_at_step, "saving a checkpoint")
+                  if self.parallel.distributed else None)
+        with self.parallel.agreement("while writing a checkpoint"):
+            if self.parallel.is_main:
+                for name in names:
+                    path = self.out / name
+                    save_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                    self.scaler, self.state, self.config, self.rng_at_step,
+                                    states)
+                    self.events.on_checkpoint(path)
 
-    def _prefetch(self, epoch: int, order: np.ndarray, index: int) -> Future | None:
-        if index >= len(order):
+    def _prefetch(self, epoch: int, order: np.ndarray, mine: list[int], position: int
+                  ) -> Future | None:
+        """Start loading this rank's `position`-th image of the epoch (None past the end)."""
+        if position >= len(mine):
             return None
+        index = mine[position]
         sample = self.train_samples[int(order[index])]
         return self.pool.submit(load_training_image, sample, self.config, True,
                                 (epoch, 1, index))
@@ -378,47 +429,75 @@ class _Trainer:
                               "train_images": len(self.train_samples),
                               "val_images": len(self.val_samples), "tile_size":
                               self.scnn.tile_size, "geometry": self.scnn.geometry,
-                              "resumed_at": (self.state.epoch, self.state.image_index)})
+                              "resumed_at": (self.state.epoch, self.state.image_index),
+                              "ranks": self.parallel.world_size})
+        rank = self.parallel.rank
         try:
             for epoch in range(self.state.epoch, config.epochs):
                 if not self._train_epoch(epoch):
-                    return TrainResult(self.out, self.state, interrupted=True, model=self.model)
+                    return TrainResult(self.out, self.state, interrupted=True, model=self.model,
+                                       rank=rank)
                 self._end_epoch(epoch)
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        return TrainResult(self.out, self.state, model=self.model)
+        return TrainResult(self.out, self.state, model=self.model, rank=rank)
 
     def _train_epoch(self, epoch: int) -> bool:
-        """Train one epoch from `state.image_index`; False when stopped (checkpoint saved)."""
-        config, state = self.config, self.state
+        """Train one epoch from `state.image_index`; False when stopped (checkpoint saved).
+
+        Positions in the epoch's order are cut into groups of `ranks x accumulate` (the last
+        may be smaller), one optimizer step each; this rank trains `parallel.shard(group)`.
+        """
+        config, state, parallel = self.config, self.state, self.parallel
         order = epoch_order(config.seed, epoch, len(self.train_samples))
         count = len(order)
+        group = parallel.world_size * config.accumulate
+        starts = range(state.image_index, count, group)
+        mine = [i for start in starts for i in parallel.shard(start, min(start + group, count))]
         self.events.on_epoch_start(epoch, config.epochs, count)
         self.model.train()
         reset_peak_memory(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        pending = self._prefetch(epoch, order, state.image_index)
-        group_loss, started = 0.0, time.perf_counter()
-        for index in range(state.image_index, count):
-            source = pending.result()
-            pending = self._prefetch(epoch, order, index + 1)
-            group_start = index - (index % config.accumulate)
-            group_size = min(config.accumulate, count - group_start)
-            label = self.train_samples[int(order[index])].label
-            loss = self._train_image(source, label, group_size)
-            group_loss += loss
-            tiles = len(self.scnn.plan(source.shape))
-            state.epoch_tiles += tiles
-            self.events.on_image(epoch, index + 1, count, loss, tiles)
-            if index + 1 - group_start == group_size:       # the group is complete: step
-                self._step()
-                state.image_index, state.step = index + 1, state.step + 1
-                state.epoch_loss_sum += group_loss
-                state.epoch_seconds += time.perf_counter() - started
-                group_loss, started = 0.0, time.perf_counter()
-                self.rng_at_step = torch.get_rng_state()
-            if self.should_stop():
-                torch.set_rng_state(self.rng_at_step)  # drop a partial group: back to the step
+        position = 0
+        pending = self._prefetch(epoch, order, mine, position)
+        started = time.perf_counter()
+        for start in starts:
+            stop = min(start + group, count)
+            group_loss, group_tiles, stop_wanted, error = 0.0, 0, False, None
+            try:
+                for index in parallel.shard(start, stop):
+                    source = pending.result()
+                    position += 1
+                    pending = self._prefetch(epoch, order, mine, position)
+                    label = self.train_samples[int(order[index])].label
+                    loss = self._train_image(source, label, stop - start)
+                    tiles = len(self.scnn.plan(source.shape))
+                    group_loss, group_tiles = group_loss + loss, group_tiles + tiles
+                    self.events.on_image(epoch, index + 1, count, loss, tiles)
+                    if index + parallel.world_size < stop and self.should_stop():
+                        if not parallel.distributed:    # drop the partial group: back to the step
+                            torch.set_rng_state(self.rng_at_step)
+                            self._checkpoint("last.pt")
+                            return False
+                        stop_wanted = True              # ranks stop together, after this step
+            except Exception as exc:
+                if not parallel.distributed:
+                    raise
+                error = exc
+            stop_wanted = self.should_stop() or stop_wanted
+            where = f"at optimizer step {state.step + 1}"
+            parallel.check(error, where)
+            loss_sum, tiles_sum, stops = parallel.sum_values(
+                [group_loss, group_tiles, stop_wanted], where)
+            parallel.sum_gradients(self.params, where)
+            self._step()
+            state.image_index, state.step = stop, state.step + 1
+            state.epoch_loss_sum += loss_sum
+            state.epoch_tiles += int(tiles_sum)
+            state.epoch_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            self.rng_at_step = torch.get_rng_state()
+            if stops:
                 self._checkpoint("last.pt")
                 return False
         return True
@@ -428,7 +507,9 @@ class _Trainer:
         with autocast(self.device, self.config.amp, self.amp_dtype):
             fmap = self.scnn(source)                       # (1, C', H', W'), streamed
             logits = self.model.head(fmap)                 # (1, classes)
-        loss = F.cross_entropy(logits.float(), torch.tensor([label], device=self.device))
+        # at least float32 for the loss (float64 models stay float64)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(logits, torch.tensor([label], device=self.device))
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at optimizer step "
                                 f"{self.state.step}; stopped, keeping the last good checkpoint "
@@ -471,24 +552,38 @@ class _Trainer:
         if improved:
             state.best_score = _score(row)
         self.rng_at_step = torch.get_rng_state()
-        self._checkpoint("last.pt")
-        if improved:
-            self._checkpoint("best.pt")
-        write_metrics(self.out, state.history)
+        self._checkpoint("last.pt", *(["best.pt"] if improved else []))
+        with self.parallel.agreement("while writing metrics"):
+            if self.parallel.is_main:
+                write_metrics(self.out, state.history)
         self.events.on_epoch_end(row)
 
     def validate(self) -> dict[str, float]:
-        """Streaming forward on the validation set: accuracy, AUC, loss."""
+        """Streaming forward on the validation set: accuracy, AUC, loss.
+
+        Each rank predicts its shard; the metrics are computed from all predictions.
+        """
         self.model.eval()
-        probabilities, labels = [], []
-        for index, sample in enumerate(self.val_samples):
-            source = load_training_image(sample, self.config, False, ())
-            probabilities.append(class_probabilities(self.model, self.scnn, source,
-                                                     self.config.amp, self.amp_dtype))
-            labels.append(sample.label)
-            self.events.on_validation(index + 1, len(self.val_samples))
+        mine = self.parallel.shard(0, len(self.val_samples))
+        predicted = []  # (position in the CSV, probabilities, label)
+        with self.parallel.agreement("during validation"):
+            for done, index in enumerate(mine, start=1):
+                sample = self.val_samples[index]
+                source = load_training_image(sample, self.config, False, ())
+                predicted.append((index, class_probabilities(
+                    self.model, self.scnn, source, self.config.amp, self.amp_dtype),
+                    sample.label))
+                self.events.on_validation(done, len(mine))
         self.model.train()
-        return classification_metrics(np.stack(probabilities), np.array(labels))
+        gathered = self.parallel.gather_objects(predicted, "gathering validation results")
+        merged = sorted((row for rows in gathered for row in rows), key=lambda row: row[0])
+        return classification_metrics(np.stack([row[1] for row in merged]),
+                                       np.array([row[2] for row in merged]))
+
+
+def _rank_seed(seed: int, rank: int, *keys: int) -> int:
+    """A torch seed for rank > 0's own RNG stream (dropout), from (seed, rank, ...)."""
+    return int(np.random.SeedSequence([seed, rank, *keys]).generate_state(1)[0])
 
 
 def train(config: TrainConfig, events: TrainEvents | None = None, resume: bool = False,
@@ -497,14 +592,23 @@ def train(config: TrainConfig, events: TrainEvents | None = None, resume: bool =
     """Train as configured; see the module docstring for the outputs.
 
     `should_stop` is polled after every image: when it returns True, training stops at the
-    last completed optimizer step, writes last.pt and returns with `interrupted=True`.
+    last completed optimizer step, writes last.pt and returns with `interrupted=True`. With
+    several ranks (WORLD_SIZE > 1, as torchrun sets it), they stop together after the
+    current step.
 
     Raises:
         ValueError: bad options, CSVs or images (all problems listed), or an incompatible
             resume. FileExistsError: `out` holds a run and neither resume nor overwrite.
         TrainingError: the loss became NaN or infinite (last good checkpoint kept).
+        RankFailure: another rank failed (its message is included) or stopped answering.
     """
-    return _Trainer(config, events or TrainEvents(), resume, overwrite, should_stop).run()
+    config.validate()
+    parallel, device = DataParallel.from_env(config.device, config.dist_timeout)
+    try:
+        return _Trainer(config, events or TrainEvents(), resume, overwrite, should_stop,
+                        parallel, device).run()
+    finally:
+        parallel.close()
 
 
 def resume_config(out: str | Path, **overrides: Any) -> TrainConfig:

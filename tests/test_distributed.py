@@ -1,0 +1,172 @@
+"""Data-parallel training on torch.distributed (gloo, CPU): two ranks == one process.
+
+Every test starts two processes with the environment torchrun would give them (RANK,
+WORLD_SIZE, MASTER_ADDR, ...), so `sstream.train.train` joins a process group exactly as under
+`torchrun --nproc_per_node=2 -m sstream train ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import multiprocessing
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import sstream.train
+from sstream.train import TrainConfig, train
+from tests.test_train_predict import write_dataset
+
+JOIN_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def float64_pixels(load):
+    """Wrap `load_training_image` to read float64 pixels (with float64 as the default dtype,
+    the model is built in float64 too: the whole run is then float64)."""
+
+    def load_float64(*args, **kwargs):
+        source = load(*args, **kwargs)
+        source.dtype = torch.float64
+        return source
+
+    return load_float64
+
+
+def _rank_main(rank: int, world: int, port: int, job: str, args: dict, result: str) -> None:
+    """One rank: set torchrun's environment, run `job`, save what it returns to `result`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        outcome = JOBS[job](rank, **args)
+    except BaseException:
+        outcome = {"exception": traceback.format_exc()}
+    torch.save(outcome, result)
+
+
+def _train_job(rank: int, config: dict, float64: bool) -> dict:
+    if float64:
+        torch.set_default_dtype(torch.float64)
+        sstream.train.load_training_image = float64_pixels(sstream.train.load_training_image)
+    result = train(TrainConfig(**config))
+    return {"model": result.model.state_dict(), "history": result.state.history,
+            "rank": result.rank}
+
+
+def _cli_job(rank: int, argv: list[str], failing_rank: int) -> dict:
+    """`sstream train ...` where one rank cannot read its first image."""
+    from sstream.cli import main
+
+    load = sstream.train.load_training_image
+
+    def unreadable(sample, *args, **kwargs):
+        if rank == failing_rank:
+            raise ValueError(f"{sample.image.name}: cannot decode the image")
+        return load(sample, *args, **kwargs)
+
+    sstream.train.load_training_image = unreadable
+    stderr = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(stderr):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    return {"exit_code": code, "stderr": stderr.getvalue()}
+
+
+JOBS = {"train": _train_job, "cli": _cli_job}
+
+
+def start_ranks(world: int, job: str, args: dict, tmp_path: Path
+                ) -> list[tuple[multiprocessing.Process, Path]]:
+    context = multiprocessing.get_context("spawn")
+    port, ranks = _free_port(), []
+    for rank in range(world):
+        result = tmp_path / f"rank{rank}-{job}.pt"
+        process = context.Process(target=_rank_main, args=(rank, world, port, job, args,
+                                                           str(result)))
+        process.start()
+        ranks.append((process, result))
+    return ranks
+
+
+def join_ranks(ranks: list[tuple[multiprocessing.Process, Path]]) -> list[dict]:
+    outcomes = []
+    for process, result in ranks:
+        process.join(JOIN_TIMEOUT_S)
+        if process.is_alive():
+            for other, _ in ranks:
+                other.kill()
+            pytest.fail(f"a rank did not finish within {JOIN_TIMEOUT_S} s (hung)")
+        outcome = torch.load(result, weights_only=False)
+        assert "exception" not in outcome, outcome.get("exception")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, monkeypatch):
+    """float64 end to end: 2 ranks x accumulate 2 == 1 process x accumulate 4.
+
+    5 images: each epoch has a full group of 4 and a last group of 1 (rank 1 idle in it);
+    2 epochs, so the order reshuffles; validation is sharded (3 images) and gathered.
+    """
+    common = dict(train_csv=str(write_dataset(tmp_path, 5, size=(40, 48))),
+                  val_csv=str(write_dataset(tmp_path, 3, size=(40, 40), name="val")),
+                  epochs=2, tile_size=32, device="cpu", lr=1e-2, seed=5)
+    ranks = start_ranks(2, "train", {"config": {**common, "out": str(tmp_path / "two"),
+                                                "accumulate": 2}, "float64": True}, tmp_path)
+    threads = torch.get_num_threads()
+    try:  # the single-process reference, here, while the ranks start
+        torch.set_num_threads(1)
+        torch.set_default_dtype(torch.float64)
+        monkeypatch.setattr(sstream.train, "load_training_image",
+                            float64_pixels(sstream.train.load_training_image))
+        single = train(TrainConfig(**common, out=str(tmp_path / "one"), accumulate=4))
+    finally:
+        torch.set_default_dtype(torch.float32)
+        torch.set_num_threads(threads)
+    rank0, rank1 = join_ranks(ranks)
+
+    expected = single.model.state_dict()
+    assert expected["head.fc.weight"].dtype == torch.float64
+    worst = 0.0
+    for name, value in expected.items():
+        assert torch.equal(rank0["model"][name], rank1["model"][name]), name  # in lockstep
+        scale = value.abs().max().item() or 1.0
+        worst = max(worst, (rank0["model"][name] - value).abs().max().item() / scale)
+    assert worst < 1e-10, worst
+    assert (rank0["rank"], rank1["rank"]) == (0, 1)
+    for mine, theirs in zip(rank0["history"], single.state.history, strict=True):
+        for key in ("train_loss", "val_loss", "val_auc", "val_accuracy"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-10), key
+    # rank 0 alone wrote the outputs
+    assert {p.name for p in (tmp_path / "two").iterdir()} >= {"last.pt", "metrics.csv"}
+    checkpoint = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert len(checkpoint["torch_rng_states"]) == 2
+    assert checkpoint["train_state"]["step"] == 4
+
+
+def test_a_failing_rank_stops_every_rank_with_a_clear_message(tmp_path):
+    csv_path = write_dataset(tmp_path, 4, size=(40, 40))
+    argv = ["train", "--train-csv", str(csv_path), "--out", str(tmp_path / "run"),
+            "--epochs", "1", "--tile-size", "32", "--device", "cpu", "--quiet",
+            "--dist-timeout", "30"]
+    rank0, rank1 = join_ranks(start_ranks(2, "cli", {"argv": argv, "failing_rank": 1},
+                                          tmp_path))
+    assert rank1["exit_code"] == 1 and "cannot decode the image" in rank1["stderr"]
+    assert rank0["exit_code"] == 1
+    assert "rank 1 failed at optimizer step 1" in rank0["stderr"]
+    assert "cannot decode the image" in rank0["stderr"]
+
