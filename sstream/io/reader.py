@@ -123,6 +123,9 @@ class SlideImage:
         except ImageReadError:
             self.close()
             raise
+        except ZeroDivisionError as e:  # tifffile's reaction to a 0 width/height/tile size
+            self.close()
+            raise ImageReadError(self.path, "zero-sized image or tile in the TIFF header") from e
         except Exception as e:  # anything tifffile/Pillow raise on a bad file
             self.close()
             raise ImageReadError(self.path, e) from e
