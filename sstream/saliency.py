@@ -1,0 +1,660 @@
+"""Full-resolution saliency maps of whole slides, computed and written tile by tile.
+
+The saliency of class k is the gradient of the class logit with respect to the model's input,
+d logit_k / d x, where x (1, 3, H, W) is what `load_checkpoint`'s module takes: the pixels of
+the slide level read, divided by 255 (Simonyan, Vedaldi & Zisserman, "Deep inside
+convolutional networks", 2014). It is computed by the streaming backward pass
+(`StreamingCNN`, Pinckaers et al., TPAMI 2020), so it equals plain autograd on the whole
+image, and reduced over the colour channels per pixel:
+
+    method             map(y, x)                               sign
+    gradient           max_c |d logit_k / d x[c, y, x]|        >= 0  (Simonyan et al.)
+    gradient-x-input   sum_c x[c, y, x] * d logit_k / d x[c, y, x]   signed (Shrikumar et al.
+                                                                    2016; Ancona et al. 2018)
+
+The algorithm box (`compute_saliency`), in the coordinates of the slide level read ("level
+pixels", the stream's input pixels; `location`s handed to the slide reader are level-0):
+
+1. forward: the engine streams the level through `model.stream` (tiles read lazily from the
+   file) into the feature map fmap (1, C', H', W'); the head gives the logits (1, K); the
+   class is `class_index` or the argmax.
+2. head backward: d logit_k / d fmap. For heads that start with global pooling (every model
+   whose whole trunk streams), the gradient is formed from the pooled (1, C') gradient, and
+   fmap is freed first: for max pooling it is zero except at the C' argmax positions, kept in
+   lazily zeroed memory; for average pooling a broadcast view. Other heads use autograd.
+3. stream backward: the engine re-runs the tiles and hands out d logit_k / d x in full-width
+   row bands (1, 3, h, W), top to bottom; each band is reduced over channels (in row chunks,
+   to bound temporaries) and written to a tiled pyramidal TIFF (`TiffMapWriter`) at once.
+   Meanwhile a histogram of |map| and a block-max overview of |map| are accumulated.
+
+Memory: the input, its gradient and the map are never held whole; the largest buffers are the
+feature map (forward only), the engine's gradient band (3 x (tile + overlap) x W floats) and
+the writer's two rows of TIFF tiles. See `benchmarks/bench_saliency.py`.
+
+Outputs:
+
+- the map: same size as the level read, resolution (mpp) of that level, float32 by default.
+  With `uint8=True` it is quantised with `scale` = the `percentile` (default 99.5) of |map|
+  over its non-zero pixels (zeros lie outside every contributing receptive field and would
+  otherwise dominate), read from a histogram with 32 log-spaced bins per octave (2 %
+  resolution) and capped at the maximum: gradient maps as q = round(255 * min(v / scale, 1));
+  signed maps as q = clip(128 + round(127 * v / scale), 1, 255). The level-0
+  ImageDescription is a JSON record (method, class, probabilities, and for uint8 `scale`,
+  `offset`, `step`: value ~ (q - offset) * step). Quantising needs the scale before the
+  first value is written, so the float32 map is spooled to a raw temporary file next to the
+  output (4 bytes a pixel on disk, no RAM) and quantised from it in a second pass.
+- the overview PNG: the slide (read at the pyramid level nearest the overview's scale, then
+  box-filtered) at ~2000 px on its longer side, overlaid with the map's block maximum of
+  |value| coloured by the perceptual `inferno` colormap, opacity rising with the value, and
+  a colour bar from 0 to `scale`.
+
+Every file is written to a temporary sibling and renamed at the end: a failure leaves no
+output (and no temporary file) behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sstream.data import PixelSource, choose_level
+from sstream.engine import StreamingCNN
+from sstream.io import SlideImage, TiffMapWriter, atomic_output, open_image
+from sstream.models import Classifier, load_checkpoint, minimum_input_size
+
+__all__ = [
+    "METHODS",
+    "SaliencyOptionError",
+    "SaliencyProgress",
+    "SaliencyResult",
+    "compute_saliency",
+    "default_output_paths",
+    "inferno",
+    "quantise",
+    "render_overview",
+]
+
+METHODS = ("gradient", "gradient-x-input")
+SIGNED_METHODS = ("gradient-x-input",)
+OVERVIEW_SIDE = 2000  # px: the overview's longer side is at most this
+MAP_TILE = 256  # TIFF tile edge of the written map (what viewers expect)
+CHUNK_ELEMENTS = 1 << 20  # floats per temporary when reducing a gradient band (4 MB)
+
+SaliencyProgress = Callable[[str, int, int], None]
+"""Called as (phase, done, total): phases "forward" and "backward" count tiles, "quantise"
+(uint8 only) counts rows of the map."""
+
+
+class SaliencyOptionError(ValueError):
+    """An option value that cannot work (class out of range, unknown method...)."""
+
+
+@dataclass
+class SaliencyResult:
+    """What `compute_saliency` wrote and found.
+
+    Attributes:
+        out: the map's TIFF. overview: the PNG, or None.
+        class_index: the class whose logit was differentiated; predicted_class: the argmax.
+        probabilities, logits: the model's outputs for the slide, per class.
+        method, level: as used; size: (width, height) of the map = of the level read.
+        mpp: microns per pixel of the map (None if the slide does not say).
+        encoding: "float32" or "uint8".
+        min, max: extremes of the map's values.
+        scale: the `percentile` of |value| over the non-zero pixels (0 for an all-zero map):
+            the uint8 quantisation's full scale and the top of the overview's colour bar.
+        nonzero: number of non-zero pixels. tiles: tiles of the engine's plan.
+        seconds: wall time.
+    """
+
+    out: Path
+    overview: Path | None
+    class_index: int
+    predicted_class: int
+    probabilities: list[float]
+    logits: list[float]
+    method: str
+    level: int
+    size: tuple[int, int]
+    mpp: float | None
+    encoding: str
+    min: float
+    max: float
+    scale: float
+    percentile: float
+    nonzero: int
+    tiles: int
+    seconds: float
+
+
+def default_output_paths(slide_path: str | os.PathLike,
+                         out: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The map and overview paths by default: `<slide>.saliency.tif` next to the slide (or
+    `out`), and the map's path with the suffix `.png`."""
+    slide_path = Path(slide_path)
+    if out is None:
+        stem = slide_path.name.split(".")[0] or slide_path.name
+        out = slide_path.with_name(f"{stem}.saliency.tif")
+    out = Path(out)
+    overview = out.with_suffix(".png") if out.suffix.lower() in (".tif", ".tiff") \
+        else out.with_name(out.name + ".png")
+    return out, overview
+
+
+def compute_saliency(
+    slide_path: str | os.PathLike,
+    checkpoint: str | os.PathLike | Classifier,
+    out: str | os.PathLike,
+    overview: str | os.PathLike | None = None,
+    class_index: int | None = None,
+    level: int | None = None,
+    mpp: float | None = None,
+    method: str = "gradient",
+    uint8: bool = False,
+    percentile: float = 99.5,
+    tile_size: int = 512,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    progress: SaliencyProgress | None = None,
+) -> SaliencyResult:
+    """Write the saliency map of a slide (pyramidal TIFF) and optionally a PNG overview.
+
+    Args:
+        slide_path: the slide or image (anything `sstream.io.open_image` reads).
+        checkpoint: an sstream checkpoint file (`load_checkpoint`), or a Classifier (moved
+            to `device` and put in eval mode).
+        out: the map's TIFF path. overview: the PNG path, or None for no overview.
+        class_index: the class whose logit is explained; None: the predicted class.
+        level, mpp: the slide level to read (as the model was trained), by index or by
+            microns per pixel (the coarsest level not coarser than `mpp`); default level 0.
+        method: "gradient" (max over channels of |gradient|) or "gradient-x-input" (sum over
+            channels of pixel x gradient); see the module docstring.
+        uint8: write a uint8 map quantised with the percentile scale instead of float32.
+        percentile: the percentile of non-zero |values| that defines `scale`, in (0, 100].
+        tile_size: the engine's tile side in input pixels (memory grows with it and with the
+            level's width: the gradient band is 3 x (tile + overlap) x width floats).
+        device: where the model runs ("cpu", "cuda"...).
+        overwrite: replace existing output files.
+        progress: called as (phase, done, total); see `SaliencyProgress`.
+
+    Returns:
+        a SaliencyResult.
+
+    Raises:
+        SaliencyOptionError (a ValueError): class index out of range, unknown method, both
+            `level` and `mpp`, a percentile outside (0, 100].
+        FileExistsError: an output exists and not `overwrite` (checked before computing).
+        FileNotFoundError, IsADirectoryError, PermissionError: missing checkpoint, missing or
+            unwritable output directory.
+        sstream.io.ImageReadError (a ValueError): the slide cannot be read.
+        ValueError: a checkpoint that does not load, an image smaller than the model accepts.
+    """
+    started = time.perf_counter()
+    if method not in METHODS:
+        raise SaliencyOptionError(f"unknown method {method!r}; choose one of "
+                                  f"{', '.join(METHODS)}")
+    if level is not None and mpp is not None:
+        raise SaliencyOptionError("give level (--level) or mpp (--mpp), not both")
+    if not 0 < percentile <= 100:
+        raise SaliencyOptionError(f"percentile must be in (0, 100], got {percentile}")
+    out = Path(out)
+    overview = None if overview is None else Path(overview)
+    if overview is not None and overview.resolve() == out.resolve():
+        raise SaliencyOptionError(f"{out}: the map and the overview need different paths")
+    for path in (out, overview):
+        if path is not None:
+            _refuse_unwritable(path, overwrite)
+
+    model = (checkpoint.to(device) if isinstance(checkpoint, Classifier)
+             else load_checkpoint(checkpoint, map_location=device)).eval()
+    num_classes = int(model.config.num_classes)
+    if class_index is not None and not 0 <= class_index < num_classes:
+        raise SaliencyOptionError(f"class {class_index} out of range: the model has "
+                                  f"{num_classes} classes (0..{num_classes - 1})")
+    wanted_grad = [(param, param.requires_grad) for param in model.parameters()]
+    with ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        for param, _ in wanted_grad:
+            param.requires_grad_(False)  # only the input gradient is wanted
+        stack.callback(lambda: [param.requires_grad_(flag) for param, flag in wanted_grad])
+        slide = stack.enter_context(open_image(slide_path))
+        level = choose_level(slide, level, mpp)
+        source = PixelSource.from_slide(slide, level)
+        height, width = source.height, source.width
+        smallest = minimum_input_size(model)
+        if min(height, width) < smallest:
+            raise ValueError(f"{slide.path}: level {level} is {width} x {height} pixels, "
+                             f"smaller than the {smallest} x {smallest} the model accepts")
+        stream = StreamingCNN(model.stream, tile_size)
+        tiles = len(stream.plan(source.shape))
+        if progress is not None:
+            stream.on_tile = progress
+
+        # Outputs are opened before the long computation (so that a bad path fails fast),
+        # except the map's TIFF, whose description needs the class: a probe checked it.
+        overview_tmp = None if overview is None else stack.enter_context(
+            atomic_output(overview, overwrite=overwrite))
+        spool = stack.enter_context(_RawSpool(out)) if uint8 else None
+        bands = _MapBands(source, method, height, width,
+                          overview_factor=max(1, -(-max(height, width) // OVERVIEW_SIDE)),
+                          spool=spool)
+
+        # 1. forward: tiles -> fmap (1, C', H', W') -> logits (1, K)
+        fmap = stream(source, input_grad_sink=bands)
+        head = _HeadGradient(model.head, fmap)
+        logits = head.logits[0].detach().double()
+        predicted = int(logits.argmax())
+        chosen = predicted if class_index is None else int(class_index)
+        probabilities = torch.softmax(logits, 0).tolist()
+
+        level_mpp = slide.level_mpp(level)
+        record = {"sstream": "saliency", "slide": slide.path.name, "level": level,
+                  "method": method, "class": chosen, "predicted_class": predicted,
+                  "probabilities": [round(p, 6) for p in probabilities],
+                  "logits": [round(v, 6) for v in logits.tolist()]}
+        if not uint8:
+            bands.writer = stack.enter_context(TiffMapWriter(
+                out, (height, width), np.float32, tile_size=MAP_TILE, mpp=level_mpp,
+                description=json.dumps({**record, "encoding": "float32"}),
+                overwrite=overwrite))
+
+        # 2. head backward -> d logit / d fmap; 3. stream backward -> bands -> map
+        grad_fmap = head.gradient(chosen)
+        del head
+        torch.autograd.backward(fmap, grad_fmap)
+        del fmap, grad_fmap
+        bands.finish()
+        scale = bands.histogram.percentile(percentile)
+
+        if uint8:
+            signed = method in SIGNED_METHODS
+            offset, step = (128, scale / 127) if signed else (0, scale / 255)
+            description = {**record, "encoding": "uint8", "scale": scale,
+                           "percentile": percentile, "offset": offset, "step": step,
+                           "decode": "value = (q - offset) * step"}
+            writer = stack.enter_context(TiffMapWriter(
+                out, (height, width), np.uint8, tile_size=MAP_TILE, mpp=level_mpp,
+                description=json.dumps(description), overwrite=overwrite))
+            assert spool is not None
+            _quantise(spool, writer, height, width, scale, signed, progress)
+
+        if overview_tmp is not None:
+            background = _read_background(slide, level, bands.overview.shape)
+            image = render_overview(background, bands.overview.image, scale,
+                                    _colour_bar_title(method, chosen))
+            image.save(overview_tmp, format="PNG")
+
+    return SaliencyResult(
+        out=out, overview=overview, class_index=chosen, predicted_class=predicted,
+        probabilities=probabilities, logits=logits.tolist(), method=method, level=level,
+        size=(width, height), mpp=level_mpp, encoding="uint8" if uint8 else "float32",
+        min=bands.min, max=bands.max, scale=scale, percentile=percentile,
+        nonzero=bands.histogram.count, tiles=tiles,
+        seconds=time.perf_counter() - started)
+
+
+def _refuse_unwritable(path: Path, overwrite: bool) -> None:
+    """Fail now, not after an hour of computing, for an output that cannot be written."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not an output file")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{path}: directory {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"{path}: cannot write in {parent} ({exc.strerror})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Head: logits and d logit_k / d fmap
+
+
+class _HeadGradient:
+    """Runs the head on the streamed feature map and forms d logit_k / d fmap.
+
+    Global pooling first (`Classifier` heads of fully streamed trunks): only the pooled
+    (1, C') vector goes through the rest of the head, and fmap's memory is released before the
+    gradient is formed, so the two full-size tensors never coexist.
+    """
+
+    def __init__(self, head: nn.Module, fmap: torch.Tensor) -> None:
+        self.fmap = fmap
+        leaf = fmap.detach()  # (1, C', H', W'), shares fmap's storage
+        first = head[0] if isinstance(head, nn.Sequential) and len(head) else None
+        pool = None
+        if isinstance(first, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)) and \
+                first.output_size in (1, (1, 1)):
+            pool = "max" if isinstance(first, nn.AdaptiveMaxPool2d) else "avg"
+        self.pool = pool
+        if pool == "max":
+            pooled, self.indices = F.adaptive_max_pool2d(leaf, 1, return_indices=True)
+        elif pool == "avg":
+            pooled = F.adaptive_avg_pool2d(leaf, 1)
+        if pool is not None:
+            self.inputs = pooled.requires_grad_()  # (1, C', 1, 1)
+            self.logits = head[1:](self.inputs)  # (1, K)
+        else:
+            self.inputs = leaf.requires_grad_()
+            self.logits = head(self.inputs)
+
+    def gradient(self, class_index: int) -> torch.Tensor:
+        """d logit[class_index] / d fmap, shaped like fmap; releases fmap's memory."""
+        (grad,) = torch.autograd.grad(self.logits[0, class_index], self.inputs)
+        shape, dtype, device = self.fmap.shape, self.fmap.dtype, self.fmap.device
+        self.inputs = self.logits = None
+        # The stream's autograd node never reads its output, so fmap's storage can go (as
+        # FSDP frees parameters); the tensor object stays as the root of the backward.
+        self.fmap.untyped_storage().resize_(0)
+        if self.pool is None:
+            return grad
+        batch, channels, out_h, out_w = shape
+        if self.pool == "avg":  # adaptive_avg_pool2d's backward: grad / area everywhere
+            return (grad / (out_h * out_w)).expand(shape)
+        full = _lazy_zeros(shape, dtype, device)
+        full.view(batch, channels, out_h * out_w).scatter_(
+            2, self.indices.view(batch, channels, 1), grad.view(batch, channels, 1))
+        return full
+
+
+def _lazy_zeros(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros whose untouched pages take no memory on the CPU (calloc'd by numpy)."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        numpy_dtype = np.float32 if dtype == torch.float32 else np.float64
+        return torch.from_numpy(np.zeros(tuple(shape), numpy_dtype))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# The gradient sink: bands -> channel reduction -> writer / spool, histogram, overview
+
+
+class _MapBands:
+    """The engine's input-gradient sink: reduces bands over channels and passes rows on.
+
+    Receives (box=(y0, y1, 0, W), grad (1, 3, y1 - y0, W)) in level pixels, top to bottom.
+    """
+
+    def __init__(self, source: PixelSource, method: str, height: int, width: int,
+                 overview_factor: int, spool: _RawSpool | None) -> None:
+        self.source, self.method = source, method
+        self.height, self.width = height, width
+        self.writer: TiffMapWriter | None = None
+        self.spool = spool
+        self.histogram = _LogHistogram()
+        self.overview = _BlockMaxOverview(height, width, overview_factor)
+        self.rows_done = 0
+        self.min, self.max = math.inf, -math.inf
+
+    def __call__(self, box: tuple[int, int, int, int], grad: torch.Tensor) -> None:
+        y0, y1, _, _ = box
+        if y0 != self.rows_done:
+            raise RuntimeError(f"internal error: gradient band starts at row {y0}, "
+                               f"expected {self.rows_done}")
+        chunk = max(1, CHUNK_ELEMENTS // (grad.shape[1] * self.width))
+        for r0 in range(y0, y1, chunk):
+            r1 = min(y1, r0 + chunk)
+            g = grad[0, :, r0 - y0:r1 - y0]  # (3, h, W)
+            if self.method == "gradient":
+                rows = g.abs().amax(0)  # (h, W)
+            else:
+                pixels = self.source.read((r0, r1, 0, self.width))[0].to(g)  # (3, h, W)
+                rows = (pixels * g).sum(0)
+            self._emit(r0, rows.float().cpu().numpy())
+
+    def _emit(self, y0: int, rows: np.ndarray) -> None:
+        if self.writer is not None:
+            self.writer.write_band(y0, rows)
+        if self.spool is not None:
+            self.spool.write(rows)
+        self.histogram.add(rows)
+        self.overview.add(rows)
+        self.min = min(self.min, float(rows.min()))
+        self.max = max(self.max, float(rows.max()))
+        self.rows_done = y0 + rows.shape[0]
+
+    def finish(self) -> None:
+        if self.rows_done != self.height:
+            raise RuntimeError(f"internal error: the backward pass gave {self.rows_done} of "
+                               f"{self.height} rows of the input gradient")
+        self.overview.finish()
+
+
+class _LogHistogram:
+    """Counts of |value| for non-zero values in log-spaced bins (BINS_PER_OCTAVE an octave),
+    covering float32's whole range; percentiles to within a bin (2.2 %)."""
+
+    BINS_PER_OCTAVE = 32
+    LOW_OCTAVE, HIGH_OCTAVE = -150, 129  # float32: 2^-149 (subnormal) .. 2^128
+
+    def __init__(self) -> None:
+        self.counts = np.zeros((self.HIGH_OCTAVE - self.LOW_OCTAVE) * self.BINS_PER_OCTAVE,
+                               np.int64)
+        self.largest = 0.0
+
+    @property
+    def count(self) -> int:
+        return int(self.counts.sum())
+
+    def add(self, values: np.ndarray) -> None:
+        magnitudes = np.abs(values[values != 0])
+        if not magnitudes.size:
+            return
+        self.largest = max(self.largest, float(magnitudes.max()))
+        octaves = np.log2(magnitudes, dtype=np.float32)
+        bins = ((octaves - self.LOW_OCTAVE) * self.BINS_PER_OCTAVE).astype(np.int32)
+        bins = np.clip(bins, 0, self.counts.size - 1)
+        self.counts += np.bincount(bins, minlength=self.counts.size)
+
+    def percentile(self, q: float) -> float:
+        """The q-th percentile of the non-zero |values| (a bin's upper edge, at most the
+        largest value); 0.0 when all values were zero."""
+        total = self.count
+        if total == 0:
+            return 0.0
+        index = int(np.searchsorted(np.cumsum(self.counts), q / 100 * total))
+        edge = 2.0 ** ((index + 1) / self.BINS_PER_OCTAVE + self.LOW_OCTAVE)
+        return min(edge, self.largest)
+
+
+class _BlockMaxOverview:
+    """max |value| over factor x factor blocks of the map, from rows arriving top to bottom
+    in bands of any height (rows short of a whole block are carried to the next band)."""
+
+    def __init__(self, height: int, width: int, factor: int) -> None:
+        self.factor = factor
+        self.shape = (-(-height // factor), -(-width // factor))  # (h, w) overview pixels
+        self.image = np.zeros(self.shape, np.float32)
+        self.width = width
+        self.carry = np.zeros((0, width), np.float32)
+        self.rows_out = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.concatenate([self.carry, np.abs(rows)]) if self.carry.size else np.abs(rows)
+        whole = rows.shape[0] - rows.shape[0] % self.factor
+        self._reduce(rows[:whole])
+        self.carry = rows[whole:].copy()
+
+    def finish(self) -> None:
+        if self.carry.shape[0]:
+            self._reduce(self.carry)  # a last, partial block
+            self.carry = np.zeros((0, self.width), np.float32)
+
+    def _reduce(self, rows: np.ndarray) -> None:
+        if not rows.shape[0]:
+            return
+        f = self.factor
+        blocks = -(-rows.shape[0] // f)
+        padded = np.zeros((blocks * f, self.shape[1] * f), np.float32)  # |value| >= 0
+        padded[:rows.shape[0], :self.width] = rows
+        reduced = padded.reshape(blocks, f, self.shape[1], f).max(axis=(1, 3))
+        self.image[self.rows_out:self.rows_out + blocks] = reduced
+        self.rows_out += blocks
+
+
+class _RawSpool:
+    """A raw float32 row-major temporary file next to `target`, deleted on exit."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __enter__(self) -> _RawSpool:
+        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".f32.tmp",
+                                    dir=self.target.parent)
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "w+b")
+        return self
+
+    def write(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows, np.float32).tobytes())
+
+    def read_rows(self, count: int, width: int) -> np.ndarray:
+        rows = np.fromfile(self.file, np.float32, count=count * width)
+        if rows.size != count * width:
+            raise RuntimeError(f"{self.path}: spool is short")
+        return rows.reshape(count, width)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _quantise(spool: _RawSpool, writer: TiffMapWriter, height: int, width: int, scale: float,
+              signed: bool, progress: SaliencyProgress | None) -> None:
+    """Second pass of --uint8: spooled float32 rows -> uint8 rows, band by band."""
+    spool.file.flush()
+    spool.file.seek(0)
+    chunk = max(1, CHUNK_ELEMENTS // width)
+    for y0 in range(0, height, chunk):
+        rows = spool.read_rows(min(chunk, height - y0), width)
+        writer.write_band(y0, quantise(rows, scale, signed))
+        if progress is not None:
+            progress("quantise", y0 + rows.shape[0], height)
+
+
+def quantise(values: np.ndarray, scale: float, signed: bool) -> np.ndarray:
+    """float map values -> uint8 (see the module docstring; scale 0 maps to 0 or 128)."""
+    if scale <= 0:
+        return np.full(values.shape, 128 if signed else 0, np.uint8)
+    if signed:
+        return np.clip(np.rint(values * (127 / scale)) + 128, 1, 255).astype(np.uint8)
+    return np.clip(np.rint(values * (255 / scale)), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Overview: background, colormap, colour bar
+
+# Matt Zucker's degree-6 polynomial fit of matplotlib's inferno (CC0): rows c0..c6, (r, g, b).
+_INFERNO = np.array([
+    [0.0002189403691192265, 0.001651004631001012, -0.01948089843709184],
+    [0.1065134194856116, 0.5639564367884091, 3.932712388889277],
+    [11.60249308247187, -3.972853965665698, -15.9423941062914],
+    [-41.70399613139459, 17.43639888205313, 44.35414519872813],
+    [77.162935699427, -33.40235894210092, -81.80730925738993],
+    [-71.31942824499214, 32.62606426397723, 73.20951985803202],
+    [25.13112622477341, -12.24266895238567, -23.07032500287172],
+])
+
+
+def inferno(t: np.ndarray) -> np.ndarray:
+    """The perceptually uniform `inferno` colormap: t in [0, 1] (any shape) -> uint8 RGB
+    (..., 3), black through purple and orange to pale yellow."""
+    t = np.clip(np.asarray(t, np.float64), 0.0, 1.0)[..., None]
+    rgb = np.zeros(t.shape[:-1] + (3,))
+    for coefficients in _INFERNO[::-1]:  # Horner
+        rgb = rgb * t + coefficients
+    return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def _read_background(slide: SlideImage, level: int, shape: tuple[int, int]) -> np.ndarray:
+    """The slide level `level` as RGB uint8 of `shape` (h, w), read from the coarsest pyramid
+    level that is still finer than the overview, in bands (never a full level in memory)."""
+    from PIL import Image
+
+    out_h, out_w = shape
+    level_w, level_h = slide.level_dimensions[level]
+    target_downsample = slide.level_downsamples[level] * max(level_w / out_w, level_h / out_h)
+    read_level = slide.get_best_level_for_downsample(target_downsample)
+    read_w, read_h = slide.level_dimensions[read_level]
+    factor = max(1, int(target_downsample / slide.level_downsamples[read_level]))
+    scale_y = slide.dimensions[1] / read_h
+    rows_per_band = factor * max(1, (1 << 22) // (factor * factor * read_w))
+    pieces = []
+    for y0 in range(0, read_h, rows_per_band):
+        rows = min(rows_per_band, read_h - y0)
+        band = slide.read_region((0, math.ceil(y0 * scale_y)), read_level, (read_w, rows))
+        pieces.append(np.asarray(Image.fromarray(band).reduce(factor)))
+    reduced = Image.fromarray(np.concatenate(pieces))
+    return np.asarray(reduced.resize((out_w, out_h), Image.Resampling.BOX))
+
+
+def _colour_bar_title(method: str, class_index: int) -> str:
+    what = "|gradient|" if method == "gradient" else "|gradient x input|"
+    return f"{what}, class {class_index}"
+
+
+def render_overview(background: np.ndarray, saliency: np.ndarray, scale: float,
+                    title: str = "") -> object:
+    """The overview image (PIL): `background` (h, w, 3) uint8 with `saliency` (h, w) >= 0
+    overlaid (inferno colours, opacity 0.75 * sqrt(value / scale)), and a colour bar."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = saliency.shape
+    lut = inferno(np.linspace(0.0, 1.0, 256)).astype(np.float32)  # (256, 3)
+    blended = np.empty((height, width, 3), np.uint8)
+    for y0 in range(0, height, 128):  # in bands of rows: bounded float temporaries
+        values = saliency[y0:y0 + 128].astype(np.float32)
+        t = np.clip(values / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(values)
+        alpha = (0.75 * np.sqrt(t))[..., None]
+        colours = lut[np.rint(t * 255).astype(np.uint8)]
+        mixed = background[y0:y0 + 128].astype(np.float32) * (1 - alpha) + colours * alpha
+        blended[y0:y0 + 128] = np.clip(np.rint(mixed), 0, 255)
+    picture = Image.fromarray(blended)
+
+    font_size = max(11, min(height, 2000) // 45)
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType
+        font = ImageFont.load_default()
+    margin = font_size
+    bar_w = max(12, font_size)
+    labels = [f"{scale * f:.3g}" for f in (1.0, 0.5, 0.0)]
+    labels[0] = f">{labels[0]}" if scale > 0 else labels[0]  # the default font has no ≥
+    probe = ImageDraw.Draw(picture)
+    label_w = max(int(probe.textlength(text, font=font)) for text in labels)
+    title_w = int(probe.textlength(title, font=font)) if title else 0
+    panel_w = max(margin + bar_w + margin // 2 + label_w + margin, title_w + 2 * margin)
+    canvas_h = max(height, 8 * font_size)
+    canvas = Image.new("RGB", (width + panel_w, canvas_h), "white")
+    canvas.paste(picture, (0, 0))
+
+    draw = ImageDraw.Draw(canvas)
+    top = margin + (2 * font_size if title else 0)
+    bar_h = max(16, canvas_h - top - 2 * margin)
+    ramp = inferno(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
+    x0 = width + margin
+    canvas.paste(Image.fromarray(ramp), (x0, top))
+    draw.rectangle([x0 - 1, top - 1, x0 + bar_w, top + bar_h], outline="black")
+    if title:
+        draw.text((width + margin, margin), title, fill="black", font=font)
+    for text, position in zip(labels, (0.0, 0.5, 1.0)):
+        y = top + position * (bar_h - 1)
+        draw.line([x0 + bar_w, y, x0 + bar_w + margin // 3, y], fill="black")
+        draw.text((x0 + bar_w + margin // 2, y), text, fill="black", font=font, anchor="lm")
+    return canvas
+
