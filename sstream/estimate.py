@@ -1,0 +1,259 @@
+"""The `sstream estimate-memory` job: will training at this image size fit, and with which tile?
+
+Builds the model (no weights needed: memory depends on shapes only) and asks the engine's
+meta-device estimator (`sstream.engine.memory`) for conventional and streaming peaks per image
+size and tile size. Inputs are the strings a user types; everything that cannot be parsed
+raises ValueError with one line that says what was expected.
+
+Units: `GB`, `MB`, `kB`, `TB` are powers of 1000 (12GB = 12e9 bytes), `GiB`, `MiB`, `KiB`,
+`TiB` powers of 1024 (12GiB = 12 * 2**30 bytes, what `nvidia-smi` calls 12 GiB and PyTorch
+reports); a bare number is bytes ("12e9"). Output tables use GiB/MiB.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sstream.engine.memory import MemoryEstimate, MemoryRow, estimate_training_memory
+from sstream.models import MODEL_NAMES, ModelConfig, build_model
+
+__all__ = ["DEFAULT_TILE_SIZES", "estimate_memory", "format_bytes", "parse_bytes",
+           "parse_size", "parse_tile_size", "write_memory_plot"]
+
+DEFAULT_TILE_SIZES = (512, 1024, 2048, 4096)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB', '12 GB', '500MiB', '12e9' -> bytes. GB = 10**9, GiB = 2**30; ValueError else."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"cannot parse memory budget {text!r}: write e.g. 12GiB (12 * 2**30 "
+                         "bytes), 12GB (12e9 bytes), 500MiB or a number of bytes")
+    value = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"memory budget must be positive, got {text!r}")
+    return int(value)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'8192' (square) or '8192x6144' (width x height) -> (height, width); ValueError else."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX]\s*([0-9]+))?\s*", text)
+    if not match or int(match.group(1)) <= 0 or (match.group(2) and int(match.group(2)) <= 0):
+        raise ValueError(f"image size must be a positive integer or WIDTHxHEIGHT (e.g. 8192 or "
+                         f"8192x6144), got {text!r}")
+    width = int(match.group(1))
+    height = int(match.group(2)) if match.group(2) else width
+    return height, width
+
+
+def parse_tile_size(text: str | int) -> int:
+    """'1024' -> 1024 (a tile side in input pixels); ValueError for anything else."""
+    if isinstance(text, int) or re.fullmatch(r"\s*[0-9]+\s*", str(text)):
+        value = int(text)
+        if value > 0:
+            return value
+    raise ValueError(f"tile size must be a positive integer (pixels), got {text!r}")
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units: '7.29 GiB', '512 MiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}" if n / scale < 1000 else f"{n / scale:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _tile_json(row: MemoryRow) -> int | list[int] | None:
+    if row.tile_size is None:
+        return None
+    height, width = row.tile_size
+    return height if height == width else [height, width]
+
+
+def _row_dict(estimate: MemoryEstimate, row: MemoryRow) -> dict[str, Any]:
+    height, width = estimate.image_size
+    return {
+        "image_width": width, "image_height": height, "mode": row.mode,
+        "tile_size": _tile_json(row), "peak_bytes": row.peak_bytes,
+        "parameters_bytes": row.parameters_bytes, "gradients_bytes": row.gradients_bytes,
+        "optimizer_bytes": row.optimizer_bytes, "activations_bytes": row.activations_bytes,
+        "feature_map_bytes": row.feature_map_bytes, "tile_peak_bytes": row.tile_peak_bytes,
+        "saving": row.saving, "num_tiles": row.num_tiles,
+        "largest_crop": list(row.largest_crop) if row.largest_crop else None,
+        "compute_overhead": row.compute_overhead,
+    }
+
+
+def _advice(estimate: MemoryEstimate, budget: int, stream_layers: str | None,
+            model_name: str) -> dict[str, Any]:
+    """The largest streaming tile that fits the budget, or why none does."""
+    height, width = estimate.image_size
+    conventional = estimate.conventional
+    streaming = [r for r in estimate.rows if r.mode == "streaming"]
+    fitting = [r for r in streaming if r.peak_bytes <= budget]
+    size = f"{width}x{height}"
+    if fitting:
+        best = max(fitting, key=lambda r: r.tile_size[0] * r.tile_size[1])
+        note = (" (conventional training fits too)" if conventional.peak_bytes <= budget
+                else "")
+        return {"image_width": width, "image_height": height, "tile_size": _tile_json(best),
+                "fits": True, "message": (
+                    f"{size}: tile {best.tile_size[1]} fits the budget "
+                    f"{format_bytes(budget)} (predicted peak {format_bytes(best.peak_bytes)}, "
+                    f"{best.num_tiles} tiles, ~{best.compute_overhead:.2g}x compute){note}")}
+    if conventional.peak_bytes <= budget:
+        message = (f"{size}: conventional training fits the budget {format_bytes(budget)} "
+                   f"(predicted peak {format_bytes(conventional.peak_bytes)}); "
+                   "no streaming tile given fits")
+        return {"image_width": width, "image_height": height, "tile_size": None, "fits": True,
+                "message": message}
+    fixed = (conventional.parameters_bytes + conventional.optimizer_bytes
+             + (streaming[0].feature_map_bytes if streaming else 0))
+    if streaming and fixed > budget:
+        message = (f"{size}: nothing fits {format_bytes(budget)}: the streamed feature map and "
+                   f"its gradient ({format_bytes(streaming[0].feature_map_bytes)}) plus the "
+                   f"model state already need {format_bytes(fixed)}; stream more layers "
+                   f"(--stream-layers, now {stream_layers or 'whole trunk'}) or use a smaller "
+                   "dtype")
+        if stream_layers is None:
+            message = (f"{size}: nothing fits {format_bytes(budget)}: even the model state and "
+                       f"the feature map of the whole streamed trunk need "
+                       f"{format_bytes(fixed)}; use a smaller model or dtype ({model_name})")
+    elif streaming:
+        smallest = min(streaming, key=lambda r: r.peak_bytes)
+        message = (f"{size}: no tile fits {format_bytes(budget)} (smallest predicted peak "
+                   f"{format_bytes(smallest.peak_bytes)} at tile {smallest.tile_size[1]}); try "
+                   "smaller tiles, float16, or stream fewer/more layers")
+    else:
+        message = (f"{size}: conventional training needs "
+                   f"{format_bytes(conventional.peak_bytes)} > {format_bytes(budget)}; give "
+                   "--tile-size values to see streaming options")
+    return {"image_width": width, "image_height": height, "tile_size": None, "fits": False,
+            "message": message}
+
+
+def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192",),
+                    stream_layers: str | None = None,
+                    tile_sizes: Sequence[str | int] = (), dtype: str = "float32",
+                    optimizer: str = "adamw", budget: str | None = None,
+                    num_classes: int = 2) -> dict[str, Any]:
+    """Predicted peak training memory per image size, conventional and per tile size.
+
+    Args:
+        model_name: one of MODEL_NAMES.
+        sizes: image sizes as typed: "8192" or "8192x6144" (width x height).
+        stream_layers: split point (see sstream.models); None streams the whole trunk.
+        tile_sizes: tile sides in pixels; empty means DEFAULT_TILE_SIZES that fit the image.
+        dtype: "float32", "float16" or "bfloat16" (mixed precision).
+        optimizer: "adamw" or "sgd".
+        budget: memory budget as typed ("12GiB", "12GB", "12e9"), or None.
+
+    Returns:
+        {"model", "stream_layers", "dtype", "optimizer", "budget_bytes",
+         "rows": [per row: image_width, image_height, mode, tile_size (None for
+                  conventional), peak_bytes, parameters_bytes, ..., saving, num_tiles,
+                  compute_overhead],
+         "advice": [per size, with a budget: tile_size (largest that fits or None), fits,
+                    message],
+         "estimates": [MemoryEstimate per size]}  (the last is not JSON; drop it to dump)
+
+    Raises:
+        ValueError: unknown model / split / dtype / optimizer, a size or budget that does not
+            parse, a tile larger than an image (one line each).
+    """
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model_name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    if not sizes:
+        raise ValueError("give at least one image size (--size 8192 or --size 8192x6144)")
+    parsed_sizes = [parse_size(s) for s in sizes]
+    tiles = sorted({parse_tile_size(t) for t in tile_sizes})
+    budget_bytes = parse_bytes(budget) if budget is not None else None
+    for height, width in parsed_sizes:
+        for tile in tiles:
+            if tile > min(height, width):
+                raise ValueError(f"tile size {tile} is larger than the image {width}x{height}")
+    model = build_model(ModelConfig(model_name, num_classes=num_classes,
+                                    stream_layers=stream_layers))
+    result: dict[str, Any] = {"model": model_name, "stream_layers": stream_layers,
+                              "dtype": dtype, "optimizer": optimizer,
+                              "budget_bytes": budget_bytes, "rows": [], "advice": [],
+                              "estimates": []}
+    for height, width in parsed_sizes:
+        chosen = tiles or [t for t in DEFAULT_TILE_SIZES if t <= min(height, width)]
+        estimate = estimate_training_memory(model.stream, model.head, (height, width), chosen,
+                                            dtype=dtype, optimizer=optimizer)
+        result["estimates"].append(estimate)
+        result["rows"].extend(_row_dict(estimate, row) for row in estimate.rows)
+        if budget_bytes is not None:
+            result["advice"].append(_advice(estimate, budget_bytes, stream_layers, model_name))
+    return result
+
+
+def memory_table(result: dict[str, Any]):  # -> rich.table.Table
+    """The rows as a rich Table (the CLI prints it). Model state (parameters, gradients,
+    optimizer state) is the same in every row, so it goes in the caption."""
+    from rich.table import Table
+
+    rows = result["rows"]
+    first = rows[0]
+    title = (f"Predicted peak memory of one training step: {result['model']}, "
+             f"stream {result['stream_layers'] or 'whole trunk'}, {result['dtype']}, "
+             f"{result['optimizer']}, batch 1")
+    caption = (f"every row also holds parameters {format_bytes(first['parameters_bytes'])}, "
+               f"gradients {format_bytes(first['gradients_bytes'])}, optimizer state "
+               f"{format_bytes(first['optimizer_bytes'])}; compute = training FLOPs relative "
+               "to conventional")
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    for name in ("image", "mode", "tile", "activations", "fmap+grad", "tile peak", "peak",
+                 "vs conv.", "tiles", "compute"):
+        left = name in ("image", "mode")
+        table.add_column(name, justify="left" if left else "right", no_wrap=left)
+    for row in rows:
+        streaming = row["mode"] == "streaming"
+        saving = row["saving"]
+        versus = ("" if not streaming else f"{saving:.0%} less" if saving >= 0
+                  else f"{-saving:.0%} more")
+        table.add_row(
+            f"{row['image_width']}x{row['image_height']}", row["mode"],
+            str(row["tile_size"]) if streaming else "-", format_bytes(row["activations_bytes"]),
+            format_bytes(row["feature_map_bytes"]) if streaming else "-",
+            format_bytes(row["tile_peak_bytes"]) if streaming else "-",
+            f"[bold]{format_bytes(row['peak_bytes'])}[/bold]", versus,
+            str(row["num_tiles"]), f"{row['compute_overhead']:.2f}x")
+    return table
+
+
+def write_memory_plot(path: str | Path, model_name: str, stream_layers: str | None,
+                      tile_size: int, dtype: str = "float32", optimizer: str = "adamw",
+                      budget_bytes: int | None = None, max_size: int = 65536) -> Path:
+    """PNG: predicted peak (GiB, log) against image side (log), conventional vs streaming at
+    `tile_size`, with the budget as a horizontal line. Sizes: powers of two from the tile up
+    to `max_size`. Written atomically."""
+    from sstream.plots import Panel, Series, line_plot
+
+    model = build_model(ModelConfig(model_name, stream_layers=stream_layers))
+    sides = [tile_size]
+    while sides[-1] * 2 <= max(max_size, tile_size):
+        sides.append(sides[-1] * 2)
+    conventional, streaming = [], []
+    for side in sides:
+        estimate = estimate_training_memory(model.stream, model.head, (side, side),
+                                            [tile_size], dtype=dtype, optimizer=optimizer)
+        conventional.append(estimate.rows[0].peak_bytes / 2**30)
+        streaming.append(estimate.rows[1].peak_bytes / 2**30)
+    panel = Panel(
+        title=(f"{model_name} (stream {stream_layers or 'whole trunk'}), {dtype}, {optimizer}: "
+               "predicted peak memory of one training step"),
+        series=[Series("conventional", sides, conventional),
+                Series(f"streaming, tile {tile_size}", sides, streaming)],
+        xlabel="image side (pixels)", ylabel="peak memory (GiB)", log_x=True, log_y=True,
+        hlines=[(budget_bytes / 2**30, f"budget {format_bytes(budget_bytes)}")]
+        if budget_bytes else [])
+    return line_plot(path, [panel])
