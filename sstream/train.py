@@ -473,7 +473,9 @@ class _Trainer:
                     loss = self._train_image(source, label, stop - start)
                     tiles = len(self.scnn.plan(source.shape))
                     group_loss, group_tiles = group_loss + loss, group_tiles + tiles
-                    self.events.on_image(epoch, index + 1, count, loss, tiles)
+                    # (rank 0 reports: its group's other images are being done alongside)
+                    self.events.on_image(epoch, min(index + parallel.world_size, stop),
+                                         count, loss, tiles)
                     if index + parallel.world_size < stop and self.should_stop():
                         if not parallel.distributed:    # drop the partial group: back to the step
                             torch.set_rng_state(self.rng_at_step)

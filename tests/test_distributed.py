@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import socket
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,16 +32,35 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def float64_pixels(load):
-    """Wrap `load_training_image` to read float64 pixels (with float64 as the default dtype,
-    the model is built in float64 too: the whole run is then float64)."""
+@contextlib.contextmanager
+def float64_training() -> Iterator[None]:
+    """Train in float64: the model (built with float64 as the default dtype) and the pixels.
+
+    One thread, like the spawned ranks. Everything is restored afterwards.
+    """
+    load, threads = sstream.train.load_training_image, torch.get_num_threads()
 
     def load_float64(*args, **kwargs):
         source = load(*args, **kwargs)
         source.dtype = torch.float64
         return source
 
-    return load_float64
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    sstream.train.load_training_image = load_float64
+    try:
+        yield
+    finally:
+        sstream.train.load_training_image = load
+        torch.set_default_dtype(torch.float32)
+        torch.set_num_threads(threads)
+
+
+def relative_errors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+                    ) -> float:
+    """The worst max |actual - expected| / max |expected| over the tensors of a state dict."""
+    return max((actual[name] - value).abs().max().item() / (value.abs().max().item() or 1.0)
+               for name, value in expected.items())
 
 
 def _rank_main(rank: int, world: int, port: int, job: str, args: dict, result: str) -> None:
@@ -55,11 +75,9 @@ def _rank_main(rank: int, world: int, port: int, job: str, args: dict, result: s
     torch.save(outcome, result)
 
 
-def _train_job(rank: int, config: dict, float64: bool) -> dict:
-    if float64:
-        torch.set_default_dtype(torch.float64)
-        sstream.train.load_training_image = float64_pixels(sstream.train.load_training_image)
-    result = train(TrainConfig(**config))
+def _train_job(rank: int, config: dict) -> dict:
+    with float64_training():
+        result = train(TrainConfig(**config))
     return {"model": result.model.state_dict(), "history": result.state.history,
             "rank": result.rank}
 
@@ -116,46 +134,54 @@ def join_ranks(ranks: list[tuple[multiprocessing.Process, Path]]) -> list[dict]:
     return outcomes
 
 
-def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, monkeypatch):
-    """float64 end to end: 2 ranks x accumulate 2 == 1 process x accumulate 4.
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One training, float64, twice: 2 ranks x accumulate 2 (spawned) and 1 process x
+    accumulate 4 (here, while the ranks start).
 
     5 images: each epoch has a full group of 4 and a last group of 1 (rank 1 idle in it);
     2 epochs, so the order reshuffles; validation is sharded (3 images) and gathered.
     """
-    common = dict(train_csv=str(write_dataset(tmp_path, 5, size=(40, 48))),
-                  val_csv=str(write_dataset(tmp_path, 3, size=(40, 40), name="val")),
+    root = tmp_path_factory.mktemp("data_parallel")
+    common = dict(train_csv=str(write_dataset(root, 5, size=(40, 48))),
+                  val_csv=str(write_dataset(root, 3, size=(40, 40), name="val")),
                   epochs=2, tile_size=32, device="cpu", lr=1e-2, seed=5)
-    ranks = start_ranks(2, "train", {"config": {**common, "out": str(tmp_path / "two"),
-                                                "accumulate": 2}, "float64": True}, tmp_path)
-    threads = torch.get_num_threads()
-    try:  # the single-process reference, here, while the ranks start
-        torch.set_num_threads(1)
-        torch.set_default_dtype(torch.float64)
-        monkeypatch.setattr(sstream.train, "load_training_image",
-                            float64_pixels(sstream.train.load_training_image))
-        single = train(TrainConfig(**common, out=str(tmp_path / "one"), accumulate=4))
-    finally:
-        torch.set_default_dtype(torch.float32)
-        torch.set_num_threads(threads)
+    ranks = start_ranks(2, "train", {"config": {**common, "out": str(root / "two"),
+                                                "accumulate": 2}}, root)
+    with float64_training():
+        single = train(TrainConfig(**common, out=str(root / "one"), accumulate=4))
     rank0, rank1 = join_ranks(ranks)
+    return {"common": common, "root": root, "single": single, "ranks": (rank0, rank1)}
 
-    expected = single.model.state_dict()
+
+def test_two_ranks_equal_one_process_with_twice_the_accumulation(runs):
+    rank0, rank1 = runs["ranks"]
+    expected = runs["single"].model.state_dict()
     assert expected["head.fc.weight"].dtype == torch.float64
-    worst = 0.0
-    for name, value in expected.items():
+    for name in expected:
         assert torch.equal(rank0["model"][name], rank1["model"][name]), name  # in lockstep
-        scale = value.abs().max().item() or 1.0
-        worst = max(worst, (rank0["model"][name] - value).abs().max().item() / scale)
-    assert worst < 1e-10, worst
+    assert relative_errors(rank0["model"], expected) < 1e-10
     assert (rank0["rank"], rank1["rank"]) == (0, 1)
-    for mine, theirs in zip(rank0["history"], single.state.history, strict=True):
+    for mine, theirs in zip(rank0["history"], runs["single"].state.history, strict=True):
         for key in ("train_loss", "val_loss", "val_auc", "val_accuracy"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-10), key
-    # rank 0 alone wrote the outputs
-    assert {p.name for p in (tmp_path / "two").iterdir()} >= {"last.pt", "metrics.csv"}
-    checkpoint = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    # rank 0 wrote the outputs, with every rank's RNG state in the checkpoint
+    assert {"last.pt", "best.pt", "metrics.csv", "curves.png"} <= {
+        p.name for p in (runs["root"] / "two").iterdir()}
+    checkpoint = torch.load(runs["root"] / "two" / "last.pt", weights_only=True)
     assert len(checkpoint["torch_rng_states"]) == 2
     assert checkpoint["train_state"]["step"] == 4
+
+
+def test_a_two_rank_run_resumes_in_one_process(runs):
+    """Checkpoints count images of whole groups: resume on another number of ranks."""
+    with float64_training():
+        resumed = {name: train(TrainConfig(**{**runs["common"], "epochs": 3, "accumulate": 4,
+                                              "out": str(runs["root"] / name)}), resume=True)
+                   for name in ("two", "one")}
+    assert resumed["two"].state.step == resumed["one"].state.step == 6
+    assert relative_errors(resumed["two"].model.state_dict(),
+                           resumed["one"].model.state_dict()) < 1e-10
 
 
 def test_a_failing_rank_stops_every_rank_with_a_clear_message(tmp_path):
