@@ -119,9 +119,9 @@ def _load_config_file(path: Path) -> dict:
 
 
 def _explicit(ctx: typer.Context, name: str) -> bool:
-    from click.core import ParameterSource
-
-    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    """Whether the option was given on the command line (not its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 @app.command()
