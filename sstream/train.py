@@ -173,7 +173,7 @@ class TrainState:
     epoch: int = 0            # the epoch in progress (or the next one)
     image_index: int = 0      # images of this epoch (all ranks) used for completed steps
     step: int = 0             # optimizer steps taken
-    best_score: float = -math.inf
+    best_score: list[float] = field(default_factory=lambda: [-math.inf] * 3)
     history: list[dict[str, Any]] = field(default_factory=list)
     epoch_loss_sum: float = 0.0
     epoch_seconds: float = 0.0
@@ -302,13 +302,16 @@ def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     ])
 
 
-def _score(metrics: dict[str, Any]) -> float:
-    """What `best.pt` maximises: val AUC, else val accuracy, else -train loss."""
-    for key, sign in (("val_auc", 1), ("val_accuracy", 1), ("train_loss", -1)):
-        value = metrics.get(key)
-        if value is not None and not math.isnan(value):
-            return sign * value
-    return -math.inf
+def _score(metrics: dict[str, Any]) -> list[float]:
+    """What `best.pt` maximises, compared in order: val AUC, val accuracy, then the lowest
+    val loss (train loss without a validation set). Ties on AUC are common on small sets."""
+
+    def value(key: str, sign: float) -> float:
+        number = metrics.get(key)
+        return -math.inf if number is None or math.isnan(number) else sign * number
+
+    loss_key = "val_loss" if metrics.get("val_loss") is not None else "train_loss"
+    return [value("val_auc", 1), value("val_accuracy", 1), value(loss_key, -1)]
 
 
 # ---- the job ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ or at read time (a tile that fails to decode); never garbage pixels.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -55,6 +56,10 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _FLOAT_PROBE_MAX_PIXELS = 4_000_000
 _LEVEL_TOLERANCE = 0.01  # relative slack when comparing downsamples and mpp
 _PIL_LOCK = threading.Lock()
+
+# tifffile logs what it finds wrong with a file at ERROR level and carries on; sstream reports
+# those problems itself as one ImageReadError, so the log lines would only be noise on stderr.
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
 class ImageReadError(ValueError):
@@ -485,6 +490,11 @@ def _check_tiff_level(path: Path, level_series, index: int, file_size: int) -> N
             ) from e
         offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         counts = np.asarray(page.databytecounts, dtype=np.int64)
+        if len(offsets) == 0 or len(offsets) != len(counts):
+            raise ImageReadError(
+                path, f"level {index}: the tile/strip offset table is missing or unreadable "
+                "(truncated or corrupt file)"
+            )
         present = (offsets > 0) & (counts > 0)
         if np.any(offsets[present] + counts[present] > file_size):
             raise ImageReadError(
