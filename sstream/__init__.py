@@ -3,14 +3,50 @@
 The early, memory-hungry layers of a CNN run tile by tile, forward and backward, so memory
 follows the tile size rather than the image size, while outputs and gradients equal ordinary
 backpropagation on the whole image (Pinckaers, van Ginneken & Litjens, TPAMI 2020).
+
+The engine (`StreamingCNN`) is imported eagerly; the jobs load on first use, so that
+`import sstream` stays light:
+
+    sstream.saliency(slide, checkpoint, out)      the saliency module, callable as its
+                                                  compute_saliency function
+    sstream.estimate_memory(...)  sstream.load_checkpoint(path)  sstream.build_model(config)
+    from sstream.train import train, TrainConfig
+    from sstream.predict import predict, PredictConfig
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from sstream.engine import (
+    ImageSource,
     StreamGeometry,
     StreamingCNN,
     TensorSource,
     UnsupportedModuleError,
 )
 
-__all__ = ["StreamGeometry", "StreamingCNN", "TensorSource", "UnsupportedModuleError"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "saliency": ("sstream.saliency", None),
+    "estimate_memory": ("sstream.estimate", "estimate_memory"),
+    "load_checkpoint": ("sstream.models", "load_checkpoint"),
+    "build_model": ("sstream.models", "build_model"),
+    "ModelConfig": ("sstream.models", "ModelConfig"),
+}
+
+__all__ = ["ImageSource", "StreamGeometry", "StreamingCNN", "TensorSource",
+           "UnsupportedModuleError", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a job or model helper on first access (PEP 562)."""
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        loaded = importlib.import_module(module)
+        value = loaded if attribute is None else getattr(loaded, attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sstream' has no attribute {name!r}")

@@ -69,14 +69,6 @@ def _fail(exc: BaseException, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _not_implemented(command: str) -> None:
-    err_console.print(f"sstream {command}: not implemented yet in this version.")
-    raise typer.Exit(code=EXIT_FAILURE)
-
-
-# ---- train ----------------------------------------------------------------------------------
-
-
 def _parse_size(text: str | None, option: str) -> tuple[int, int] | None:
     """'1024' or 'WxH' -> (height, width)."""
     if text is None:
@@ -475,6 +467,41 @@ def estimate_memory(
 
 
 # ---- make-sample-data -----------------------------------------------------------------------
+
+
+@app.command("make-sample-data")
+def make_sample_data(
+    out: Path = typer.Argument(..., help="Output directory (images/, train.csv, val.csv)."),
+    count: int = typer.Option(32, help="Number of slides (labels alternate 0, 1)."),
+    size: int = typer.Option(768, help="Slide side in pixels (the maximum with --min-size)."),
+    min_size: int = typer.Option(None, help="Draw each side from [min-size, size]."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives the same files."),
+    val_fraction: float = typer.Option(0.25, help="Share of slides in val.csv."),
+    tile: int = typer.Option(256, help="TIFF tile size (multiple of 16)."),
+    overwrite: bool = typer.Option(False, help="Replace existing files."),
+) -> None:
+    """Generate synthetic slides whose label is visible only at full resolution.
+
+    Tiled JPEG pyramidal TIFFs with a tissue-like background; label 1 slides contain small
+    textured lesions, label 0 slides only flat decoys of the same mean colour, so that a 4x
+    downsample destroys the signal. Generation streams: any size fits in memory.
+    """
+    from rich.progress import Progress
+
+    from sstream.io import make_sample_data as generate
+
+    with user_errors():
+        if count < 2 or size <= 0 or (min_size is not None and not 0 < min_size <= size):
+            raise UsageError("need --count >= 2 and 0 < --min-size <= --size")
+        if not 0 <= val_fraction < 1:
+            raise UsageError("--val-fraction must be in [0, 1)")
+        sides = size if min_size is None else (min_size, size)
+        with Progress(console=err_console) as progress:
+            task = progress.add_task("slides", total=count)
+            train_csv, val_csv = generate(
+                out, count, sides, seed, val_fraction, tile, overwrite,
+                on_slide=lambda done, total: progress.update(task, completed=done))
+        console.print(f"wrote {count} slides, {train_csv} and {val_csv}")
 
 
 def main(argv: list[str] | None = None) -> None:

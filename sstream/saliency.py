@@ -57,12 +57,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -658,3 +661,14 @@ def render_overview(background: np.ndarray, saliency: np.ndarray, scale: float,
         draw.text((x0 + bar_w + margin // 2, y), text, fill="black", font=font, anchor="lm")
     return canvas
 
+
+
+class _CallableModule(types.ModuleType):
+    """Makes `sstream.saliency(...)` call `compute_saliency` while `sstream.saliency` stays
+    this module (a package attribute named like a submodule is always rebound to it)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SaliencyResult:
+        return compute_saliency(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

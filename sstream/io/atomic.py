@@ -40,7 +40,8 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     if target.is_dir():
         raise IsADirectoryError(f"{target}: is a directory, cannot write a file there")
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists (pass overwrite=True to replace it)")
+        raise FileExistsError(
+            f"{target}: already exists (use --overwrite, or overwrite=True, to replace it)")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"{target}: parent directory {parent} does not exist")
@@ -56,7 +57,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         _fsync_file(tmp)
         if not overwrite and target.exists():
             raise FileExistsError(
-                f"{target}: appeared while it was being written (pass overwrite=True)"
+                f"{target}: appeared while it was being written (use --overwrite)"
             )
         os.replace(tmp, target)
     except BaseException:

@@ -19,15 +19,15 @@ label cannot be learned from a downsampled image but a small CNN at full resolut
 high-contrast texture that nothing else in the slide has.
 
 Deterministic: the same arguments give the same pixels (and the same file bytes).
-Command line: `python -m sstream.io.synthetic OUT --count 32 --size 768 --seed 0`.
+Command line: `sstream make-sample-data OUT --count 32 --size 768 --seed 0`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,6 +223,7 @@ def make_sample_data(
     val_fraction: float = 0.25,
     tile: int = 256,
     overwrite: bool = False,
+    on_slide: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, Path]:
     """Write `count` synthetic slides to `out_dir/images/` plus train.csv and val.csv.
 
@@ -238,6 +239,7 @@ def make_sample_data(
         val_fraction: share of slides in val.csv.
         tile: tile size of the TIFFs.
         overwrite: replace existing files.
+        on_slide: called as (slides written, count) after each slide (progress).
 
     Returns:
         (train_csv, val_csv) paths.
@@ -261,6 +263,8 @@ def make_sample_data(
             out / name, side, label, seed * 100003 + i, tile=tile, overwrite=overwrite
         )
         rows.append((name, label))
+        if on_slide is not None:
+            on_slide(i + 1, count)
     train_csv, val_csv = out / "train.csv", out / "val.csv"
     for csv_path, subset in ((train_csv, rows[: count - n_val]), (val_csv, rows[count - n_val :])):
         _write_csv(csv_path, subset, overwrite)
@@ -272,25 +276,3 @@ def _write_csv(path: Path, rows, overwrite: bool) -> None:
         writer = csv.writer(f)
         writer.writerow(["image", "label"])
         writer.writerows(rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m sstream.io.synthetic OUT [--count N] [--size S] [--seed K]`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="output directory")
-    parser.add_argument("--count", type=int, default=32, help="number of slides (default 32)")
-    parser.add_argument("--size", type=int, default=768, help="side in pixels (default 768)")
-    parser.add_argument("--min-size", type=int, default=None, help="draw sides in [min, size]")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--val-fraction", type=float, default=0.25, help="default 0.25")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing files")
-    args = parser.parse_args(argv)
-    size = args.size if args.min_size is None else (args.min_size, args.size)
-    train_csv, val_csv = make_sample_data(
-        args.out, args.count, size, args.seed, args.val_fraction, overwrite=args.overwrite
-    )
-    print(f"wrote {train_csv} and {val_csv}")
-
-
-if __name__ == "__main__":
-    main()
