@@ -153,6 +153,17 @@ def _predict_unreadable(root):
             str(root / "bad.tif"), "--quiet"]
 
 
+def _saliency(root, *extra):
+    return ["saliency", str(png(root / "a.png", size=(80, 80))), "--checkpoint",
+            str(checkpoint(root)), "--out", str(root / "map.tif"), "--no-overview", *extra]
+
+
+def _saliency_output_exists(root):
+    args = _saliency(root)
+    (root / "map.tif").write_text("keep me")
+    return args
+
+
 def _resume_without_checkpoint(root):
     (root / "run").mkdir()
     return ["train", "--resume", str(root / "run")]
@@ -211,6 +222,24 @@ CASES: dict[str, Case] = {
                                       "not a training directory"),
     "resume with other options": Case(lambda r: ["train", "--resume", str(r), "--lr", "0.1"],
                                       USAGE, "only --epochs, --device"),
+    # saliency and estimate-memory (their own modules test more cases)
+    "saliency slide unreadable": Case(lambda r: ["saliency", str(r / "none.tif"),
+                                                 "--checkpoint", str(checkpoint(r))],
+                                      FAILURE, "none.tif"),
+    "saliency class out of range": Case(lambda r: _saliency(r, "--class", "7"), USAGE,
+                                        "class"),
+    "saliency output exists": Case(_saliency_output_exists, FAILURE, "--overwrite"),
+    "saliency output dir missing": Case(lambda r: [*_saliency(r)[:-3], "--out",
+                                                   str(r / "no" / "map.tif"), "--no-overview"],
+                                        FAILURE, "does not exist"),
+    "estimate unknown model": Case(lambda r: ["estimate-memory", "--size", "512", "--model",
+                                              "alexnet9"], USAGE, "unknown model"),
+    "estimate bad size": Case(lambda r: ["estimate-memory", "--size", "-5"], USAGE, "size"),
+    "estimate tile larger than image": Case(lambda r: ["estimate-memory", "--size", "100",
+                                                       "--tile-size", "512"], USAGE,
+                                            "larger than the image"),
+    "estimate bad budget": Case(lambda r: ["estimate-memory", "--size", "1000", "--budget",
+                                           "12Gx"], USAGE, "cannot parse memory budget"),
     "missing config file": Case(lambda r: train_args(r, "--config", str(r / "none.toml")),
                                 USAGE, "no such file"),
 }
@@ -254,3 +283,25 @@ def test_unusual_pixel_formats_are_converted_and_train(image, tmp_path):
                                       "32", "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A write that fails (ENOSPC) is one line, exit 1, and last.pt keeps its old content."""
+    import errno
+
+    import sstream.train
+
+    args = train_args(tmp_path)
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sstream.train.torch, "save", full_disk)
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "run"), "--epochs",
+                                      "2", "--quiet"])
+    assert result.exit_code == FAILURE
+    assert "No space left on device" in result.stderr and "Traceback" not in result.output
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
