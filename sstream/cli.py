@@ -165,6 +165,8 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed for order, crops, augmentation and init."),
     tile_size: int = typer.Option(512, help="Tile side in input pixels (memory follows it)."),
+    memory_budget: str = typer.Option(None, help="Choose the largest tile whose predicted "
+                                      "peak fits, e.g. 8GiB (instead of --tile-size)."),
     dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a rank waits for "
                                        "the others before the job stops."),
     quiet: bool = typer.Option(False, help="No progress output."),

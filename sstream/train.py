@@ -48,6 +48,8 @@ from sstream.data import (
 )
 from sstream.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from sstream.engine import StreamingCNN
+from sstream.engine.memory import estimate_training_memory, largest_fitting_row
+from sstream.estimate import parse_bytes
 from sstream.io import atomic_output, open_image
 from sstream.metrics import classification_metrics
 from sstream.models import (
@@ -105,6 +107,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     tile_size: int = 512
+    memory_budget: str | None = None    # e.g. "8GiB": the tile is chosen by the estimator
     dist_timeout: float = DEFAULT_TIMEOUT_S   # seconds a rank waits for the others
 
     def validate(self) -> None:
@@ -234,9 +237,12 @@ def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def _check_images(samples: list[Sample], config: TrainConfig, minimum: int, what: str) -> None:
-    """Open every image before training starts; report all unreadable or too small ones."""
-    problems = []
+def _check_images(samples: list[Sample], config: TrainConfig, minimum: int, what: str
+                  ) -> tuple[int, int]:
+    """Open every image before training starts; report all unreadable or too small ones.
+
+    Returns the largest (height, width) met, the size a memory budget must hold."""
+    problems, largest = [], (0, 0)
     for sample in samples:
         try:
             with open_image(sample.image) as slide:
@@ -250,10 +256,34 @@ def _check_images(samples: list[Sample], config: TrainConfig, minimum: int, what
         if min(height, width) < minimum:
             problems.append(f"line {sample.row}: {sample.image.name} is {width} x {height} "
                             f"pixels, smaller than the model's minimum {minimum} x {minimum}")
+        largest = max(largest, (height, width), key=lambda hw: hw[0] * hw[1])
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)"
                                            if len(problems) > 8 else "")
         raise ValueError(f"{what}: {shown}")
+    return largest
+
+
+TILE_CANDIDATES = (128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def tile_for_budget(model: Classifier, image_size: tuple[int, int], budget: str,
+                    config: TrainConfig) -> int:
+    """The largest tile (fastest) whose predicted training peak fits `budget` (e.g. "8GiB"),
+    from the memory estimator; ValueError naming the smallest peak when none fits."""
+    candidates = [t for t in TILE_CANDIDATES if t <= max(image_size)] or [TILE_CANDIDATES[0]]
+    dtype = (config.amp_dtype or ("float16" if config.device != "cpu" else "bfloat16")
+             ) if config.amp else "float32"
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
+    estimate = estimate_training_memory(model.stream, model.head, image_size, candidates,
+                                        dtype=dtype, optimizer=config.optimizer)
+    row = largest_fitting_row(estimate, parse_bytes(budget))
+    if row is None:
+        smallest = min(r.peak_bytes for r in estimate.rows if r.mode == "streaming")
+        raise ValueError(f"no tile fits the memory budget {budget} for {image_size[1]} x "
+                         f"{image_size[0]} images (the smallest needs {smallest / 2**30:.2f} "
+                         "GiB); raise the budget or stream fewer layers with --stream-layers")
+    return int(row.tile_size[0])
 
 
 def save_checkpoint(path: Path, model: Classifier, optimizer: torch.optim.Optimizer,
@@ -356,10 +386,12 @@ class _Trainer:
                         config.dropout), weights=config.weights, pretrained=config.pretrained)
         freeze_batchnorm(self.model.stream, train_affine=config.train_bn_affine)
         minimum = minimum_input_size(self.model)
-        _check_images(self.train_samples, config, minimum, str(config.train_csv))
+        largest = _check_images(self.train_samples, config, minimum, str(config.train_csv))
         _check_images(self.val_samples, config, minimum, str(config.val_csv))
+        tile_size = (tile_for_budget(self.model, largest, config.memory_budget, config)
+                     if config.memory_budget else config.tile_size)
         self.model.to(self.device)
-        self.scnn = StreamingCNN(self.model.stream, config.tile_size)
+        self.scnn = StreamingCNN(self.model.stream, tile_size)
         self.scnn.on_tile = self.events.on_tile
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(config, self.params)

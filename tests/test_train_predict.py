@@ -151,3 +151,19 @@ def test_one_unreadable_slide_is_skipped_and_reported(tmp_path):
                                    images=[str(good), str(broken)], device="cpu"))
     assert [p.image for p in result.predictions] == [str(good)]
     assert len(result.failures) == 1 and "broken.png" in result.failures[0][0]
+
+
+def test_memory_budget_picks_the_largest_fitting_tile(tmp_path):
+    from sstream.engine.memory import estimate_training_memory
+    from sstream.train import tile_for_budget
+
+    model = build_model(ModelConfig("tiny"))
+    settings = TrainConfig(train_csv="unused.csv")
+    peaks = {row.tile_size[0]: row.peak_bytes for row in estimate_training_memory(
+        model.stream, model.head, (1000, 900), [256, 512]).rows if row.mode == "streaming"}
+    assert peaks[256] < peaks[512]
+    between = str((peaks[256] + peaks[512]) // 2)
+    assert tile_for_budget(model, (1000, 900), between, settings) == 256
+    assert tile_for_budget(model, (1000, 900), "64GiB", settings) == 512
+    with pytest.raises(ValueError, match="no tile fits the memory budget"):
+        tile_for_budget(model, (1000, 900), "1KB", settings)
