@@ -99,15 +99,6 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-    from rich.table import Table
+    from benchmarks.run import standalone
 
-    result = run(quick="--quick" in sys.argv)
-    table = Table(title=result["title"])
-    for column in result["columns"]:
-        table.add_column(column)
-    for row in result["rows"]:
-        table.add_row(*map(str, row))
-    Console().print(table)
-    for note in result["notes"]:
-        print(" ", note)
+    standalone(run)

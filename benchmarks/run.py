@@ -43,6 +43,11 @@ def render(result: dict, console: Console) -> None:
         console.print(f"  {note}")
 
 
+def standalone(run) -> None:
+    """`python -m benchmarks.bench_x [--quick]`: run one module and print its table."""
+    render(run(quick="--quick" in sys.argv), Console())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
