@@ -8,7 +8,6 @@ only. Run standalone: `python -m benchmarks.bench_memory [--quick]`.
 
 from __future__ import annotations
 
-import sys
 import time
 
 from sstream.engine.memory import estimate_training_memory
