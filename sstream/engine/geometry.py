@@ -314,8 +314,29 @@ def analyse(stream: nn.Module, *, in_eval_mode: bool = False) -> StreamGeometry:
     return _propagate(graph, stream)
 
 
-def _propagate(graph: fx.Graph, root: nn.Module) -> StreamGeometry:
+def traced_values(stream: nn.Module) -> tuple[fx.Graph, dict[fx.Node, Any]]:
+    """The stream's fx graph (stream in its current modes) and every node's value: a spatial
+    description (window, layout) for nodes that depend on the input, else the constant.
+
+    Raises UnsupportedModuleError like `analyse`."""
+    try:
+        graph = _StreamTracer().trace(stream)
+    except Exception as exc:  # analyse() gives the user-facing message
+        analyse(stream)
+        raise UnsupportedModuleError(f"cannot trace {type(stream).__name__}") from exc
     values: dict[fx.Node, Any] = {}
+    _propagate(graph, stream, values)
+    return graph, values
+
+
+def spatial_dims(value: Any) -> tuple[int, int] | None:
+    """(height dim, width dim) of a traced value that depends on the input, else None."""
+    return (value.hdim, value.wdim) if isinstance(value, _Spatial) else None
+
+
+def _propagate(graph: fx.Graph, root: nn.Module,
+               values: dict[fx.Node, Any] | None = None) -> StreamGeometry:
+    values = {} if values is None else values
     layers: list[tuple[str, AxisWindow, AxisWindow]] = []
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sstream.engine.geometry import StreamGeometry, analyse, training_flags
+from sstream.engine.halo import HaloProgram, HaloRun
 from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
 
 TileProgress = Callable[[str, int, int], None]
@@ -99,6 +100,10 @@ class StreamingCNN(nn.Module):
         self.on_tile: TileProgress | None = None  # set it to follow long images tile by tile
         self._analysed_flags: tuple[bool, ...] | None = None
         self._output_sizes: dict[tuple[int, ...], tuple[int, int]] = {}
+        # "auto": halos carried between tiles where the stream allows it (every layer computes
+        # each output once), else crops with receptive-field margins; "crop"; "halo" (insist)
+        self.engine = "auto"
+        self._programs: dict[Any, HaloProgram | None] = {}
 
     def extra_repr(self) -> str:
         g = self.geometry
@@ -133,15 +138,40 @@ class StreamingCNN(nn.Module):
         source = TensorSource(image) if isinstance(image, torch.Tensor) else image
         if not isinstance(source, ImageSource):
             raise TypeError("image must be a tensor (N, C, H, W) or an ImageSource")
-        run = _TileRunner(self.stream, self.plan(source.shape), source, input_grad_sink,
-                          self.on_tile)
+        plan = self.plan(source.shape)
         params = [p for p in self.stream.parameters() if p.requires_grad]
         image_anchor = image if isinstance(image, torch.Tensor) else _NO_TENSOR
         sink_anchor = torch.empty(0, requires_grad=input_grad_sink is not None)
         wants_graph = bool(params) or image_anchor.requires_grad or input_grad_sink is not None
-        if not (torch.is_grad_enabled() and wants_graph):
+        wants_graph = wants_graph and torch.is_grad_enabled()
+        # the sink wants input-gradient bands top to bottom: the halo backward goes bottom-up
+        program = None if input_grad_sink is not None else self._halo_program(source.shape,
+                                                                                plan)
+        run = _TileRunner(self.stream, plan, source, input_grad_sink, self.on_tile, program,
+                          keep_halos=wants_graph)
+        if not wants_graph:
             return run.forward()
         return _StreamFunction.apply(run, image_anchor, sink_anchor, *params)
+
+    def engine_for(self, input_shape: Sequence[int]) -> str:
+        """"halo" or "crop": the engine that streams an input of shape (N, C, H, W) (calls
+        with an `input_grad_sink` always use crops: the sink wants bands top to bottom)."""
+        self._refuse_current_modes()
+        return "crop" if self._halo_program(input_shape, self.plan(input_shape)) is None \
+            else "halo"
+
+    def _halo_program(self, shape: Sequence[int], plan: TilePlan) -> HaloProgram | None:
+        """The halo engine's program for this input shape, or None: use the crop engine."""
+        if self.engine == "crop":
+            return None
+        key = (tuple(shape), self._analysed_flags)
+        if key not in self._programs:
+            rows = _input_edges(len(plan.rows), plan.input_size[0])
+            cols = _input_edges(len(plan.cols), plan.input_size[1])
+            self._programs[key] = HaloProgram.build(self.stream, shape, rows, cols)
+        if self.engine == "halo" and self._programs[key] is None:
+            raise ValueError("engine='halo' cannot run this stream exactly; use 'auto'")
+        return self._programs[key]
 
     def _refuse_current_modes(self) -> None:
         """Re-check locality when train/eval flags changed (BatchNorm, dropout in training)."""
@@ -152,6 +182,12 @@ class StreamingCNN(nn.Module):
 
 
 _NO_TENSOR = torch.empty(0)
+
+
+def _input_edges(count: int, length: int) -> list[int]:
+    """Input tile edges of the halo engine: `count` (the plan's tiles along this axis, so that
+    both engines run as many tiles) nearly equal tiles over `length` input pixels."""
+    return [k * length // count for k in range(count + 1)]
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -182,12 +218,15 @@ class _TileRunner:
     """Runs one image's tile plan forward (no grad) and backward (re-run per tile)."""
 
     def __init__(self, stream: nn.Module, plan: TilePlan, source: ImageSource,
-                 sink: InputGradSink | None, on_tile: TileProgress | None) -> None:
+                 sink: InputGradSink | None, on_tile: TileProgress | None,
+                 program: HaloProgram | None = None, keep_halos: bool = False) -> None:
         self.stream, self.plan, self.source, self.sink = stream, plan, source, sink
         self.on_tile = on_tile
         self.device = _module_device(stream)
         kind = self.device.type
         self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        self.halo = None if program is None else HaloRun(program, stream, self.read,
+                                                         keep_halos, self._report)
 
     @contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -198,7 +237,11 @@ class _TileRunner:
 
     def crop(self, tile: Tile) -> torch.Tensor:
         """The tile's input crop on the stream's device (pinned for an async host copy)."""
-        crop = self.source.read(tile.in_box)
+        return self.read(tile.in_box)
+
+    def read(self, box: Box) -> torch.Tensor:
+        """An input region on the stream's device (pinned for an async host copy)."""
+        crop = self.source.read(box)
         if crop.device != self.device:
             if self.device.type == "cuda" and crop.device.type == "cpu":
                 crop = crop.pin_memory()
@@ -218,6 +261,9 @@ class _TileRunner:
             self.on_tile(phase, done, len(self.plan))
 
     def forward(self) -> torch.Tensor:
+        if self.halo is not None:
+            with torch.no_grad():
+                return self.halo.forward()
         fmap: torch.Tensor | None = None
         with torch.no_grad():
             for done, tile in enumerate(self.plan, start=1):
@@ -234,6 +280,14 @@ class _TileRunner:
     def backward(self, grad_fmap: torch.Tensor, image_grad: torch.Tensor | None,
                  params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Accumulate parameter gradients (returned) and input gradients (to the bands)."""
+        if self.halo is not None:
+            write = None
+            if image_grad is not None:
+                def write(box: Box, grad: torch.Tensor) -> None:
+                    y0, y1, x0, x1 = box
+                    image_grad[..., y0:y1, x0:x1] = grad.to(image_grad.device)
+            with self._autocast():
+                return self.halo.backward(grad_fmap, params, write)
         bands = None
         if image_grad is not None or self.sink is not None:
             bands = _InputGradBands(self.source.shape, self.device, self.sink, image_grad)

@@ -18,11 +18,14 @@ class Result:
 
 
 def run_with_grads(stream: nn.Module, image: torch.Tensor, weights: torch.Tensor,
-                   tile_size: int | tuple[int, int] | None) -> Result:
+                   tile_size: int | tuple[int, int] | None, engine: str = "auto") -> Result:
     """Loss = sum(output * weights); tile_size None runs plain autograd on the whole image."""
     stream.zero_grad(set_to_none=True)
     leaf = image.detach().clone().requires_grad_(True)
-    model = stream if tile_size is None else sstream.StreamingCNN(stream, tile_size)
+    model = stream
+    if tile_size is not None:
+        model = sstream.StreamingCNN(stream, tile_size)
+        model.engine = engine
     output = model(leaf)
     (output * weights).sum().backward()
     grads = {name: p.grad.detach().clone() for name, p in stream.named_parameters()
@@ -43,15 +46,18 @@ def randomise_batchnorm(module: nn.Module, generator: torch.Generator | None = N
 
 
 def assert_streaming_exact(stream: nn.Module, image: torch.Tensor, tile_size,
-                           tolerance: float = 1e-9) -> None:
-    """Output, image gradient and every parameter gradient match plain autograd."""
+                           tolerance: float = 1e-9, engine: str = "auto") -> None:
+    """Output, image gradient and every parameter gradient match plain autograd.
+
+    engine "auto" streams with halos where the stream allows it (else crops), "crop" with
+    crops, "halo" insists on halos."""
     from tests.conftest import relative_error
 
     with torch.no_grad():
         reference_shape = stream(image).shape
     weights = torch.randn(reference_shape, dtype=image.dtype)
     expected = run_with_grads(stream, image, weights, None)
-    actual = run_with_grads(stream, image, weights, tile_size)
+    actual = run_with_grads(stream, image, weights, tile_size, engine)
     assert actual.output.shape == expected.output.shape
     assert relative_error(actual.output, expected.output) < tolerance
     assert relative_error(actual.image_grad, expected.image_grad) < tolerance

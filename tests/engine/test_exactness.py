@@ -106,14 +106,15 @@ def output_exists(stream: nn.Module, height: int, width: int) -> bool:
                                                    HealthCheck.filter_too_much])
 @given(stream=architecture(), height=st.integers(5, 70), width=st.integers(5, 70),
        tile=st.tuples(st.integers(1, 40), st.integers(1, 40)), batch=st.integers(1, 2),
-       seed=st.integers(0, 2**16))
-def test_random_architectures_match_plain_autograd(stream, height, width, tile, batch, seed):
+       seed=st.integers(0, 2**16), engine=st.sampled_from(["auto", "auto", "crop"]))
+def test_random_architectures_match_plain_autograd(stream, height, width, tile, batch, seed,
+                                                   engine):
     assume(output_exists(stream, height, width))
     torch.manual_seed(seed)
     for p in stream.parameters():
         nn.init.normal_(p, std=0.5)
     image = torch.randn(batch, 2, height, width, dtype=torch.float64)
-    assert_streaming_exact(stream, image, tile)
+    assert_streaming_exact(stream, image, tile, engine=engine)
 
 
 def test_hand_picked_traps():
@@ -130,7 +131,9 @@ def test_hand_picked_traps():
     for size in [(97, 131), (64, 64), (33, 200)]:
         image = torch.randn(1, 3, *size, dtype=torch.float64)
         for tile in [12, 24, 50]:
-            assert_streaming_exact(stream, image, tile)
+            assert_streaming_exact(stream, image, tile, engine="halo")
+    assert_streaming_exact(stream, torch.randn(1, 3, 97, 131, dtype=torch.float64), 24,
+                           engine="crop")
 
 
 def test_non_square_kernels_and_same_padding():
@@ -169,3 +172,46 @@ def test_torch_autograd_grad_and_no_grad():
     assert torch.allclose(grad_image, expected, rtol=1e-10, atol=1e-12)
     with torch.no_grad():
         assert scnn(image).grad_fn is None
+
+
+class ReadsAfterInPlace(nn.Module):
+    """An in-place op on a value that is read again afterwards (it sees the mutation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        z = y.relu_()
+        return self.b(z) + y
+
+
+def test_in_place_ops_on_shared_values_fall_back_to_crops():
+    torch.manual_seed(4)
+    stream = ReadsAfterInPlace().double()
+    image = torch.randn(1, 2, 41, 37, dtype=torch.float64)
+    assert sstream.StreamingCNN(stream, 8).engine_for(image.shape) == "crop"
+    assert_streaming_exact(stream, image, 8)
+
+
+def test_in_place_ops_on_sole_readers_use_halos():
+    """ReLU(inplace=True) and `out += identity` as in torchvision's ResNet."""
+    torch.manual_seed(5)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 1)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.conv2(self.relu(self.conv1(x)))
+            out += x
+            return self.relu(out)
+
+    stream = nn.Sequential(nn.Conv2d(2, 2, 3, 2, 1), Block(), nn.MaxPool2d(3, 2, 1)).double()
+    image = torch.randn(2, 2, 53, 47, dtype=torch.float64)
+    assert sstream.StreamingCNN(stream, 10).engine_for(image.shape) == "halo"
+    assert_streaming_exact(stream, image, 10, engine="halo")
+    assert stream[1].relu.inplace  # the engine restores the module's flag

@@ -12,6 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
+import sstream
 from tests.engine.helpers import assert_streaming_exact, randomise_batchnorm
 
 
@@ -43,6 +44,7 @@ def prepared(stream: nn.Module, seed: int) -> nn.Module:
 def test_whole_trunk_matches_plain_autograd(name):
     stream = prepared(TRUNKS[name](), seed=0)
     image = torch.randn(1, 3, 69, 75, dtype=torch.float64)
+    assert sstream.StreamingCNN(stream, 32).engine_for(image.shape) == "halo"
     assert_streaming_exact(stream, image, tile_size=32)
 
 
@@ -60,8 +62,6 @@ def test_partial_trunk_is_really_tiled(name, size, tile):
         "vgg16_block2": lambda: torchvision.models.vgg16().features[:10],
     }[name]
     stream = prepared(partial(), seed=1)
-    import sstream
-
     plan = sstream.StreamingCNN(stream, tile).plan((1, 3, *size))
     assert len(plan) >= 4 and plan.largest_crop[0] < size[0] and plan.largest_crop[1] < size[1]
     assert_streaming_exact(stream, torch.randn(1, 3, *size, dtype=torch.float64), tile)

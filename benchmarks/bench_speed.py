@@ -1,0 +1,194 @@
+"""Speed of streaming against plain PyTorch on the whole image: training step and predict.
+
+Rows: one per (model, image size, tile size). A training step is forward + head + loss +
+backward (no optimizer step: it costs the same in both). Plain and streaming steps alternate
+(warm-up first, then `reps` pairs) and the ratio is taken pair by pair, then the median: on a
+shared machine absolute seconds drift, ratios measured side by side hold. Peak memory of each
+is measured in a fresh subprocess running one step (CPU: growth of the resident set over the
+step, CUDA: max_memory_allocated), so that neither run inflates the other's number.
+
+Notes add forward-only (predict) ratios against plain `torch.no_grad()` and the per-tile
+overhead of a 1x1-conv stream (many small tiles against the same work in one tile).
+
+Standalone: `python benchmarks/bench_speed.py [--quick]` (prints JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sstream import StreamingCNN  # noqa: E402
+from sstream.models import ModelConfig, build_model, freeze_batchnorm  # noqa: E402
+
+FULL = [("resnet18", 2048, (512, 1024)), ("resnet18", 1024, (256, 512)),
+        ("tiny", 2048, (256, 512, 1024)), ("tiny", 1024, (256, 512))]
+QUICK = [("resnet18", 1024, (512,)), ("tiny", 1024, (256,))]
+
+
+def build(name: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(stream, head) of a model zoo entry, BatchNorm frozen (streaming requires eval BN)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name))
+    freeze_batchnorm(model, train_affine=True)
+    model.to(device)
+    return model.stream, model.head
+
+
+def training_step(stream: nn.Module, head: nn.Module, image: torch.Tensor,
+                  tile: int | None) -> None:
+    """Forward + head + loss + backward; tile None is plain PyTorch on the whole image."""
+    trunk = stream if tile is None else StreamingCNN(stream, tile)
+    loss = head(trunk(image)).logsumexp(dim=1).sum()
+    loss.backward()
+    stream.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+
+
+def predict(stream: nn.Module, image: torch.Tensor, tile: int | None) -> None:
+    trunk = stream if tile is None else StreamingCNN(stream, tile)
+    with torch.no_grad():
+        trunk(image)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - began
+
+
+def paired(plain: Callable[[], None], streamed: Callable[[], None], reps: int,
+           device: torch.device) -> tuple[float, float, float]:
+    """Median seconds of each and median of the pairwise ratios, after one warm-up each."""
+    plain()
+    streamed()
+    times: list[tuple[float, float]] = []
+    for rep in range(reps):  # alternate which goes first: drift hits both alike
+        if rep % 2:
+            s = _timed(streamed, device)
+            p = _timed(plain, device)
+        else:
+            p = _timed(plain, device)
+            s = _timed(streamed, device)
+        times.append((p, s))
+    return (statistics.median(p for p, _ in times), statistics.median(s for _, s in times),
+            statistics.median(s / p for p, s in times))
+
+
+def peak_memory_mb(name: str, size: int, tile: int | None) -> float:
+    """Peak memory of one training step, measured in a fresh subprocess."""
+    code = (f"import benchmarks.bench_speed as b; b._measure_peak({name!r}, {size}, {tile})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the mode and still alive (CPU has no
+    allocator statistics; resident-set sizes mostly measure the allocator's caching)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.refs: dict[int, weakref.ref] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor) and item.device.type != "meta":
+                storage = item.untyped_storage()
+                key = storage._cdata
+                if key not in self.sizes:
+                    self.sizes[key] = storage.nbytes()
+                    self.refs[key] = weakref.ref(storage, lambda _, k=key: self._release(k))
+                    self.current += self.sizes[key]
+                    self.peak = max(self.peak, self.current)
+        return out
+
+    def _release(self, key: int) -> None:
+        self.current -= self.sizes.pop(key, 0)
+        self.refs.pop(key, None)
+
+
+def _measure_peak(name: str, size: int, tile: int | None) -> None:
+    """(In the subprocess.) Print the peak MB that one training step allocates."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stream, head = build(name, device)
+    image = torch.rand(1, 3, size, size, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        training_step(stream, head, image, tile)
+        print((torch.cuda.max_memory_allocated() - before) / 2**20)
+        return
+    with _LiveBytes() as live:
+        training_step(stream, head, image, tile)
+    print(live.peak / 2**20)
+
+
+def per_tile_overhead(reps: int, device: torch.device) -> tuple[float, int]:
+    """Training step of a 1x1-conv stream: tile 32 against one tile, same work; (ratio, tiles)."""
+    stream = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU()).to(device)
+    image = torch.rand(1, 3, 1024, 1024, device=device)
+
+    def step(tile: int) -> Callable[[], None]:
+        def run() -> None:
+            StreamingCNN(stream, tile)(image).square().sum().backward()
+            stream.zero_grad(set_to_none=True)
+        return run
+
+    _, _, ratio = paired(step(1024), step(32), reps, device)
+    return ratio, len(StreamingCNN(stream, 32).plan(image.shape))
+
+
+def _row(name: str, size: int, tile: int, reps: int, device: torch.device) -> list:
+    stream, head = build(name, device)
+    image = torch.rand(1, 3, size, size, device=device)
+    plain_s, stream_s, ratio = paired(lambda: training_step(stream, head, image, None),
+                                      lambda: training_step(stream, head, image, tile),
+                                      reps, device)
+    _, _, predict_ratio = paired(lambda: predict(stream, image, None),
+                                 lambda: predict(stream, image, tile), reps, device)
+    plain_mb, stream_mb = peak_memory_mb(name, size, None), peak_memory_mb(name, size, tile)
+    return [name, size, tile, round(plain_s, 3), round(stream_s, 3), round(ratio, 2),
+            round(plain_mb), round(stream_mb), round(plain_mb / max(stream_mb, 1e-9), 1),
+            round(predict_ratio, 2)]
+
+
+def run(quick: bool = False) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reps = 3 if quick else 5
+    rows, notes = [], []
+    for name, size, tiles in QUICK if quick else FULL:
+        rows += [_row(name, size, tile, reps, device) for tile in tiles]
+    overhead, tiles = per_tile_overhead(reps, device)
+    notes.append(f"per-tile overhead: 1x1-conv stream, 1024 px image, {tiles} tiles of 32 px "
+                 f"vs one tile: {overhead:.2f}x (training step)")
+    notes.append(f"{reps} paired repetitions after a warm-up; ratios are medians of pairwise "
+                 f"ratios; torch threads: {torch.get_num_threads()}; device: {device}")
+    return {"title": "Streaming vs plain PyTorch (training step; predict = no-grad forward)",
+            "columns": ["model", "image", "tile", "plain s", "stream s", "step ratio",
+                        "plain MB", "stream MB", "memory saved x", "predict ratio"],
+            "rows": rows, "notes": notes}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

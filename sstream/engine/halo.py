@@ -1,0 +1,626 @@
+"""Halo streaming: every layer computes each of its outputs once, tile by tile.
+
+The crop approach (streaming.py) recomputes a receptive-field-wide margin around every tile.
+Here tiles are processed in raster order and every node of the stream's fx graph keeps the
+boundary rows and columns of its output (its *halo*) that the next tiles' consumers still need,
+as line-buffer image pipelines do. Per axis, input tile k makes the first `A_v[k+1]` outputs of
+node v computable (the schedule): for a sliding-window node (extent e, stride s, left padding
+p) over input u,
+
+    A_v = L_v                               if A_u = L_u (the input is complete)
+    A_v = floor((A_u + p - e) / s) + 1      else (clipped to [0, L_v]; 0 if A_u = 0)
+
+and for a per-pixel node the minimum over its inputs. Tile (r, c) computes node v's *region*
+rows [A_v[r], A_v[r+1]) x columns [B_v[c], B_v[c+1]) (the regions of all tiles partition v's
+output: each output is computed once). A window node computes its region by running its module
+on the input rows [c0, A_u[r+1]) with c0 = max(0, (A_v[r] - ceil(p/s)) * s): c0 is a multiple
+of s, so the module's sampling grid is the global one; the module's own padding at an interior
+crop edge touches only the first ceil(p/s) outputs, which are dropped; at a true image border
+the crop's border is the image's (the exactness argument of ENGINE.md, applied per layer).
+
+Each node's *block* for a tile is its region plus the halo above (rows kept from the previous
+tile row, a full-width line buffer `up` rows high) and to the left (`left` columns kept from
+the previous tile), assembled as
+
+    block = [ top_in           ]     rows [A[r] - up, A[r+1]), columns [B[c] - left, B[c+1])
+            [ left_in | region ]
+
+Backward (the autograd Function in streaming.py): tiles in reverse raster order. Each tile's
+blocks are rebuilt with autograd from its own input pixels and the halos saved in the forward
+(`top_in`, `left_in`: thin strips), and one `autograd.grad` call back-propagates the tile's
+part of the feature-map gradient together with the gradients that later tiles (to the right,
+below; already done) sent to the halo strips this tile handed on (`left_out`, `next_top`); the
+gradients reaching `top_in` / `left_in` go to the tiles that produced them, which come next.
+So the stream's forward runs twice (no-grad pass, re-run) and its backward once, on each
+output exactly once (plus ceil(p/s) outputs per interior tile edge and layer).
+
+Graphs this engine cannot run exactly (in-place ops on values that have other readers,
+operands of different spatial sizes) are detected when the program is built; StreamingCNN
+then falls back to the crop engine.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from sstream.engine.geometry import (
+    UnsupportedModuleError,
+    _conv_axes,
+    _fetch_attr,
+    _pool_axes,
+    spatial_dims,
+    traced_values,
+)
+
+Box = tuple[int, int, int, int]
+
+_WINDOW_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+_INPLACE_FUNCTIONS: dict[Any, Any] = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, torch.relu_: torch.relu, F.relu_: F.relu,
+}
+# methods whose result may be the very tensor they are called on
+_ALIASING_METHODS = {"contiguous", "float", "double", "half", "bfloat16", "detach"}
+
+
+@dataclass
+class _Node:
+    """One graph node as the halo engine runs it.
+
+    kind: "input", "window", "pointwise" (per pixel: any local op that is not a window),
+    "constant" (does not depend on the input) or "output". Region schedules per axis:
+    `rows[k]` = outputs computable after input tile row k - 1 (rows[0] = 0).
+    """
+
+    node: fx.Node
+    kind: str
+    dims: tuple[int, int] = (2, 3)           # positions of (height, width) in the tensor
+    size: tuple[int, int] = (0, 0)           # full-image (height, width) of the output
+    sources: tuple[fx.Node, ...] = ()        # spatial inputs
+    module: nn.Module | None = None
+    axes: tuple[tuple[int, int, int], ...] = ()  # window: per axis (extent, stride, pad)
+    rows: list[int] = field(default_factory=list)
+    cols: list[int] = field(default_factory=list)
+    up: int = 0                              # halo rows kept for the next tile row
+    left: int = 0                            # halo columns kept for the next tile
+    call: Callable[..., Any] | None = None   # pointwise: out-of-place version of the op
+    needs_grad: bool = False
+
+
+def _window_start(region0: int, stride: int, pad: int) -> int:
+    """First input row of the crop computing outputs from `region0` (a multiple of stride)."""
+    return max(0, (region0 - -(-pad // stride)) * stride)
+
+
+def _window_schedule(avail: int, full_in: int, full_out: int, axis: tuple[int, int, int]) -> int:
+    extent, stride, pad = axis
+    if avail >= full_in:
+        return full_out
+    if avail <= 0:
+        return 0
+    return max(0, min(full_out, (avail + pad - extent) // stride + 1))
+
+
+class HaloProgram:
+    """The halo schedule of one stream for one input size; `None` from `build` if unsupported."""
+
+    def __init__(self, nodes: list[_Node], edges: tuple[list[int], list[int]]) -> None:
+        self.nodes = nodes
+        self.by_fx = {n.node: n for n in nodes}
+        self.edges = edges
+        self.output = next(n for n in nodes if n.kind == "output")
+        self.result = self.by_fx[self.output.sources[0]]
+        # values a tile no longer needs after node i: freed at once, as plain PyTorch does
+        last_use = {n.node: i for i, n in enumerate(nodes)}
+        for i, entry in enumerate(nodes):
+            for source in entry.node.all_input_nodes:
+                last_use[source] = i
+        self.release_after: list[list[fx.Node]] = [[] for _ in nodes]
+        for node, i in last_use.items():
+            self.release_after[i].append(node)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return len(self.edges[0]) - 1, len(self.edges[1]) - 1
+
+    @staticmethod
+    def build(stream: nn.Module, input_shape: Sequence[int], row_edges: list[int],
+              col_edges: list[int]) -> HaloProgram | None:
+        """Plan the halo engine for input (N, C, H, W) and tile edges (input pixels, from 0 to
+        H resp. W, strictly increasing); None when the stream needs the crop engine."""
+        if any(b <= a for a, b in zip(row_edges, row_edges[1:])) or \
+                any(b <= a for a, b in zip(col_edges, col_edges[1:])):
+            return None
+        try:
+            graph, values = traced_values(stream)
+        except UnsupportedModuleError:
+            return None
+        shapes = _meta_shapes(stream, graph, tuple(int(s) for s in input_shape))
+        nodes: list[_Node] = []
+        for node in graph.nodes:
+            entry = _classify(node, stream, values, shapes)
+            if entry is None:
+                return None
+            nodes.append(entry)
+        program = HaloProgram(nodes, (list(row_edges), list(col_edges)))
+        if not program._schedule():
+            return None
+        return program
+
+    def _schedule(self) -> bool:
+        """Fill rows/cols schedules and the halo sizes; False if something does not fit."""
+        for entry in self.nodes:
+            if entry.kind in ("constant", "output"):
+                continue
+            for axis, edges in enumerate(self.edges):
+                if entry.kind == "input":
+                    sched = list(edges)
+                elif entry.kind == "window":
+                    src = self.by_fx[entry.sources[0]]
+                    src_sched, src_full = (src.rows, src.cols)[axis], src.size[axis]
+                    sched = [_window_schedule(a, src_full, entry.size[axis], entry.axes[axis])
+                             for a in src_sched]
+                else:
+                    scheds = [(self.by_fx[s].rows, self.by_fx[s].cols)[axis]
+                              for s in entry.sources]
+                    sched = [min(column) for column in zip(*scheds)]
+                if sched[-1] != entry.size[axis] or sched[0] != 0:
+                    return False
+                if axis == 0:
+                    entry.rows = sched
+                else:
+                    entry.cols = sched
+        for entry in self.nodes:  # halo each input must keep for this consumer
+            if entry.kind not in ("window", "pointwise"):
+                continue
+            for source in entry.sources:
+                src = self.by_fx[source]
+                for axis in range(2):
+                    mine = (entry.rows, entry.cols)[axis]
+                    theirs = (src.rows, src.cols)[axis]
+                    need = 0
+                    for k in range(len(mine) - 1):
+                        if mine[k + 1] == mine[k]:
+                            continue
+                        if entry.kind == "window":
+                            _, stride, pad = entry.axes[axis]
+                            start = _window_start(mine[k], stride, pad)
+                        else:
+                            start = mine[k]
+                        need = max(need, theirs[k] - start)
+                    if axis == 0:
+                        src.up = max(src.up, need)
+                    else:
+                        src.left = max(src.left, need)
+        return True
+
+
+def _classify(node: fx.Node, root: nn.Module, values: dict[fx.Node, Any],
+              shapes: dict[fx.Node, Any]) -> _Node | None:
+    if node.op == "output":
+        return _Node(node, "output", sources=(node.args[0],))
+    dims = spatial_dims(values.get(node))
+    if dims is None:
+        return _Node(node, "constant")
+    shape = shapes[node]
+    size = (int(shape[dims[0]]), int(shape[dims[1]]))
+    if node.op == "placeholder":
+        return _Node(node, "input", dims, size)
+    sources = tuple(dict.fromkeys(n for n in node.all_input_nodes
+                                  if spatial_dims(values.get(n)) is not None))
+    if node.op == "call_module":
+        module = root.get_submodule(str(node.target))
+        if isinstance(module, _WINDOW_MODULES):
+            axes = _conv_axes(module) if isinstance(module, nn.Conv2d) else _pool_axes(module)
+            return _Node(node, "window", dims, size, sources, module,
+                         tuple((e, s, p) for e, s, p, _ in axes))
+    for source in sources:  # per-pixel ops: spatial operands must not broadcast over space
+        src_dims = spatial_dims(values[source])
+        src_shape = shapes[source]
+        if (int(src_shape[src_dims[0]]), int(src_shape[src_dims[1]])) != size:
+            return None
+    call = _out_of_place(node, root)
+    if call is None:
+        return None
+    return _Node(node, "pointwise", dims, size, sources, call=call)
+
+
+def _out_of_place(node: fx.Node, root: nn.Module) -> Callable[..., Any] | None:
+    """A callable (args, kwargs) -> value computing the node without mutating its operands.
+
+    In-place ops are exact out of place only if nobody else reads the operand they mutate;
+    otherwise None (the crop engine runs such streams as written).
+    """
+    inplace = False
+    if node.op == "call_module":
+        module = root.get_submodule(str(node.target))
+        inplace = bool(getattr(module, "inplace", False))
+
+        def call(args: Any, kwargs: Any) -> Any:
+            if not inplace:
+                return module(*args, **kwargs)
+            module.inplace = False  # restored at once: no other code runs in between
+            try:
+                return module(*args, **kwargs)
+            finally:
+                module.inplace = True
+    elif node.op == "call_function":
+        target = node.target
+        if target in _INPLACE_FUNCTIONS:
+            target, inplace = _INPLACE_FUNCTIONS[target], True
+        if node.kwargs.get("inplace", False):
+            inplace = True
+
+        def call(args: Any, kwargs: Any) -> Any:
+            if "inplace" in kwargs:
+                kwargs = {**kwargs, "inplace": False}
+            return target(*args, **kwargs)
+    elif node.op == "call_method":
+        name = str(node.target)
+        if name.endswith("_") and not name.endswith("__"):
+            name, inplace = name[:-1], True
+
+        def call(args: Any, kwargs: Any) -> Any:
+            return getattr(args[0], name)(*args[1:], **kwargs)
+    else:
+        return None
+    if inplace and not _sole_reader(node):
+        return None
+    return call
+
+
+def _sole_reader(node: fx.Node) -> bool:
+    """Whether `node` is the only reader of the value its first operand holds (aliases too)."""
+    operand = node.args[0] if node.args else None
+    while isinstance(operand, fx.Node):
+        if len(operand.users) != 1:
+            return False
+        if operand.op == "call_method" and operand.target in _ALIASING_METHODS:
+            operand = operand.args[0]
+            continue
+        return True
+    return True
+
+
+def _meta_shapes(stream: nn.Module, graph: fx.Graph,
+                 input_shape: tuple[int, ...]) -> dict[fx.Node, Any]:
+    """Every node's output shape for the whole image, computed on the meta device."""
+    shapes: dict[fx.Node, Any] = {}
+
+    class _Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stream = stream
+
+        def forward(self, image: torch.Tensor) -> None:
+            env: dict[fx.Node, Any] = {}
+            for node in graph.nodes:
+                if node.op == "output":
+                    break
+                if node.op == "placeholder":
+                    env[node] = image
+                else:
+                    env[node] = _run_plain(node, self.stream, env)
+                if isinstance(env[node], torch.Tensor):
+                    shapes[node] = tuple(env[node].shape)
+
+    dtype = next((p.dtype for p in stream.parameters()), torch.get_default_dtype())
+    state = {f"stream.{name}": torch.empty_like(t, device="meta")
+             for name, t in [*stream.named_parameters(), *stream.named_buffers()]}
+    with torch.no_grad():
+        torch.func.functional_call(_Recorder(), state,
+                                   (torch.empty(input_shape, device="meta", dtype=dtype),))
+    return shapes
+
+
+def _run_plain(node: fx.Node, root: nn.Module, env: dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "get_attr":
+        return _fetch_attr(root, str(node.target))
+    if node.op == "call_module":
+        return root.get_submodule(str(node.target))(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    raise RuntimeError(f"unexpected node {node.op}")
+
+
+def _narrow2(tensor: torch.Tensor, dims: tuple[int, int], y0: int, y1: int, x0: int,
+             x1: int) -> torch.Tensor:
+    if (y0, y1) != (0, tensor.shape[dims[0]]):
+        tensor = tensor.narrow(dims[0], y0, y1 - y0)
+    if (x0, x1) != (0, tensor.shape[dims[1]]):
+        tensor = tensor.narrow(dims[1], x0, x1 - x0)
+    return tensor
+
+
+@dataclass
+class _Block:
+    """A node's block for the current tile: rows [y0, y1) x columns [x0, x1) of its output."""
+
+    tensor: torch.Tensor
+    y0: int
+    x0: int
+
+    def part(self, dims: tuple[int, int], y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        return _narrow2(self.tensor, dims, y0 - self.y0, y1 - self.y0, x0 - self.x0,
+                        x1 - self.x0)
+
+
+class HaloRun:
+    """One image through a HaloProgram: forward (keeping halos if `keep`) and backward."""
+
+    def __init__(self, program: HaloProgram, stream: nn.Module,
+                 read: Callable[[Box], torch.Tensor], keep: bool,
+                 report: Callable[[str, int], None]) -> None:
+        self.program, self.stream, self.read, self.keep = program, stream, read, keep
+        self.report = report
+        self.saved_top: list[dict[fx.Node, torch.Tensor]] = []   # per tile row
+        self.saved_left: dict[tuple[int, int, fx.Node], torch.Tensor] = {}
+        self._empty_dtype: dict[fx.Node, torch.dtype] = {}
+
+    # -- one tile --------------------------------------------------------------------------
+
+    def _tile(self, row: int, col: int, top: dict[fx.Node, torch.Tensor],
+              left: dict[fx.Node, torch.Tensor], visit: Callable[[_Node, _Block], None],
+              input_region: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute every node's region and block for tile (row, col).
+
+        `top[v]`: v's rows [A[row] - up, A[row]) for the full width; `left[v]`: v's rows
+        [A[row], A[row+1]) x columns [B[col] - left, B[col]). `visit(entry, block)` sees the
+        block of every node with a halo as soon as it exists. Returns the output region.
+        """
+        env: dict[fx.Node, Any] = {}
+        out_region = None
+        for i, entry in enumerate(self.program.nodes):
+            node = entry.node
+            if entry.kind == "output":
+                break
+            if entry.kind == "constant":
+                env[node] = _run_plain(node, self.stream, env)
+                continue
+            y0, y1 = entry.rows[row], entry.rows[row + 1]
+            x0, x1 = entry.cols[col], entry.cols[col + 1]
+            if entry.kind == "input":
+                region = input_region if input_region is not None else self.read(
+                    (y0, y1, x0, x1))
+            elif entry.kind == "window":
+                region = self._window(entry, env, row, col)
+            else:
+                assert entry.call is not None
+                region = entry.call(*self._operands(entry, env, (y0, y1, x0, x1)))
+            if entry is self.program.result:
+                out_region = region
+            env[node] = self._block(entry, region, row, col, top, left)
+            if entry.up or entry.left:
+                visit(entry, env[node])
+            for done in self.program.release_after[i]:
+                env.pop(done, None)
+        assert out_region is not None
+        return out_region
+
+    def _operands(self, entry: _Node, env: dict[fx.Node, Any], box: Box) -> tuple[Any, Any]:
+        """(args, kwargs) of a per-pixel node: spatial operands cut to the node's region."""
+        def operand(node: fx.Node) -> Any:
+            value = env[node]
+            if isinstance(value, _Block):
+                return value.part(self.program.by_fx[node].dims, *box)
+            return value
+
+        return (fx.node.map_arg(entry.node.args, operand),
+                fx.node.map_arg(entry.node.kwargs, operand))
+
+    def _window(self, entry: _Node, env: dict[fx.Node, Any], row: int, col: int) -> torch.Tensor:
+        src = self.program.by_fx[entry.sources[0]]
+        block: _Block = env[src.node]
+        y0, y1 = entry.rows[row], entry.rows[row + 1]
+        x0, x1 = entry.cols[col], entry.cols[col + 1]
+        assert entry.module is not None
+        if y1 == y0 or x1 == x0:
+            return self._empty(entry, block.tensor, y1 - y0, x1 - x0)
+        (_, sy, py), (_, sx, px) = entry.axes
+        in_y0, in_x0 = _window_start(y0, sy, py), _window_start(x0, sx, px)
+        crop = block.part(src.dims, in_y0, src.rows[row + 1], in_x0, src.cols[col + 1])
+        out = entry.module(crop)
+        return _narrow2(out, (2, 3), y0 - in_y0 // sy, y1 - in_y0 // sy,
+                        x0 - in_x0 // sx, x1 - in_x0 // sx)
+
+    def _empty(self, entry: _Node, like: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """An empty region of the dtype the module gives (autocast may change it)."""
+        if entry.node not in self._empty_dtype:
+            (ey, _, _), (ex, _, _) = entry.axes
+            probe = like.new_zeros((*like.shape[:2], ey, ex))
+            with torch.no_grad():
+                self._empty_dtype[entry.node] = entry.module(probe).dtype  # type: ignore[misc]
+        channels = _module_channels(entry.module, like.shape[1])
+        return like.new_empty((like.shape[0], channels, height, width),
+                              dtype=self._empty_dtype[entry.node])
+
+    def _block(self, entry: _Node, region: torch.Tensor, row: int, col: int,
+               top: dict[fx.Node, torch.Tensor], left: dict[fx.Node, torch.Tensor]) -> _Block:
+        y0, x0 = entry.rows[row], entry.cols[col]
+        if entry.up == 0 and entry.left == 0:
+            return _Block(region, y0, x0)
+        hdim, wdim = entry.dims
+        yb, xb = max(0, y0 - entry.up), max(0, x0 - entry.left)
+        x1 = entry.cols[col + 1]
+        middle = region if xb == x0 else torch.cat([left[entry.node], region], dim=wdim)
+        if yb == y0:
+            return _Block(middle, yb, xb)
+        above = top[entry.node].narrow(wdim, xb, x1 - xb)
+        return _Block(torch.cat([above, middle], dim=hdim), yb, xb)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward(self) -> torch.Tensor:
+        rows, cols = self.program.grid
+        fmap: torch.Tensor | None = None
+        top: dict[fx.Node, torch.Tensor] = {}
+        result = self.program.result
+        done = 0
+        for row in range(rows):
+            if self.keep:
+                self.saved_top.append(top)
+            next_top: dict[fx.Node, torch.Tensor] = {}
+            left: dict[fx.Node, torch.Tensor] = {}
+            for col in range(cols):
+                def hand_on(entry: _Node, block: _Block, row: int = row, col: int = col,
+                            left: dict = left, next_top: dict = next_top) -> None:
+                    self._hand_on(entry, block, row, col, left, next_top)
+                    if self.keep and entry.left and col + 1 < cols:
+                        self.saved_left[row, col + 1, entry.node] = left[entry.node].clone()
+
+                out = self._tile(row, col, top, left, hand_on)
+                if fmap is None:
+                    fmap = out.new_empty(_with_size(out.shape, result.dims, result.size))
+                oy0, oy1 = result.rows[row], result.rows[row + 1]
+                ox0, ox1 = result.cols[col], result.cols[col + 1]
+                _narrow2(fmap, result.dims, oy0, oy1, ox0, ox1).copy_(out)
+                done += 1
+                self.report("forward", done)
+            top = next_top
+        assert fmap is not None
+        return fmap
+
+    def _hand_on(self, entry: _Node, block: _Block, row: int, col: int,
+                 left: dict[fx.Node, torch.Tensor], next_top: dict[fx.Node, torch.Tensor],
+                 ) -> None:
+        """Keep what the next tile (left halo) and the next tile row (top halo) need."""
+        y0, y1 = entry.rows[row], entry.rows[row + 1]
+        x0, x1 = entry.cols[col], entry.cols[col + 1]
+        hdim, wdim = entry.dims
+        if entry.left:
+            left[entry.node] = block.part(entry.dims, y0, y1, max(0, x1 - entry.left), x1)
+        if entry.up:
+            ty0 = max(0, y1 - entry.up)
+            if entry.node not in next_top:
+                shape = _with_size(block.tensor.shape, entry.dims, (y1 - ty0, entry.size[1]))
+                next_top[entry.node] = block.tensor.new_empty(shape)
+            _narrow2(next_top[entry.node], entry.dims, 0, y1 - ty0, x0, x1).copy_(
+                block.part(entry.dims, ty0, y1, x0, x1))
+
+    # -- backward --------------------------------------------------------------------------
+
+    def backward(self, grad_fmap: torch.Tensor, params: list[torch.Tensor],
+                 image_grad: Callable[[Box, torch.Tensor], None] | None,
+                 ) -> list[torch.Tensor | None]:
+        """Tiles in reverse raster order; returns the parameter gradients."""
+        program = self.program
+        rows, cols = program.grid
+        self._mark_needs_grad(params, image_grad is not None)
+        result = program.result
+        inp = next(e for e in program.nodes if e.kind == "input")
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        grad_next_top: dict[fx.Node, torch.Tensor] = {}
+        done = 0
+        for row in reversed(range(rows)):
+            top_saved = self.saved_top[row]
+            grad_top: dict[fx.Node, torch.Tensor] = {}
+            grad_left: dict[fx.Node, torch.Tensor] = {}
+            for col in reversed(range(cols)):
+                top = {n: t.detach().requires_grad_(self.program.by_fx[n].needs_grad)
+                       for n, t in top_saved.items()}
+                left = {n: self.saved_left[row, col, n].detach().requires_grad_(
+                    self.program.by_fx[n].needs_grad)
+                    for n in (e.node for e in program.nodes if e.left)
+                    if (row, col, n) in self.saved_left}
+                y0, y1 = inp.rows[row], inp.rows[row + 1]
+                x0, x1 = inp.cols[col], inp.cols[col + 1]
+                crop = self.read((y0, y1, x0, x1)).detach().requires_grad_(
+                    image_grad is not None)
+                outputs: list[torch.Tensor] = []
+                grads: list[torch.Tensor] = []
+
+                def collect(entry: _Node, block: _Block, row: int = row, col: int = col,
+                            grad_left: dict = grad_left, grad_next_top: dict = grad_next_top,
+                            outputs: list = outputs, grads: list = grads) -> None:
+                    """Halo strips this tile handed on, with the gradients sent back."""
+                    if not entry.needs_grad:
+                        return
+                    ey0, ey1 = entry.rows[row], entry.rows[row + 1]
+                    ex0, ex1 = entry.cols[col], entry.cols[col + 1]
+                    if entry.left and entry.node in grad_left:
+                        outputs.append(block.part(entry.dims, ey0, ey1,
+                                                  max(0, ex1 - entry.left), ex1))
+                        grads.append(grad_left.pop(entry.node))
+                    if entry.up and entry.node in grad_next_top:
+                        ty0 = max(0, ey1 - entry.up)
+                        outputs.append(block.part(entry.dims, ty0, ey1, ex0, ex1))
+                        grads.append(_narrow2(grad_next_top[entry.node], entry.dims, 0,
+                                              ey1 - ty0, ex0, ex1))
+
+                with torch.enable_grad():
+                    out = self._tile(row, col, top, left, collect, input_region=crop)
+                oy0, oy1 = result.rows[row], result.rows[row + 1]
+                ox0, ox1 = result.cols[col], result.cols[col + 1]
+                outputs.append(out)
+                grads.append(_narrow2(grad_fmap, result.dims, oy0, oy1, ox0, ox1).to(out.dtype))
+                leaves_top = [n for n in top if top[n].requires_grad]
+                leaves_left = [n for n in left if left[n].requires_grad]
+                inputs = ([crop] if image_grad is not None else []) + \
+                    [top[n] for n in leaves_top] + [left[n] for n in leaves_left] + params
+                keep = [i for i, o in enumerate(outputs) if o.requires_grad and o.numel()]
+                got: Sequence[torch.Tensor | None] = [None] * len(inputs)
+                if keep and inputs:
+                    got = torch.autograd.grad([outputs[i] for i in keep],
+                                              inputs, [grads[i] for i in keep],
+                                              allow_unused=True)
+                got = list(got)
+                if image_grad is not None:
+                    grad_crop = got.pop(0)
+                    image_grad((y0, y1, x0, x1),
+                               torch.zeros_like(crop) if grad_crop is None else grad_crop)
+                for n in leaves_top:  # leaves are whole line buffers: grads are full width
+                    g = got.pop(0)
+                    if g is not None:
+                        grad_top[n] = g if n not in grad_top else grad_top[n] + g
+                for n in leaves_left:
+                    g = got.pop(0)
+                    if g is not None:
+                        grad_left[n] = g
+                for i, g in enumerate(got):
+                    if g is not None:
+                        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+                done += 1
+                self.report("backward", done)
+            grad_next_top = grad_top
+        return param_grads
+
+    def _mark_needs_grad(self, params: list[torch.Tensor], image: bool) -> None:
+        """Which nodes carry gradient: downstream of the image (if wanted) or a parameter."""
+        wanted = {id(p) for p in params}
+        flagged: set[fx.Node] = set()
+        for entry in self.program.nodes:
+            node = entry.node
+            if entry.kind == "input":
+                hit = image
+            elif node.op == "call_module":
+                module = self.stream.get_submodule(str(node.target))
+                hit = any(id(p) in wanted for p in module.parameters())
+            elif node.op == "get_attr":
+                hit = id(_fetch_attr(self.stream, str(node.target))) in wanted
+            else:
+                hit = False
+            if hit or any(n in flagged for n in node.all_input_nodes):
+                flagged.add(node)
+            entry.needs_grad = node in flagged
+
+
+def _with_size(shape: Sequence[int], dims: tuple[int, int],
+               size: tuple[int, int]) -> tuple[int, ...]:
+    out = list(shape)
+    out[dims[0]], out[dims[1]] = size
+    return tuple(out)
+
+
+def _module_channels(module: nn.Module | None, in_channels: int) -> int:
+    return module.out_channels if isinstance(module, nn.Conv2d) else in_channels
