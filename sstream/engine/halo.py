@@ -41,6 +41,7 @@ then falls back to the crop engine.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class _Node:
     left: int = 0                            # halo columns kept for the next tile
     call: Callable[..., Any] | None = None   # pointwise: out-of-place version of the op
     needs_grad: bool = False
+    per_pixel: int = 0                       # elements per output position (N * C ...)
 
 
 def _window_start(region0: int, stride: int, pad: int) -> int:
@@ -129,6 +131,17 @@ class HaloProgram:
     @property
     def grid(self) -> tuple[int, int]:
         return len(self.edges[0]) - 1, len(self.edges[1]) - 1
+
+    def saved_halo_elements(self) -> int:
+        """Elements of the halo strips a training step keeps from the forward pass for the
+        backward: per node, `up` full-width rows per tile row and `left` columns per tile."""
+        total = 0
+        for n in self.nodes:
+            if n.up:
+                total += n.per_pixel * n.size[1] * sum(min(n.up, a) for a in n.rows[1:-1])
+            if n.left:
+                total += n.per_pixel * n.size[0] * sum(min(n.left, b) for b in n.cols[1:-1])
+        return total
 
     @staticmethod
     def build(stream: nn.Module, input_shape: Sequence[int], row_edges: list[int],
@@ -211,6 +224,16 @@ def _classify(node: fx.Node, root: nn.Module, values: dict[fx.Node, Any],
         return _Node(node, "constant")
     shape = shapes[node]
     size = (int(shape[dims[0]]), int(shape[dims[1]]))
+    per_pixel = math.prod(int(d) for i, d in enumerate(shape) if i not in dims)
+    entry = _classify_spatial(node, root, values, shapes, dims, size)
+    if entry is not None:
+        entry.per_pixel = per_pixel
+    return entry
+
+
+def _classify_spatial(node: fx.Node, root: nn.Module, values: dict[fx.Node, Any],
+                      shapes: dict[fx.Node, Any], dims: tuple[int, int],
+                      size: tuple[int, int]) -> _Node | None:
     if node.op == "placeholder":
         return _Node(node, "input", dims, size)
     sources = tuple(dict.fromkeys(n for n in node.all_input_nodes

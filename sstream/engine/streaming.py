@@ -160,6 +160,14 @@ class StreamingCNN(nn.Module):
         return "crop" if self._halo_program(input_shape, self.plan(input_shape)) is None \
             else "halo"
 
+    def saved_halo_elements(self, input_shape: Sequence[int]) -> int:
+        """Elements (of the stream's dtype) the halo engine keeps between the forward and the
+        backward pass for an input of shape (N, C, H, W): thin strips along every tile edge
+        of every layer that needs them; 0 when the crop engine runs this shape."""
+        self._refuse_current_modes()
+        program = self._halo_program(input_shape, self.plan(input_shape))
+        return 0 if program is None else program.saved_halo_elements()
+
     def _halo_program(self, shape: Sequence[int], plan: TilePlan) -> HaloProgram | None:
         """The halo engine's program for this input shape, or None: use the crop engine."""
         if self.engine == "crop":

@@ -157,3 +157,25 @@ def test_tile_progress_reports_every_tile_in_both_passes():
     total = len(scnn.plan(image.shape))
     assert calls == [("forward", i, total) for i in range(1, total + 1)] + [
         ("backward", i, total) for i in range(1, total + 1)]
+
+
+def test_saved_halo_elements_counts_what_the_halo_engine_keeps(monkeypatch):
+    """The public count (for memory estimates) equals the strips the forward really keeps."""
+    from sstream.engine import streaming
+
+    runs = []
+    original = streaming._StreamFunction.forward
+
+    def forward(ctx, run, *args):
+        runs.append(run)
+        return original(ctx, run, *args)
+
+    monkeypatch.setattr(streaming._StreamFunction, "forward", staticmethod(forward))
+    stream = small_stream()
+    scnn = sstream.StreamingCNN(stream, 24)
+    image = torch.randn(2, 3, 141, 117, dtype=torch.float64)
+    scnn(image).sum().backward()
+    halo = runs[0].halo
+    kept = sum(t.numel() for top in halo.saved_top for t in top.values())
+    kept += sum(t.numel() for t in halo.saved_left.values())
+    assert kept > 0 and scnn.saved_halo_elements(image.shape) == kept
