@@ -40,6 +40,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+_EPOCH_COLUMNS = [("train_loss", "loss"), ("val_loss", "val loss"), ("val_accuracy", "val acc"),
+                  ("val_auc", "val AUC"), ("lr", "lr"), ("seconds", "s"),
+                  ("images_per_s", "img/s"), ("tiles_per_s", "tiles/s"),
+                  ("peak_memory_mb", "peak MB")]
+
+
 class RichTrainEvents(TrainEvents):
     """An epoch bar, an image bar (loss, images/s, tiles/s) and a table after each epoch."""
 
@@ -86,10 +92,11 @@ class RichTrainEvents(TrainEvents):
     def on_epoch_end(self, metrics: dict[str, Any]) -> None:
         self.tiles_done = 0
         self.progress.advance(self.epoch_task)
-        table = Table(title=f"epoch {metrics['epoch']}", show_header=True)
-        for key in metrics:
-            table.add_column(key)
-        table.add_row(*[_fmt(v) for v in metrics.values()])
+        table = Table(title=f"epoch {metrics['epoch']}", show_header=True, padding=(0, 1))
+        shown = [(key, header) for key, header in _EPOCH_COLUMNS if key in metrics]
+        for _, header in shown:
+            table.add_column(header, justify="right")
+        table.add_row(*[_fmt(metrics[key]) for key, _ in shown])
         self.progress.console.print(table)
 
     def close(self) -> None:
