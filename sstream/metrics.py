@@ -41,7 +41,7 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dic
         return {"accuracy": math.nan, "auc": math.nan, "loss": math.nan}
     accuracy = float((probabilities.argmax(1) == labels).mean())
     picked = probabilities[np.arange(len(labels)), labels]
-    loss = float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
+    loss = float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()) + 0.0  # no -0.0
     if probabilities.shape[1] == 2:
         auc = binary_auc(probabilities[:, 1], labels == 1)
     else:
