@@ -94,6 +94,12 @@ class _Node:
     call: Callable[..., Any] | None = None   # pointwise: out-of-place version of the op
     needs_grad: bool = False
     per_pixel: int = 0                       # elements per output position (N * C ...)
+    derived: bool = False  # per-pixel node whose block is computed from its inputs' blocks
+
+    @property
+    def stores_halo(self) -> bool:
+        """Whether this node keeps halo strips (line buffer, left columns) between tiles."""
+        return bool(self.up or self.left) and not self.derived
 
 
 def _window_start(region0: int, stride: int, pad: int) -> int:
@@ -137,6 +143,8 @@ class HaloProgram:
         backward: per node, `up` full-width rows per tile row and `left` columns per tile."""
         total = 0
         for n in self.nodes:
+            if not n.stores_halo:
+                continue
             if n.up:
                 total += n.per_pixel * n.size[1] * sum(min(n.up, a) for a in n.rows[1:-1])
             if n.left:
@@ -212,6 +220,18 @@ class HaloProgram:
                         src.up = max(src.up, need)
                     else:
                         src.left = max(src.left, need)
+        # A per-pixel node on the same schedule as its inputs computes its whole block (halo
+        # included: a few rows of cheap per-pixel work) from its inputs' blocks instead of
+        # keeping its own halo; halos then live only at window-op outputs, and autograd keeps
+        # one block per layer instead of a region plus a block (as plain PyTorch would).
+        for entry in reversed(self.nodes):
+            if entry.kind != "pointwise" or not (entry.up or entry.left):
+                continue
+            sources = [self.by_fx[s] for s in entry.sources]
+            if all(src.rows == entry.rows and src.cols == entry.cols for src in sources):
+                entry.derived = True
+                for src in sources:
+                    src.up, src.left = max(src.up, entry.up), max(src.left, entry.left)
         return True
 
 
@@ -418,13 +438,20 @@ class HaloRun:
                     (y0, y1, x0, x1))
             elif entry.kind == "window":
                 region = self._window(entry, env, row, col)
+            elif entry.derived:
+                yb, xb = max(0, y0 - entry.up), max(0, x0 - entry.left)
+                assert entry.call is not None
+                env[node] = _Block(entry.call(*self._operands(entry, env, (yb, y1, xb, x1))),
+                                   yb, xb)
+                region = env[node].part(entry.dims, y0, y1, x0, x1)
             else:
                 assert entry.call is not None
                 region = entry.call(*self._operands(entry, env, (y0, y1, x0, x1)))
             if entry is self.program.result:
                 out_region = region
-            env[node] = self._block(entry, region, row, col, top, left)
-            if entry.up or entry.left:
+            if not entry.derived:
+                env[node] = self._block(entry, region, row, col, top, left)
+            if entry.stores_halo:
                 visit(entry, env[node])
             for done in self.program.release_after[i]:
                 env.pop(done, None)
@@ -471,7 +498,7 @@ class HaloRun:
     def _block(self, entry: _Node, region: torch.Tensor, row: int, col: int,
                top: dict[fx.Node, torch.Tensor], left: dict[fx.Node, torch.Tensor]) -> _Block:
         y0, x0 = entry.rows[row], entry.cols[col]
-        if entry.up == 0 and entry.left == 0:
+        if not entry.stores_halo:
             return _Block(region, y0, x0)
         hdim, wdim = entry.dims
         yb, xb = max(0, y0 - entry.up), max(0, x0 - entry.left)
