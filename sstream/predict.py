@@ -19,16 +19,24 @@ from sstream.data import PixelSource, choose_level, fit_window, read_label_csv
 from sstream.engine import ImageSource, StreamingCNN
 from sstream.io import atomic_output, open_image
 from sstream.metrics import classification_metrics
-from sstream.models import Classifier, load_checkpoint
+from sstream.models import Classifier, head_global_pool, load_checkpoint
 from sstream.runtime import amp_dtype, autocast, resolve_device
 
 
 def class_probabilities(model: Classifier, scnn: StreamingCNN, source: ImageSource | torch.Tensor,
                         amp: bool = False, dtype: torch.dtype = torch.bfloat16) -> np.ndarray:
-    """Softmax probabilities (classes,) of one image, streamed without keeping gradients."""
+    """Softmax probabilities (classes,) of one image, streamed without keeping gradients.
+
+    When the head starts with global pooling, the stream's output is pooled tile by tile and
+    never assembled, so the slide's size does not matter."""
     device = next(model.parameters()).device
+    pool = head_global_pool(model.head)
     with torch.no_grad(), autocast(device, amp, dtype):
-        logits = model.head(scnn(source))  # (1, classes)
+        if pool is None:
+            logits = model.head(scnn(source))  # (1, classes)
+        else:
+            pooled, _ = scnn.global_pool(source, pool)  # (1, C')
+            logits = model.head[1:](pooled[..., None, None])
     return torch.softmax(logits.float(), dim=-1)[0].cpu().numpy()
 
 

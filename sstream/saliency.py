@@ -16,20 +16,21 @@ The algorithm box (`compute_saliency`), in the coordinates of the slide level re
 pixels", the stream's input pixels; `location`s handed to the slide reader are level-0):
 
 1. forward: the engine streams the level through `model.stream` (tiles read lazily from the
-   file) into the feature map fmap (1, C', H', W'); the head gives the logits (1, K); the
-   class is `class_index` or the argmax.
-2. head backward: d logit_k / d fmap. For heads that start with global pooling (every model
-   whose whole trunk streams), the gradient is formed from the pooled (1, C') gradient, and
-   fmap is freed first: for max pooling it is zero except at the C' argmax positions, kept in
-   lazily zeroed memory; for average pooling a broadcast view. Other heads use autograd.
+   file). For heads that start with global max/avg pooling (every model whose whole trunk
+   streams) the engine pools tile by tile (`StreamingCNN.global_pool`): no feature map is
+   ever assembled; other heads get the feature map fmap (1, C', H', W'). The head gives the
+   logits (1, K); the class is `class_index` or the argmax.
+2. head backward: d logit_k / d fmap. After global pooling it is formed from the pooled
+   (1, C') gradient: zero except at the C' argmax positions (lazily zeroed memory) for max
+   pooling, a broadcast view for averaging. Other heads use autograd.
 3. stream backward: the engine re-runs the tiles and hands out d logit_k / d x in full-width
    row bands (1, 3, h, W), top to bottom; each band is reduced over channels (in row chunks,
    to bound temporaries) and written to a tiled pyramidal TIFF (`TiffMapWriter`) at once.
    Meanwhile a histogram of |map| and a block-max overview of |map| are accumulated.
 
-Memory: the input, its gradient and the map are never held whole; the largest buffers are the
-feature map (forward only), the engine's gradient band (3 x (tile + overlap) x W floats) and
-the writer's two rows of TIFF tiles. See `benchmarks/bench_saliency.py`.
+Memory: the input, its gradient and the map are never held whole; the largest buffers are one
+tile's activations (the backward re-run), the engine's gradient band (3 x (tile + overlap) x W
+floats) and the writer's two rows of TIFF tiles. See `benchmarks/bench_saliency.py`.
 
 Outputs:
 
@@ -69,13 +70,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sstream.data import PixelSource, choose_level
 from sstream.engine import StreamingCNN
 from sstream.io import SlideImage, TiffMapWriter, atomic_output, open_image
-from sstream.models import Classifier, load_checkpoint, minimum_input_size
+from sstream.models import Classifier, head_global_pool, load_checkpoint, minimum_input_size
 
 __all__ = [
     "METHODS",
@@ -254,9 +254,8 @@ def compute_saliency(
                           overview_factor=max(1, -(-max(height, width) // OVERVIEW_SIDE)),
                           spool=spool)
 
-        # 1. forward: tiles -> fmap (1, C', H', W') -> logits (1, K)
-        fmap = stream(source, input_grad_sink=bands)
-        head = _HeadGradient(model.head, fmap)
+        # 1. forward: tiles -> (pooled) features -> logits (1, K)
+        head = _HeadGradient(model.head, stream, source, bands)
         logits = head.logits[0].detach().double()
         predicted = int(logits.argmax())
         chosen = predicted if class_index is None else int(class_index)
@@ -274,10 +273,8 @@ def compute_saliency(
                 overwrite=overwrite))
 
         # 2. head backward -> d logit / d fmap; 3. stream backward -> bands -> map
-        grad_fmap = head.gradient(chosen)
+        head.backward(chosen)
         del head
-        torch.autograd.backward(fmap, grad_fmap)
-        del fmap, grad_fmap
         bands.finish()
         scale = bands.histogram.percentile(percentile)
 
@@ -329,50 +326,43 @@ def _refuse_unwritable(path: Path, overwrite: bool) -> None:
 
 
 class _HeadGradient:
-    """Runs the head on the streamed feature map and forms d logit_k / d fmap.
+    """Runs the head on the streamed features and sends d logit_k / d pixels to the bands.
 
-    Global pooling first (`Classifier` heads of fully streamed trunks): only the pooled
-    (1, C') vector goes through the rest of the head, and fmap's memory is released before the
-    gradient is formed, so the two full-size tensors never coexist.
+    Heads that start with global max/avg pooling (`Classifier` heads of fully streamed
+    trunks) never see a feature map: the engine pools tile by tile (`global_pool`), only the
+    pooled (1, C') vector goes through the rest of the head, and d logit / d fmap — zero but
+    at the C' maxima, or a broadcast constant for averaging — is back-propagated through the
+    stream by `input_gradient`. Other heads get the assembled feature map and autograd.
     """
 
-    def __init__(self, head: nn.Module, fmap: torch.Tensor) -> None:
-        self.fmap = fmap
-        leaf = fmap.detach()  # (1, C', H', W'), shares fmap's storage
-        first = head[0] if isinstance(head, nn.Sequential) and len(head) else None
-        pool = None
-        if isinstance(first, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)) and \
-                first.output_size in (1, (1, 1)):
-            pool = "max" if isinstance(first, nn.AdaptiveMaxPool2d) else "avg"
-        self.pool = pool
-        if pool == "max":
-            pooled, self.indices = F.adaptive_max_pool2d(leaf, 1, return_indices=True)
-        elif pool == "avg":
-            pooled = F.adaptive_avg_pool2d(leaf, 1)
-        if pool is not None:
-            self.inputs = pooled.requires_grad_()  # (1, C', 1, 1)
+    def __init__(self, head: nn.Module, stream: StreamingCNN, source: PixelSource,
+                 bands: _MapBands) -> None:
+        self.stream, self.source, self.bands = stream, source, bands
+        self.pool = head_global_pool(head)
+        if self.pool is not None:
+            pooled, self.indices = stream.global_pool(source, self.pool)  # (1, C')
+            self.shape = (*pooled.shape, *stream.output_size(source.shape))
+            self.inputs = pooled.view(*pooled.shape, 1, 1).requires_grad_()
             self.logits = head[1:](self.inputs)  # (1, K)
         else:
-            self.inputs = leaf.requires_grad_()
+            self.fmap = stream(source, input_grad_sink=bands)  # (1, C', H', W')
+            self.inputs = self.fmap.detach().requires_grad_()
             self.logits = head(self.inputs)
 
-    def gradient(self, class_index: int) -> torch.Tensor:
-        """d logit[class_index] / d fmap, shaped like fmap; releases fmap's memory."""
+    def backward(self, class_index: int) -> None:
+        """Stream d logit[class_index] / d pixels into the bands."""
         (grad,) = torch.autograd.grad(self.logits[0, class_index], self.inputs)
-        shape, dtype, device = self.fmap.shape, self.fmap.dtype, self.fmap.device
-        self.inputs = self.logits = None
-        # The stream's autograd node never reads its output, so fmap's storage can go (as
-        # FSDP frees parameters); the tensor object stays as the root of the backward.
-        self.fmap.untyped_storage().resize_(0)
         if self.pool is None:
-            return grad
-        batch, channels, out_h, out_w = shape
+            torch.autograd.backward(self.fmap, grad)
+            return
+        batch, channels, out_h, out_w = self.shape
         if self.pool == "avg":  # adaptive_avg_pool2d's backward: grad / area everywhere
-            return (grad / (out_h * out_w)).expand(shape)
-        full = _lazy_zeros(shape, dtype, device)
-        full.view(batch, channels, out_h * out_w).scatter_(
-            2, self.indices.view(batch, channels, 1), grad.view(batch, channels, 1))
-        return full
+            grad_fmap = (grad / (out_h * out_w)).expand(self.shape)
+        else:
+            grad_fmap = _lazy_zeros(torch.Size(self.shape), grad.dtype, grad.device)
+            grad_fmap.view(batch, channels, out_h * out_w).scatter_(
+                2, self.indices.view(batch, channels, 1), grad.view(batch, channels, 1))
+        self.stream.input_gradient(self.source, grad_fmap, self.bands)
 
 
 def _lazy_zeros(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -153,6 +153,58 @@ class StreamingCNN(nn.Module):
             return run.forward()
         return _StreamFunction.apply(run, image_anchor, sink_anchor, *params)
 
+    def global_pool(self, image: torch.Tensor | ImageSource, mode: str = "max"
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Global max or average pooling of the stream's output, never assembling it.
+
+        Streams the tiles without gradients and reduces each tile's output as it comes, so a
+        gigapixel slide needs no feature-map-sized memory. Returns (values (N, C'), indices
+        (N, C') of the maxima in the flattened H' x W' output, or None for "avg"); maxima tie
+        to the first position in row-major order, as `adaptive_max_pool2d` does.
+        """
+        if mode not in ("max", "avg"):
+            raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+        self._refuse_current_modes()
+        source = TensorSource(image) if isinstance(image, torch.Tensor) else image
+        run = _TileRunner(self.stream, self.plan(source.shape), source, None, self.on_tile)
+        out_h, out_w = run.plan.output_size
+        values: torch.Tensor | None = None
+        indices: torch.Tensor | None = None
+        for tile, kept in run.kept_tiles():
+            batch, channels, height, width = kept.shape
+            flat = kept.reshape(batch, channels, height * width)  # (N, C', h*w)
+            if mode == "avg":
+                tile_sum = flat.sum(dim=2, dtype=torch.float64)
+                values = tile_sum if values is None else values + tile_sum
+                continue
+            tile_max, position = flat.max(dim=2)  # first maximum of the tile, row-major
+            oy0, _, ox0, _ = tile.out_box
+            index = (oy0 + position // width) * out_w + ox0 + position % width
+            if values is None or indices is None:
+                values, indices = tile_max, index
+                continue
+            better = (tile_max > values) | ((tile_max == values) & (index < indices))
+            values = torch.where(better, tile_max, values)
+            indices = torch.where(better, index, indices)
+        assert values is not None, "a tile plan always has at least one tile"
+        if mode == "avg":
+            return (values / (out_h * out_w)).to(kept.dtype), None
+        return values, indices
+
+    def input_gradient(self, image: torch.Tensor | ImageSource, grad_output: torch.Tensor,
+                       sink: InputGradSink) -> None:
+        """Back-propagate `grad_output` (shaped like the stream's output) to the input only.
+
+        The input gradient goes to `sink` in full-width row bands, top to bottom; no
+        parameter gradients are formed. With `global_pool` this explains a prediction
+        (saliency) without a feature map in memory: `grad_output` may be a broadcast view or
+        lazily zeroed memory, of which only each tile's slice is read.
+        """
+        self._refuse_current_modes()
+        source = TensorSource(image) if isinstance(image, torch.Tensor) else image
+        run = _TileRunner(self.stream, self.plan(source.shape), source, sink, self.on_tile)
+        run.backward(grad_output, None, [])
+
     def engine_for(self, input_shape: Sequence[int]) -> str:
         """"halo" or "crop": the engine that streams an input of shape (N, C, H, W) (calls
         with an `input_grad_sink` always use crops: the sink wants bands top to bottom)."""
@@ -273,17 +325,23 @@ class _TileRunner:
             with torch.no_grad():
                 return self.halo.forward()
         fmap: torch.Tensor | None = None
-        with torch.no_grad():
-            for done, tile in enumerate(self.plan, start=1):
-                kept = self.kept(tile, self.stream(self.crop(tile)))
-                if fmap is None:
-                    batch, channels = kept.shape[:2]
-                    fmap = kept.new_empty((batch, channels, *self.plan.output_size))
-                oy0, oy1, ox0, ox1 = tile.out_box
-                fmap[..., oy0:oy1, ox0:ox1] = kept
-                self._report("forward", done)
+        for tile, kept in self.kept_tiles():
+            if fmap is None:
+                batch, channels = kept.shape[:2]
+                fmap = kept.new_empty((batch, channels, *self.plan.output_size))
+            oy0, oy1, ox0, ox1 = tile.out_box
+            fmap[..., oy0:oy1, ox0:ox1] = kept
         assert fmap is not None, "a tile plan always has at least one tile"
         return fmap
+
+    def kept_tiles(self) -> Iterator[tuple[Tile, torch.Tensor]]:
+        """(tile, its kept output) for every tile in raster order, computed without grad
+        (crop engine); progress is reported once the consumer has taken a tile."""
+        for done, tile in enumerate(self.plan, start=1):
+            with torch.no_grad():
+                kept = self.kept(tile, self.stream(self.crop(tile)))
+            yield tile, kept
+            self._report("forward", done)
 
     def backward(self, grad_fmap: torch.Tensor, image_grad: torch.Tensor | None,
                  params: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -317,6 +375,7 @@ class _TileRunner:
                     if grad is not None:
                         param_grads[i] = grad if param_grads[i] is None else param_grads[i] + grad
                 self._report("backward", row * len(self.plan.cols) + col + 1)
+                del crop, kept, grads  # before the next tile's re-run allocates
             if bands is not None:
                 bands.release_rows_before(self.plan.rows_final_after(row))
         return param_grads

@@ -179,3 +179,46 @@ def test_saved_halo_elements_counts_what_the_halo_engine_keeps(monkeypatch):
     kept = sum(t.numel() for top in halo.saved_top for t in top.values())
     kept += sum(t.numel() for t in halo.saved_left.values())
     assert kept > 0 and scnn.saved_halo_elements(image.shape) == kept
+
+
+def test_global_pool_equals_pooling_the_whole_feature_map():
+    stream = small_stream()
+    image = torch.randn(2, 3, 97, 83, dtype=torch.float64)
+    scnn = sstream.StreamingCNN(stream, 24)
+    with torch.no_grad():
+        fmap = stream(image)
+    values, indices = scnn.global_pool(image, "max")
+    expected, expected_indices = torch.nn.functional.adaptive_max_pool2d(
+        fmap, 1, return_indices=True)
+    assert torch.equal(values, expected.flatten(1))
+    assert torch.equal(indices, expected_indices.flatten(1))
+    averages, none = scnn.global_pool(image, "avg")
+    assert none is None and relative_error(averages, fmap.mean((2, 3))) < 1e-12
+
+
+def test_global_pool_ties_go_to_the_first_position_in_row_major_order():
+    stream = nn.Sequential(nn.MaxPool2d(2))  # output = input pooled: easy to plant ties
+    image = torch.zeros(1, 1, 40, 40, dtype=torch.float64)
+    image[0, 0, 30, 2] = image[0, 0, 4, 34] = 5.0  # a later tile row, an earlier flat index
+    _, indices = sstream.StreamingCNN(stream, 16).global_pool(image, "max")
+    _, expected = torch.nn.functional.adaptive_max_pool2d(stream(image), 1, return_indices=True)
+    assert indices.item() == expected.item() == 2 * 20 + 17
+
+
+def test_input_gradient_to_a_sink_equals_autograd():
+    stream = small_stream()
+    image = torch.randn(1, 3, 77, 90, dtype=torch.float64)
+    scnn = sstream.StreamingCNN(stream, 16)
+    with torch.no_grad():
+        shape = stream(image).shape
+    grad_output = torch.randn(shape, dtype=torch.float64)
+    received = torch.zeros_like(image)
+
+    def sink(box, grad):
+        received[:, :, box[0]:box[1], box[2]:box[3]] = grad
+
+    scnn.input_gradient(image, grad_output, sink)
+    assert all(p.grad is None for p in stream.parameters())
+    leaf = image.clone().requires_grad_(True)
+    stream(leaf).backward(grad_output)
+    assert relative_error(received, leaf.grad) < 1e-12
