@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(BIN)/sstream predict --checkpoint $(DEMO)/run/best.pt --csv sample_data/val.csv \
 		--out $(DEMO)/predictions.csv --overwrite
 	$(BIN)/sstream saliency $(DEMO_SLIDE) --checkpoint $(DEMO)/run/best.pt \
-		--out $(DEMO)/saliency.tif --overview $(DEMO)/saliency.png --tile-size 256 --overwrite
+		--out $(DEMO)/saliency.tif --overview $(DEMO)/saliency.png --overwrite
 	@echo
 	@echo "demo outputs in $(DEMO)/:"
 	@echo "  run/          checkpoints (last.pt, best.pt), metrics.csv, curves.png, config.json"

@@ -3,7 +3,7 @@
 For each size a synthetic tiled JPEG slide (`write_synthetic_slide`, cached in the temporary
 directory) is explained by a random `tiny` model in a fresh subprocess, which reports its peak
 resident set size (`ru_maxrss`) before and after `compute_saliency` (float32 map + PNG
-overview, tile 512, CPU). The baseline (Python, torch, torchvision imported and the model
+overview, tile 256, CPU). The baseline (Python, torch, torchvision imported and the model
 loaded) is subtracted; the rest is what saliency needed, compared with what the float32 map
 alone (4 bytes a pixel) and the float32 input (12 bytes a pixel) would take.
 """
@@ -68,7 +68,7 @@ def run(quick: bool = False) -> dict:
     from sstream.models import ModelConfig, build_model, checkpoint_payload
 
     sizes = [2000, 4000] if quick else [4000, 20000]
-    tile = 512
+    tile = 256  # the saliency default
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "tiny.pt"

@@ -331,7 +331,8 @@ def saliency(
         99.5, "--percentile", help="Percentile of the non-zero |values| that sets the uint8 "
                                    "scale and the overview's colour range."),
     tile_size: int = typer.Option(
-        512, "--tile-size", help="Streaming tile side in pixels (memory grows with it)."),
+        256, "--tile-size", help="Streaming tile side in pixels (memory grows with it; 256 "
+        "is about as fast as 512 for saliency and needs a third less)."),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
 ) -> None:

@@ -167,7 +167,7 @@ def compute_saliency(
     method: str = "gradient",
     uint8: bool = False,
     percentile: float = 99.5,
-    tile_size: int = 512,
+    tile_size: int = 256,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: SaliencyProgress | None = None,
