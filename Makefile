@@ -22,7 +22,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check sstream tests benchmarks
 
 DEMO := demo_output
-DEMO_SLIDE = sample_data/$$(sed -n 2p sample_data/val.csv | cut -d, -f1)
+# the first validation slide with lesions (label 1): the saliency map should light them up
+DEMO_SLIDE = sample_data/$$(awk -F, 'NR > 1 && $$2 + 0 == 1 {print $$1; exit}' sample_data/val.csv)
 
 demo: $(STAMP)
 	$(BIN)/sstream train --train-csv sample_data/train.csv --val-csv sample_data/val.csv \
