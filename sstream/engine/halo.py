@@ -35,7 +35,8 @@ So the stream's forward runs twice (no-grad pass, re-run) and its backward once,
 output exactly once (plus ceil(p/s) outputs per interior tile edge and layer).
 
 Graphs this engine cannot run exactly (in-place ops on values that have other readers,
-operands of different spatial sizes) are detected when the program is built; StreamingCNN
+operands of different spatial sizes, padding as large as a kernel's extent, whose outputs see
+only padding) are detected when the program is built; StreamingCNN
 then falls back to the crop engine.
 """
 
@@ -262,6 +263,8 @@ def _classify_spatial(node: fx.Node, root: nn.Module, values: dict[fx.Node, Any]
         module = root.get_submodule(str(node.target))
         if isinstance(module, _WINDOW_MODULES):
             axes = _conv_axes(module) if isinstance(module, nn.Conv2d) else _pool_axes(module)
+            if any(max(before, after) >= extent for extent, _, before, after in axes):
+                return None  # outputs that see only padding: the crop engine handles them
             return _Node(node, "window", dims, size, sources, module,
                          tuple((e, s, p) for e, s, p, _ in axes))
     for source in sources:  # per-pixel ops: spatial operands must not broadcast over space

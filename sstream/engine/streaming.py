@@ -99,7 +99,7 @@ class StreamingCNN(nn.Module):
             -(-t // s) * s for t, s in zip(requested, self.geometry.stride))
         self.on_tile: TileProgress | None = None  # set it to follow long images tile by tile
         self._analysed_flags: tuple[bool, ...] | None = None
-        self._output_sizes: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._output_sizes: dict[tuple[Any, ...], tuple[int, int]] = {}
         # "auto": halos carried between tiles where the stream allows it (every layer computes
         # each output once), else crops with receptive-field margins; "crop"; "halo" (insist)
         self.engine = "auto"
@@ -123,7 +123,24 @@ class StreamingCNN(nn.Module):
         """The tile plan for an input of shape (N, C, H, W)."""
         height, width = int(input_shape[-2]), int(input_shape[-1])
         return make_plan(self.geometry, (height, width), self.output_size(input_shape),
-                         self.tile_size)
+                         self.tile_size, self.minimum_size(input_shape))
+
+    def minimum_size(self, input_shape: Sequence[int]) -> tuple[int, int]:
+        """The shortest input height (at this width) and width (at this height) the stream
+        accepts, found on the meta device by bisection (cached per input shape)."""
+        channels, height, width = (int(s) for s in input_shape[-3:])
+        key = ("minimum", channels, height, width)
+        if key not in self._output_sizes:
+
+            def accepts(h: int, w: int) -> bool:
+                try:
+                    return min(self.output_size((channels, h, w))) > 0
+                except RuntimeError:
+                    return False
+
+            self._output_sizes[key] = (_smallest(lambda h: accepts(h, width), height),
+                                       _smallest(lambda w: accepts(height, w), width))
+        return self._output_sizes[key]
 
     # -- running -------------------------------------------------------------------------
 
@@ -242,6 +259,19 @@ class StreamingCNN(nn.Module):
 
 
 _NO_TENSOR = torch.empty(0)
+
+
+def _smallest(accepts: Callable[[int], bool], largest: int) -> int:
+    """The smallest n in [1, largest] with accepts(n), assuming monotonicity (largest if
+    none is smaller)."""
+    low, high = 1, largest
+    while low < high:
+        middle = (low + high) // 2
+        if accepts(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
 
 
 def _input_edges(count: int, length: int) -> list[int]:

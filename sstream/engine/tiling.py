@@ -41,8 +41,13 @@ class AxisSpan:
         return self.out0 - self.in0 // stride, self.out1 - self.in0 // stride
 
 
-def axis_spans(in_len: int, out_len: int, window: AxisWindow, out_tile: int) -> list[AxisSpan]:
-    """Split one axis of the output into tiles of `out_tile` pixels (the last may be shorter)."""
+def axis_spans(in_len: int, out_len: int, window: AxisWindow, out_tile: int,
+               min_len: int = 1) -> list[AxisSpan]:
+    """Split one axis of the output into tiles of `out_tile` pixels (the last may be shorter).
+
+    `min_len` is the shortest input the stream accepts along this axis: a crop that ends at
+    the image border but whose outputs there see only padding can need more input than its
+    window for every layer to have a valid size, so such crops start earlier."""
     stride = window.stride
     spans = []
     for out0 in range(0, out_len, out_tile):
@@ -51,6 +56,8 @@ def axis_spans(in_len: int, out_len: int, window: AxisWindow, out_tile: int) -> 
         in1 = min(in_len, (out1 - 1) * stride + max(window.hi, window.reach) + 1)
         in1 = min(in_len, in1 + (in_len - in1) % stride)
         in0 = min(in0, ((in1 - 1) // stride) * stride)  # outputs that only see right padding
+        if in1 - in0 < min_len:
+            in0 = max(0, ((in1 - min_len) // stride) * stride)
         spans.append(AxisSpan(out0, out1, in0, in1))
     return spans
 
@@ -108,9 +115,13 @@ class TilePlan:
 
 
 def make_plan(geometry: StreamGeometry, input_size: tuple[int, int],
-              output_size: tuple[int, int], tile_size: tuple[int, int]) -> TilePlan:
-    """The tile plan for an input of `input_size` whose stream output is `output_size`."""
+              output_size: tuple[int, int], tile_size: tuple[int, int],
+              min_size: tuple[int, int] = (1, 1)) -> TilePlan:
+    """The tile plan for an input of `input_size` whose stream output is `output_size`;
+    `min_size` is the smallest (height, width) the stream accepts."""
     out_tiles = [max(1, t // s) for t, s in zip(tile_size, geometry.stride)]
-    rows = axis_spans(input_size[0], output_size[0], geometry.axis(0), out_tiles[0])
-    cols = axis_spans(input_size[1], output_size[1], geometry.axis(1), out_tiles[1])
+    rows = axis_spans(input_size[0], output_size[0], geometry.axis(0), out_tiles[0],
+                      min_size[0])
+    cols = axis_spans(input_size[1], output_size[1], geometry.axis(1), out_tiles[1],
+                      min_size[1])
     return TilePlan(input_size, output_size, tile_size, tuple(rows), tuple(cols), geometry.stride)

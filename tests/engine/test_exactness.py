@@ -128,10 +128,14 @@ def test_hand_picked_traps():
         nn.Conv2d(4, 5, 3, 1, padding=2, dilation=2),
     ).double().eval()
     randomise_batchnorm(stream)
+    # padding larger than a kernel makes outputs that see only padding: crops (see below)
+    halo_stream = nn.Sequential(*stream[:4], nn.Conv2d(4, 4, 3, 1, padding=2),
+                                *stream[5:]).double()
     for size in [(97, 131), (64, 64), (33, 200)]:
         image = torch.randn(1, 3, *size, dtype=torch.float64)
         for tile in [12, 24, 50]:
-            assert_streaming_exact(stream, image, tile, engine="halo")
+            assert_streaming_exact(stream, image, tile, engine="auto")
+            assert_streaming_exact(halo_stream, image, tile, engine="halo")
     assert_streaming_exact(stream, torch.randn(1, 3, 97, 131, dtype=torch.float64), 24,
                            engine="crop")
 
@@ -215,3 +219,24 @@ def test_in_place_ops_on_sole_readers_use_halos():
     assert sstream.StreamingCNN(stream, 10).engine_for(image.shape) == "halo"
     assert_streaming_exact(stream, image, 10, engine="halo")
     assert stream[1].relu.inplace  # the engine restores the module's flag
+
+
+def test_padding_as_large_as_the_kernel_uses_crops_exactly():
+    """Found by the hypothesis hunt: outputs that see only padding crashed the halo engine."""
+    torch.manual_seed(6)
+    stream = nn.Sequential(nn.Conv2d(2, 1, 1, 1, 1), nn.Conv2d(1, 1, 1, bias=False),
+                           nn.Conv2d(1, 1, 1, 3, bias=False),
+                           nn.Conv2d(1, 1, 1, 3, 2, bias=False)).double()
+    image = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    assert sstream.StreamingCNN(stream, 1).engine_for(image.shape) == "crop"
+    assert_streaming_exact(stream, image, 1)
+
+
+def test_border_outputs_that_see_only_padding_get_a_crop_valid_for_every_layer():
+    """Found by the hypothesis hunt: the last crop was too short for a dilated conv whose
+    outputs a later layer's padding extends."""
+    torch.manual_seed(7)
+    stream = nn.Sequential(nn.Conv2d(2, 1, 1, 1, 1), nn.Conv2d(1, 1, 1, bias=False),
+                           nn.Conv2d(1, 1, 3, dilation=2, bias=False),
+                           nn.Conv2d(1, 1, 1, padding=2, bias=False)).double()
+    assert_streaming_exact(stream, torch.randn(1, 2, 5, 5, dtype=torch.float64), 1)
