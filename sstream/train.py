@@ -268,13 +268,12 @@ TILE_CANDIDATES = (128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def tile_for_budget(model: Classifier, image_size: tuple[int, int], budget: str,
-                    config: TrainConfig) -> int:
+                    config: TrainConfig, device: torch.device = torch.device("cpu")) -> int:
     """The largest tile (fastest) whose predicted training peak fits `budget` (e.g. "8GiB"),
-    from the memory estimator; ValueError naming the smallest peak when none fits."""
+    from the memory estimator, in the precision training will use on `device`; ValueError
+    naming the smallest peak when none fits."""
     candidates = [t for t in TILE_CANDIDATES if t <= max(image_size)] or [TILE_CANDIDATES[0]]
-    dtype = (config.amp_dtype or ("float16" if config.device != "cpu" else "bfloat16")
-             ) if config.amp else "float32"
-    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
+    dtype = amp_dtype(device, config.amp_dtype) if config.amp else torch.float32
     estimate = estimate_training_memory(model.stream, model.head, image_size, candidates,
                                         dtype=dtype, optimizer=config.optimizer)
     row = largest_fitting_row(estimate, parse_bytes(budget))
@@ -388,7 +387,8 @@ class _Trainer:
         minimum = minimum_input_size(self.model)
         largest = _check_images(self.train_samples, config, minimum, str(config.train_csv))
         _check_images(self.val_samples, config, minimum, str(config.val_csv))
-        tile_size = (tile_for_budget(self.model, largest, config.memory_budget, config)
+        tile_size = (tile_for_budget(self.model, largest, config.memory_budget, config,
+                                     self.device)
                      if config.memory_budget else config.tile_size)
         self.model.to(self.device)
         self.scnn = StreamingCNN(self.model.stream, tile_size)
