@@ -90,9 +90,9 @@ def _inputs(config: PredictConfig, num_classes: int) -> list[tuple[str, Path, in
         raise ValueError("give images or --csv, not both")
     if config.csv:
         samples = read_label_csv(config.csv, num_classes, require_labels=False)
-        root = Path(config.csv).parent
-        return [(str(s.image.relative_to(root.resolve())) if s.image.is_relative_to(
-            root.resolve()) else str(s.image), s.image, s.label) for s in samples]
+        root = Path(config.csv).parent.resolve()  # names as written, relative to the CSV
+        return [(str(s.image.relative_to(root) if s.image.is_relative_to(root) else s.image),
+                 s.image, s.label) for s in samples]
     if not config.images:
         raise ValueError("no images given: pass image paths or --csv list.csv")
     return [(name, Path(name), None) for name in config.images]
