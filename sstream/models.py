@@ -42,10 +42,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 __all__ = [
@@ -233,8 +233,16 @@ def _tiny() -> _Backbone:
     return _Backbone(trunk, list(trunk.named_children()), 64, [], ())
 
 
+def _torchvision() -> ModuleType:
+    """torchvision, imported when a backbone needs it: its import alone grows the resident set
+    by ~160 MiB, which `tiny` (and a saliency run's memory budget) can do without."""
+    import torchvision
+
+    return torchvision
+
+
 def _resnet(name: str) -> _Backbone:
-    net = getattr(torchvision.models, name)(weights=None)
+    net = getattr(_torchvision().models, name)(weights=None)
     stem = [("conv1", net.conv1), ("bn1", net.bn1), ("relu", net.relu), ("maxpool", net.maxpool)]
     layers = [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
     return _Backbone(net, stem + layers, net.fc.in_features, [], ("fc.",))
@@ -244,6 +252,7 @@ def _convnext_tiny() -> _Backbone:
     # Stochastic depth off: a streamed block re-run for the backward must give the same output.
     # torchvision's StochasticDepth(p=0) is the identity but its traced function is unknown
     # to the engine's table of local ops; the Identity streams.
+    torchvision = _torchvision()
     net = torchvision.models.convnext_tiny(weights=None, stochastic_depth_prob=0.0)
     for block in net.modules():
         if isinstance(getattr(block, "stochastic_depth", None), torchvision.ops.StochasticDepth):
@@ -267,7 +276,8 @@ class _VGG16Features(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+        vgg = _torchvision().models.vgg
+        self.features = vgg.make_layers(vgg.cfgs["D"])
         for m in self.features.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -386,7 +396,7 @@ def _load_pretrained(backbone: _Backbone, name: str) -> None:
     if name == "tiny":
         raise ValueError("no pretrained weights exist for 'tiny'; use a torchvision model")
     try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
+        weights = _torchvision().models.get_model_weights(name).DEFAULT
         state = weights.get_state_dict(progress=False)
     except Exception as exc:  # URLError, socket errors, hash mismatch: all mean "not here"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -21,16 +21,19 @@ pixels", the stream's input pixels; `location`s handed to the slide reader are l
    ever assembled; other heads get the feature map fmap (1, C', H', W'). The head gives the
    logits (1, K); the class is `class_index` or the argmax.
 2. head backward: d logit_k / d fmap. After global pooling it is formed from the pooled
-   (1, C') gradient: zero except at the C' argmax positions (lazily zeroed memory) for max
-   pooling, a broadcast view for averaging. Other heads use autograd.
-3. stream backward: the engine re-runs the tiles and hands out d logit_k / d x in full-width
-   row bands (1, 3, h, W), top to bottom; each band is reduced over channels (in row chunks,
-   to bound temporaries) and written to a tiled pyramidal TIFF (`TiffMapWriter`) at once.
-   Meanwhile a histogram of |map| and a block-max overview of |map| are accumulated.
+   (1, C') gradient, block by block: zero except at the C' argmax positions for max pooling
+   (so only the tiles holding a maximum are re-run: the others add nothing), a broadcast
+   view for averaging. Other heads use autograd.
+3. stream backward: the engine re-runs the tiles and hands out d logit_k / d x in final
+   blocks (1, 3, h, w) in raster order; each block is reduced over channels into a row of the
+   map (h x W float32), which goes to a tiled pyramidal TIFF (`TiffMapWriter`) as soon as the
+   row of blocks is complete. Meanwhile a histogram of |map| and a block-max overview of |map|
+   are accumulated.
 
 Memory: the input, its gradient and the map are never held whole; the largest buffers are one
-tile's activations (the backward re-run), the engine's gradient band (3 x (tile + overlap) x W
-floats) and the writer's two rows of TIFF tiles. See `benchmarks/bench_saliency.py`.
+tile's activations (the backward re-run), the engine's pending gradient sums (the crops'
+overlap x W x 3 floats, plus a tile), one row of map blocks (tile x W floats) and the
+writer's two rows of TIFF tiles. See `benchmarks/bench_saliency.py`.
 
 Outputs:
 
@@ -73,7 +76,7 @@ import torch
 from torch import nn
 
 from sstream.data import PixelSource, choose_level
-from sstream.engine import StreamingCNN
+from sstream.engine import OutputGradient, StreamingCNN
 from sstream.io import SlideImage, TiffMapWriter, atomic_output, open_image
 from sstream.models import Classifier, head_global_pool, load_checkpoint, minimum_input_size
 
@@ -357,20 +360,29 @@ class _HeadGradient:
             return
         batch, channels, out_h, out_w = self.shape
         if self.pool == "avg":  # adaptive_avg_pool2d's backward: grad / area everywhere
-            grad_fmap = (grad / (out_h * out_w)).expand(self.shape)
-        else:
-            grad_fmap = _lazy_zeros(torch.Size(self.shape), grad.dtype, grad.device)
-            grad_fmap.view(batch, channels, out_h * out_w).scatter_(
-                2, self.indices.view(batch, channels, 1), grad.view(batch, channels, 1))
-        self.stream.input_gradient(self.source, grad_fmap, self.bands)
+            self.stream.input_gradient(self.source, (grad / (out_h * out_w)).expand(self.shape),
+                                       self.bands)
+            return
+        self.stream.input_gradient(self.source, _maxima_gradient(
+            self.indices, grad.view(batch, channels), out_w), self.bands)
 
 
-def _lazy_zeros(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros whose untouched pages take no memory on the CPU (calloc'd by numpy)."""
-    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
-        numpy_dtype = np.float32 if dtype == torch.float32 else np.float64
-        return torch.from_numpy(np.zeros(tuple(shape), numpy_dtype))
-    return torch.zeros(shape, dtype=dtype, device=device)
+def _maxima_gradient(indices: torch.Tensor, grad: torch.Tensor, out_w: int) -> OutputGradient:
+    """d logit / d fmap after global max pooling, block by block: zero but at each channel's
+    maximum (`indices` (N, C') into the flattened H' x W' map) where it is `grad` (N, C').
+    Blocks without a maximum are None, so the engine skips their tiles."""
+    rows, cols = indices // out_w, indices % out_w
+
+    def block(box: tuple[int, int, int, int]) -> torch.Tensor | None:
+        y0, y1, x0, x1 = box
+        n, c = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)).nonzero(as_tuple=True)
+        if not len(n):
+            return None
+        out = grad.new_zeros((*indices.shape, y1 - y0, x1 - x0))
+        out[n, c, rows[n, c] - y0, cols[n, c] - x0] = grad[n, c]
+        return out
+
+    return block
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,9 +390,10 @@ def _lazy_zeros(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> 
 
 
 class _MapBands:
-    """The engine's input-gradient sink: reduces bands over channels and passes rows on.
+    """The engine's input-gradient sink: reduces blocks over channels and passes rows on.
 
-    Receives (box=(y0, y1, 0, W), grad (1, 3, y1 - y0, W)) in level pixels, top to bottom.
+    Receives (box=(y0, y1, x0, x1), grad (1, 3, y1 - y0, x1 - x0)) in level pixels, in raster
+    order; each row of blocks spans the full width and is passed on once complete.
     """
 
     def __init__(self, source: PixelSource, method: str, height: int, width: int,
@@ -391,24 +404,33 @@ class _MapBands:
         self.spool = spool
         self.histogram = _LogHistogram()
         self.overview = _BlockMaxOverview(height, width, overview_factor)
-        self.rows_done = 0
+        self.rows_done = self.cols_done = 0
+        self.row: np.ndarray | None = None  # the row of blocks being filled (h, W)
         self.min, self.max = math.inf, -math.inf
 
     def __call__(self, box: tuple[int, int, int, int], grad: torch.Tensor) -> None:
-        y0, y1, _, _ = box
-        if y0 != self.rows_done:
-            raise RuntimeError(f"internal error: gradient band starts at row {y0}, "
-                               f"expected {self.rows_done}")
-        chunk = max(1, CHUNK_ELEMENTS // (grad.shape[1] * self.width))
+        y0, y1, x0, x1 = box
+        if (y0, x0) != (self.rows_done, self.cols_done):
+            raise RuntimeError(f"internal error: gradient block at ({y0}, {x0}), expected "
+                               f"({self.rows_done}, {self.cols_done})")
+        if self.row is None:
+            self.row = np.empty((y1 - y0, self.width), np.float32)
+        chunk = max(1, CHUNK_ELEMENTS // (grad.shape[1] * (x1 - x0)))
         for r0 in range(y0, y1, chunk):
             r1 = min(y1, r0 + chunk)
-            g = grad[0, :, r0 - y0:r1 - y0]  # (3, h, W)
+            g = grad[0, :, r0 - y0:r1 - y0]  # (3, h, w)
             if self.method == "gradient":
-                rows = g.abs().amax(0)  # (h, W)
+                values = g.abs().amax(0)  # (h, w)
             else:
-                pixels = self.source.read((r0, r1, 0, self.width))[0].to(g)  # (3, h, W)
-                rows = (pixels * g).sum(0)
-            self._emit(r0, rows.float().cpu().numpy())
+                pixels = self.source.read((r0, r1, x0, x1))[0].to(g)  # (3, h, w)
+                values = (pixels * g).sum(0)
+            self.row[r0 - y0:r1 - y0, x0:x1] = values.float().cpu().numpy()
+        self.cols_done = x1
+        if x1 == self.width:  # the row of blocks is complete: pass it on, in row chunks
+            chunk = max(1, CHUNK_ELEMENTS // self.width)
+            for r0 in range(0, self.row.shape[0], chunk):
+                self._emit(y0 + r0, self.row[r0:r0 + chunk])
+            self.row, self.cols_done = None, 0
 
     def _emit(self, y0: int, rows: np.ndarray) -> None:
         if self.writer is not None:
@@ -587,13 +609,13 @@ def _read_background(slide: SlideImage, level: int, shape: tuple[int, int]) -> n
     factor = max(1, int(target_downsample / slide.level_downsamples[read_level]))
     scale_y = slide.dimensions[1] / read_h
     rows_per_band = factor * max(1, (1 << 22) // (factor * factor * read_w))
-    pieces = []
-    for y0 in range(0, read_h, rows_per_band):
+    reduced = np.empty((-(-read_h // factor), -(-read_w // factor), 3), np.uint8)
+    for y0 in range(0, read_h, rows_per_band):  # bands of whole factor x factor boxes
         rows = min(rows_per_band, read_h - y0)
         band = slide.read_region((0, math.ceil(y0 * scale_y)), read_level, (read_w, rows))
-        pieces.append(np.asarray(Image.fromarray(band).reduce(factor)))
-    reduced = Image.fromarray(np.concatenate(pieces))
-    return np.asarray(reduced.resize((out_w, out_h), Image.Resampling.BOX))
+        small = np.asarray(Image.fromarray(band).reduce(factor))
+        reduced[y0 // factor:y0 // factor + small.shape[0]] = small
+    return np.asarray(Image.fromarray(reduced).resize((out_w, out_h), Image.Resampling.BOX))
 
 
 def _colour_bar_title(method: str, class_index: int) -> str:
@@ -608,17 +630,6 @@ def render_overview(background: np.ndarray, saliency: np.ndarray, scale: float,
     from PIL import Image, ImageDraw, ImageFont
 
     height, width = saliency.shape
-    lut = inferno(np.linspace(0.0, 1.0, 256)).astype(np.float32)  # (256, 3)
-    blended = np.empty((height, width, 3), np.uint8)
-    for y0 in range(0, height, 128):  # in bands of rows: bounded float temporaries
-        values = saliency[y0:y0 + 128].astype(np.float32)
-        t = np.clip(values / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(values)
-        alpha = (0.75 * np.sqrt(t))[..., None]
-        colours = lut[np.rint(t * 255).astype(np.uint8)]
-        mixed = background[y0:y0 + 128].astype(np.float32) * (1 - alpha) + colours * alpha
-        blended[y0:y0 + 128] = np.clip(np.rint(mixed), 0, 255)
-    picture = Image.fromarray(blended)
-
     font_size = max(11, min(height, 2000) // 45)
     try:
         font = ImageFont.load_default(size=font_size)
@@ -628,13 +639,20 @@ def render_overview(background: np.ndarray, saliency: np.ndarray, scale: float,
     bar_w = max(12, font_size)
     labels = [f"{scale * f:.3g}" for f in (1.0, 0.5, 0.0)]
     labels[0] = f">{labels[0]}" if scale > 0 else labels[0]  # the default font has no ≥
-    probe = ImageDraw.Draw(picture)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = max(int(probe.textlength(text, font=font)) for text in labels)
     title_w = int(probe.textlength(title, font=font)) if title else 0
     panel_w = max(margin + bar_w + margin // 2 + label_w + margin, title_w + 2 * margin)
     canvas_h = max(height, 8 * font_size)
     canvas = Image.new("RGB", (width + panel_w, canvas_h), "white")
-    canvas.paste(picture, (0, 0))
+    lut = inferno(np.linspace(0.0, 1.0, 256)).astype(np.float32)  # (256, 3)
+    for y0 in range(0, height, 128):  # in bands of rows: bounded float temporaries
+        values = saliency[y0:y0 + 128].astype(np.float32)
+        t = np.clip(values / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(values)
+        alpha = (0.75 * np.sqrt(t))[..., None]
+        colours = lut[np.rint(t * 255).astype(np.uint8)]
+        mixed = background[y0:y0 + 128].astype(np.float32) * (1 - alpha) + colours * alpha
+        canvas.paste(Image.fromarray(np.clip(np.rint(mixed), 0, 255).astype(np.uint8)), (0, y0))
 
     draw = ImageDraw.Draw(canvas)
     top = margin + (2 * font_size if title else 0)

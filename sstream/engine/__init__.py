@@ -7,6 +7,7 @@ from sstream.engine.geometry import AxisWindow, StreamGeometry, UnsupportedModul
 from sstream.engine.streaming import (
     ImageSource,
     InputGradSink,
+    OutputGradient,
     StreamingCNN,
     TensorSource,
     TileProgress,
@@ -14,7 +15,7 @@ from sstream.engine.streaming import (
 from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
 
 __all__ = [
-    "AxisWindow", "Box", "ImageSource", "InputGradSink", "StreamGeometry", "StreamingCNN",
-    "TensorSource", "Tile", "TileProgress", "TilePlan", "UnsupportedModuleError", "analyse",
-    "make_plan",
+    "AxisWindow", "Box", "ImageSource", "InputGradSink", "OutputGradient", "StreamGeometry",
+    "StreamingCNN", "TensorSource", "Tile", "TileProgress", "TilePlan",
+    "UnsupportedModuleError", "analyse", "make_plan",
 ]

@@ -530,7 +530,7 @@ class HaloRun:
                             left: dict = left, next_top: dict = next_top) -> None:
                     self._hand_on(entry, block, row, col, left, next_top)
                     if self.keep and entry.left and col + 1 < cols:
-                        self.saved_left[row, col + 1, entry.node] = left[entry.node].clone()
+                        self.saved_left[row, col + 1, entry.node] = left[entry.node]
 
                 out = self._tile(row, col, top, left, hand_on)
                 if fmap is None:
@@ -551,8 +551,9 @@ class HaloRun:
         y0, y1 = entry.rows[row], entry.rows[row + 1]
         x0, x1 = entry.cols[col], entry.cols[col + 1]
         hdim, wdim = entry.dims
-        if entry.left:
-            left[entry.node] = block.part(entry.dims, y0, y1, max(0, x1 - entry.left), x1)
+        if entry.left:  # a copy: a view would keep the whole block alive
+            left[entry.node] = block.part(entry.dims, y0, y1, max(0, x1 - entry.left),
+                                          x1).clone()
         if entry.up:
             ty0 = max(0, y1 - entry.up)
             if entry.node not in next_top:
@@ -635,14 +636,16 @@ class HaloRun:
                 for n in leaves_top:  # leaves are whole line buffers: grads are full width
                     g = got.pop(0)
                     if g is not None:
-                        grad_top[n] = g if n not in grad_top else grad_top[n] + g
+                        grad_top[n] = _compact(g) if n not in grad_top else grad_top[n] + g
                 for n in leaves_left:
                     g = got.pop(0)
                     if g is not None:
-                        grad_left[n] = g
+                        grad_left[n] = _compact(g)
                 for i, g in enumerate(got):
                     if g is not None:
                         param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+                # this tile's values go before the next tile allocates its own
+                del got, g, out, outputs, grads, crop, top, left, collect
                 done += 1
                 self.report("backward", done)
             grad_next_top = grad_top
@@ -666,6 +669,14 @@ class HaloRun:
             if hit or any(n in flagged for n in node.all_input_nodes):
                 flagged.add(node)
             entry.needs_grad = node in flagged
+
+
+def _compact(grad: torch.Tensor) -> torch.Tensor:
+    """`grad` in storage of its own size: the gradient of a halo strip is often a view into
+    the gradient of the whole block it was concatenated into, which it would keep alive."""
+    if grad.untyped_storage().nbytes() > grad.numel() * grad.element_size():
+        return grad.clone()
+    return grad
 
 
 def _with_size(shape: Sequence[int], dims: tuple[int, int],

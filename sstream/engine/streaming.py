@@ -9,8 +9,8 @@ The algorithm (Pinckaers et al., TPAMI 2020, with the window arithmetic of ENGIN
 3. backward: for every tile, re-run the crop with autograd, back-propagate the kept part with
    the matching slice of the feature-map gradient, and sum the parameter gradients over tiles.
    Every output position belongs to exactly one tile, so the sums equal the whole-image
-   gradients. The crops' input gradients overlap; they are added up in a band of rows that is
-   handed out (to `image.grad`, or to a sink) as soon as no later tile can touch it.
+   gradients. The crops' input gradients overlap; they are added up block by block, and each
+   block is handed out (to `image.grad`, or to a sink) as soon as no later tile can touch it.
 
 Only crops, one at a time, ever go through the stream: no activation of full-image size exists.
 """
@@ -31,9 +31,15 @@ from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
 TileProgress = Callable[[str, int, int], None]
 """Called as (phase, tiles done, tiles in all) after every tile; phase "forward"/"backward"."""
 
+OutputGradient = Callable[[Box], "torch.Tensor | None"]
+"""The gradient of the stream's output block (y0, y1, x0, x1) (output pixels), or None where
+it is zero."""
+
 InputGradSink = Callable[[Box, torch.Tensor], None]
-"""Receives (box, gradient) for full-width row bands of the input gradient, top to bottom:
-box = (y0, y1, 0, W) in input pixels, gradient (N, C, y1 - y0, W) on the compute device."""
+"""Receives (box, gradient) for final blocks of the input gradient, box = (y0, y1, x0, x1) in
+input pixels, gradient (N, C, y1 - y0, x1 - x0) on the compute device. The blocks partition the
+image and come in raster order: one row of blocks after another, top to bottom, each row's
+blocks left to right and together spanning the full width."""
 
 
 @runtime_checkable
@@ -149,7 +155,8 @@ class StreamingCNN(nn.Module):
         """Stream `image` (a tensor (N, C, H, W) or an ImageSource) through the stream.
 
         With `input_grad_sink`, the backward pass hands the input gradient to the sink in
-        full-width row bands, top to bottom, instead of (or besides) `image.grad`.
+        final blocks, in raster order (see `InputGradSink`), instead of (or besides)
+        `image.grad`.
         """
         self._refuse_current_modes()
         source = TensorSource(image) if isinstance(image, torch.Tensor) else image
@@ -161,7 +168,7 @@ class StreamingCNN(nn.Module):
         sink_anchor = torch.empty(0, requires_grad=input_grad_sink is not None)
         wants_graph = bool(params) or image_anchor.requires_grad or input_grad_sink is not None
         wants_graph = wants_graph and torch.is_grad_enabled()
-        # the sink wants input-gradient bands top to bottom: the halo backward goes bottom-up
+        # the sink wants input-gradient blocks top to bottom: the halo backward goes bottom-up
         program = None if input_grad_sink is not None else self._halo_program(source.shape,
                                                                                 plan)
         run = _TileRunner(self.stream, plan, source, input_grad_sink, self.on_tile, program,
@@ -208,14 +215,15 @@ class StreamingCNN(nn.Module):
             return (values / (out_h * out_w)).to(kept.dtype), None
         return values, indices
 
-    def input_gradient(self, image: torch.Tensor | ImageSource, grad_output: torch.Tensor,
-                       sink: InputGradSink) -> None:
+    def input_gradient(self, image: torch.Tensor | ImageSource,
+                       grad_output: torch.Tensor | OutputGradient, sink: InputGradSink) -> None:
         """Back-propagate `grad_output` (shaped like the stream's output) to the input only.
 
-        The input gradient goes to `sink` in full-width row bands, top to bottom; no
-        parameter gradients are formed. With `global_pool` this explains a prediction
-        (saliency) without a feature map in memory: `grad_output` may be a broadcast view or
-        lazily zeroed memory, of which only each tile's slice is read.
+        The input gradient goes to `sink` in final blocks, in raster order; no parameter
+        gradients are formed. `grad_output` may also be a function of an output box giving
+        that block's gradient, or None where it is zero: such tiles are not re-run at all.
+        With `global_pool` this explains a prediction (saliency) without a feature map in
+        memory: after global max pooling only the tiles holding a maximum are re-run.
         """
         self._refuse_current_modes()
         source = TensorSource(image) if isinstance(image, torch.Tensor) else image
@@ -224,7 +232,7 @@ class StreamingCNN(nn.Module):
 
     def engine_for(self, input_shape: Sequence[int]) -> str:
         """"halo" or "crop": the engine that streams an input of shape (N, C, H, W) (calls
-        with an `input_grad_sink` always use crops: the sink wants bands top to bottom)."""
+        with an `input_grad_sink` always use crops: the sink wants blocks top to bottom)."""
         self._refuse_current_modes()
         return "crop" if self._halo_program(input_shape, self.plan(input_shape)) is None \
             else "halo"
@@ -373,85 +381,127 @@ class _TileRunner:
             yield tile, kept
             self._report("forward", done)
 
-    def backward(self, grad_fmap: torch.Tensor, image_grad: torch.Tensor | None,
-                 params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Accumulate parameter gradients (returned) and input gradients (to the bands)."""
-        if self.halo is not None:
-            write = None
+    def _gradient_receiver(self, image_grad: torch.Tensor | None
+                           ) -> Callable[[Box, torch.Tensor], None]:
+        """Where final input-gradient blocks go: the sink and/or `image_grad`."""
+        def receive(box: Box, grad: torch.Tensor) -> None:
+            if self.sink is not None:
+                self.sink(box, grad)
             if image_grad is not None:
-                def write(box: Box, grad: torch.Tensor) -> None:
-                    y0, y1, x0, x1 = box
-                    image_grad[..., y0:y1, x0:x1] = grad.to(image_grad.device)
+                y0, y1, x0, x1 = box
+                image_grad[..., y0:y1, x0:x1] = grad.to(image_grad.device)
+        return receive
+
+    def backward(self, grad_fmap: torch.Tensor | OutputGradient,
+                 image_grad: torch.Tensor | None,
+                 params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Accumulate parameter gradients (returned) and input gradients (to the blocks)."""
+        if self.halo is not None:
+            assert isinstance(grad_fmap, torch.Tensor), "the halo engine runs autograd only"
+            write = None if image_grad is None else self._gradient_receiver(image_grad)
             with self._autocast():
                 return self.halo.backward(grad_fmap, params, write)
-        bands = None
+        grad_of = grad_fmap if callable(grad_fmap) else _block_of(grad_fmap)
+        blocks = None
         if image_grad is not None or self.sink is not None:
-            bands = _InputGradBands(self.source.shape, self.device, self.sink, image_grad)
+            blocks = _InputGradBlocks(self.plan, self.source.shape, self.device,
+                                      _module_dtype(self.stream),
+                                      self._gradient_receiver(image_grad))
         param_grads: list[torch.Tensor | None] = [None] * len(params)
-        for row in range(len(self.plan.rows)):
-            for col in range(len(self.plan.cols)):
-                tile = self.plan.tile(row, col)
-                crop = self.crop(tile).detach().requires_grad_(bands is not None)
+        for done, tile in enumerate(self.plan, start=1):
+            grad_kept = grad_of(tile.out_box)
+            if grad_kept is not None:  # else the tile adds nothing to any gradient
+                crop = self.crop(tile).detach().requires_grad_(blocks is not None)
                 with torch.enable_grad(), self._autocast():
                     kept = self.kept(tile, self.stream(crop))
-                oy0, oy1, ox0, ox1 = tile.out_box
-                grad_kept = grad_fmap[..., oy0:oy1, ox0:ox1].to(kept.dtype)
-                inputs = ([crop] if bands is not None else []) + params
-                grads = torch.autograd.grad(kept, inputs, grad_kept, allow_unused=True)
-                if bands is not None:
-                    bands.add(tile.in_box, grads[0])
+                inputs = ([crop] if blocks is not None else []) + params
+                grads = torch.autograd.grad(kept, inputs, grad_kept.to(kept.dtype),
+                                            allow_unused=True)
+                if blocks is not None:
+                    blocks.add(tile.in_box, grads[0])
                     grads = grads[1:]
                 for i, grad in enumerate(grads):
                     if grad is not None:
                         param_grads[i] = grad if param_grads[i] is None else param_grads[i] + grad
-                self._report("backward", row * len(self.plan.cols) + col + 1)
                 del crop, kept, grads  # before the next tile's re-run allocates
-            if bands is not None:
-                bands.release_rows_before(self.plan.rows_final_after(row))
+            if blocks is not None:
+                blocks.release(tile.row, tile.col)
+            self._report("backward", done)
         return param_grads
 
 
-class _InputGradBands:
-    """Adds up the crops' overlapping input gradients in a band of full-width rows.
+def _block_of(tensor: torch.Tensor) -> OutputGradient:
+    """An OutputGradient reading blocks of a whole gradient tensor (N, C', H', W')."""
+    def block(box: Box) -> torch.Tensor:
+        y0, y1, x0, x1 = box
+        return tensor[..., y0:y1, x0:x1]
+    return block
 
-    Rows above `y0` are final and have been handed out; the buffer holds rows [y0, y0 + h).
-    Memory is one band (a row of tiles plus the overlap), never the whole input.
+
+class _InputGradBlocks:
+    """Adds up the crops' overlapping input gradients and hands out each block once final.
+
+    Blocks cut the image at the crops' first rows and columns (suffix minima, so the cuts
+    never decrease): block (r, c) is final after tile (r, c), because later tiles of the row
+    start right of it and later rows start below it. Pending sums are kept per block column,
+    from the current block row down to the lowest row a crop reached: memory is about the
+    overlap times the width plus one tile, never a full-width band of tile rows.
     """
 
-    def __init__(self, shape: Sequence[int], device: torch.device, sink: InputGradSink | None,
-                 image_grad: torch.Tensor | None) -> None:
-        self.batch, self.channels, self.height, self.width = (int(s) for s in shape)
-        self.device, self.sink, self.image_grad = device, sink, image_grad
-        self.y0 = 0
-        self.buffer: torch.Tensor | None = None
+    def __init__(self, plan: TilePlan, shape: Sequence[int], device: torch.device,
+                 dtype: torch.dtype, deliver: Callable[[Box, torch.Tensor], None]) -> None:
+        self.batch, self.channels = int(shape[0]), int(shape[1])
+        self.dtype = dtype  # of blocks no tile sent a gradient to; else the gradients' own
+        self.row_cuts = _cuts([span.in0 for span in plan.rows], plan.input_size[0])
+        self.col_cuts = _cuts([span.in0 for span in plan.cols], plan.input_size[1])
+        self.device, self.deliver = device, deliver
+        # block column -> (first pending row, sums for rows [first, first + height) or None)
+        self.pending: list[tuple[int, torch.Tensor | None]] = [(0, None)] * (
+            len(self.col_cuts) - 1)
 
     def add(self, in_box: Box, grad: torch.Tensor) -> None:
         y0, y1, x0, x1 = in_box
-        self._extend_to(y1, grad.dtype)
-        assert self.buffer is not None and y0 >= self.y0
-        self.buffer[..., y0 - self.y0:y1 - self.y0, x0:x1] += grad
+        for col in range(len(self.pending)):
+            cx0, cx1 = self.col_cuts[col], self.col_cuts[col + 1]
+            lo, hi = max(x0, cx0), min(x1, cx1)
+            if lo < hi:
+                self.dtype = grad.dtype
+                first, sums = self._grown(col, y1)
+                sums[..., y0 - first:y1 - first, lo - cx0:hi - cx0] += grad[..., lo - x0:hi - x0]
 
-    def _extend_to(self, y1: int, dtype: torch.dtype) -> None:
-        held = 0 if self.buffer is None else self.buffer.shape[-2]
-        if self.y0 + held >= y1:
-            return
-        grown = torch.zeros((self.batch, self.channels, y1 - self.y0, self.width),
-                            dtype=dtype, device=self.device)
-        if self.buffer is not None:
-            grown[..., :held, :] = self.buffer
-        self.buffer = grown
+    def _grown(self, col: int, y1: int) -> tuple[int, torch.Tensor]:
+        """Column `col`'s pending sums, grown with zeros to reach row y1."""
+        first, sums = self.pending[col]
+        held = 0 if sums is None else sums.shape[-2]
+        if sums is None or first + held < y1:
+            width = self.col_cuts[col + 1] - self.col_cuts[col]
+            grown = torch.zeros((self.batch, self.channels, y1 - first, width),
+                                dtype=self.dtype, device=self.device)
+            if sums is not None:
+                grown[..., :held, :] = sums
+            sums = grown
+            self.pending[col] = (first, sums)
+        return first, sums
 
-    def release_rows_before(self, y: int) -> None:
-        """Hand out rows [y0, y) — final, since no later tile's crop reaches above y."""
-        if y <= self.y0 or self.buffer is None:
+    def release(self, row: int, col: int) -> None:
+        """Hand out block (row, col): no tile after tile (row, col) reaches it."""
+        by0, by1 = self.row_cuts[row], self.row_cuts[row + 1]
+        bx0, bx1 = self.col_cuts[col], self.col_cuts[col + 1]
+        if by1 == by0 or bx1 == bx0:
             return
-        band = self.buffer[..., : y - self.y0, :]
-        if self.sink is not None:
-            self.sink((self.y0, y, 0, self.width), band)
-        if self.image_grad is not None:
-            self.image_grad[..., self.y0:y, :] = band.to(self.image_grad.device)
-        self.buffer = self.buffer[..., y - self.y0:, :].clone()
-        self.y0 = y
+        first, sums = self._grown(col, by1)
+        assert first == by0, "blocks are released in raster order"
+        self.deliver((by0, by1, bx0, bx1), sums[..., :by1 - by0, :])
+        self.pending[col] = (by1, sums[..., by1 - by0:, :].clone())  # frees the rows handed out
+
+
+def _cuts(starts: Sequence[int], length: int) -> list[int]:
+    """Block edges from tile starts: suffix minima of the starts (0 first), then `length`."""
+    cuts = list(starts) + [length]
+    for k in range(len(starts) - 1, -1, -1):
+        cuts[k] = min(cuts[k], cuts[k + 1])
+    cuts[0] = 0
+    return cuts
 
 
 class _StreamFunction(torch.autograd.Function):

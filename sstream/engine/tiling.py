@@ -107,12 +107,6 @@ class TilePlan:
         """The largest input crop (height, width) any tile runs."""
         return (max(s.in1 - s.in0 for s in self.rows), max(s.in1 - s.in0 for s in self.cols))
 
-    def rows_final_after(self, row: int) -> int:
-        """Input rows below this index receive no gradient from tile rows after `row`."""
-        if row + 1 < len(self.rows):
-            return self.rows[row + 1].in0
-        return self.input_size[0]
-
 
 def make_plan(geometry: StreamGeometry, input_size: tuple[int, int],
               output_size: tuple[int, int], tile_size: tuple[int, int],

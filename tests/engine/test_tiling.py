@@ -7,6 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import sstream
 from tests.conftest import relative_error
@@ -97,10 +99,18 @@ def test_lazy_source_and_gradient_sink_equal_whole_image_autograd():
     assert relative_error(received, leaf.grad) < 1e-12
     for got, p in zip(streamed_param_grads, stream.parameters()):
         assert relative_error(got, p.grad) < 1e-12
-    # bands are full width, top to bottom, contiguous, covering the image once
-    assert [b[0] for b in bands] == [0] + [b[1] for b in bands[:-1]]
-    assert bands[-1][1] == image.shape[-2] and all(b[2:] == (0, 117) for b in bands)
-    assert len(bands) > 1
+    # blocks partition the image in raster order: rows of blocks top to bottom, each row's
+    # blocks left to right over the full width
+    assert bands == sorted(bands)
+    rows: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for y0, y1, x0, x1 in bands:
+        rows.setdefault((y0, y1), []).append((x0, x1))
+    spans = list(rows)
+    assert [y0 for y0, _ in spans] == [0] + [y1 for _, y1 in spans[:-1]]
+    assert spans[-1][1] == image.shape[-2] and len(spans) > 1
+    for columns in rows.values():
+        assert [x0 for x0, _ in columns] == [0] + [x1 for _, x1 in columns[:-1]]
+        assert columns[-1][1] == image.shape[-1] and len(columns) > 1
     # only crops were read, never the whole image
     assert all((y1 - y0) < 141 for y0, y1, _, _ in source.boxes)
 
@@ -115,6 +125,50 @@ def test_sink_runs_even_when_no_parameter_requires_grad():
 
     scnn = sstream.StreamingCNN(stream, 16)
     scnn(RecordingSource(image), input_grad_sink=sink).sum().backward()
+    leaf = image.clone().requires_grad_(True)
+    stream(leaf).sum().backward()
+    assert relative_error(total, leaf.grad) < 1e-12
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest new storage (elements) any op allocates while the mode is active
+    (views of existing storages do not count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor) and item.device.type != "meta":
+                storage = item.untyped_storage()
+                if storage.data_ptr() not in inputs:
+                    self.largest = max(self.largest, storage.nbytes() // item.element_size())
+        return out
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_gradient_sink_never_holds_a_full_width_band(wide):
+    """Wide or tall, the backward of a sink allocates nothing near a full band of the input
+    gradient: overlapping sums are kept per block, not in rows spanning the image."""
+    stream = small_stream()
+    shape = (1, 3, 48, 1200) if wide else (1, 3, 1200, 48)
+    image = torch.randn(shape, dtype=torch.float64)
+    scnn = sstream.StreamingCNN(stream, 16)
+    crop_h, crop_w = scnn.plan(image.shape).largest_crop
+    band = 3 * (crop_h * shape[-1] if wide else crop_w * shape[-2])
+    total = torch.zeros_like(image)
+
+    def sink(box, grad):
+        total[:, :, box[0]:box[1], box[2]:box[3]] += grad
+
+    out = scnn(RecordingSource(image), input_grad_sink=sink)
+    with _LargestAllocation() as seen:
+        out.sum().backward()
+    assert 0 < seen.largest < band / 4
     leaf = image.clone().requires_grad_(True)
     stream(leaf).sum().backward()
     assert relative_error(total, leaf.grad) < 1e-12
@@ -219,6 +273,38 @@ def test_input_gradient_to_a_sink_equals_autograd():
 
     scnn.input_gradient(image, grad_output, sink)
     assert all(p.grad is None for p in stream.parameters())
+    leaf = image.clone().requires_grad_(True)
+    stream(leaf).backward(grad_output)
+    assert relative_error(received, leaf.grad) < 1e-12
+
+
+def test_input_gradient_by_blocks_skips_tiles_without_gradient():
+    """A block-wise output gradient with None for zero blocks equals autograd with the same
+    sparse gradient, and tiles whose block is None are not re-run."""
+    stream = small_stream()
+    image = torch.randn(1, 3, 120, 100, dtype=torch.float64)
+    scnn = sstream.StreamingCNN(stream, 16)
+    with torch.no_grad():
+        shape = stream(image).shape
+    grad_output = torch.zeros(shape, dtype=torch.float64)
+    grad_output[0, :, 1, 2] = torch.randn(shape[1], dtype=torch.float64)
+    grad_output[0, 0, -1, -1] = 1.5
+
+    def block(box):
+        y0, y1, x0, x1 = box
+        part = grad_output[..., y0:y1, x0:x1]
+        return part if part.any() else None
+
+    runs = []
+    stream[0].register_forward_pre_hook(  # the planner's meta-device runs do not count
+        lambda module, inputs: None if inputs[0].is_meta else runs.append(1))
+    received = torch.full_like(image, float("nan"))
+
+    def sink(box, grad):
+        received[:, :, box[0]:box[1], box[2]:box[3]] = grad
+
+    scnn.input_gradient(RecordingSource(image), block, sink)
+    assert len(runs) == 2 < len(scnn.plan(image.shape))
     leaf = image.clone().requires_grad_(True)
     stream(leaf).backward(grad_output)
     assert relative_error(received, leaf.grad) < 1e-12
