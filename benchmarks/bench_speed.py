@@ -3,12 +3,14 @@
 Rows: one per (model, image size, tile size). A training step is forward + head + loss +
 backward (no optimizer step: it costs the same in both). Plain and streaming steps alternate
 (warm-up first, then `reps` pairs) and the ratio is taken pair by pair, then the median: on a
-shared machine absolute seconds drift, ratios measured side by side hold. Peak memory of each
-is measured in a fresh subprocess running one step (CPU: growth of the resident set over the
-step, CUDA: max_memory_allocated), so that neither run inflates the other's number.
+shared machine absolute seconds drift, ratios measured side by side hold. The StreamingCNN is
+made and planned once per row, as `sstream train` and `predict` do (plans are cached per
+image shape); `planning s` is that one-time cost. Peak memory of each is measured in a fresh
+subprocess running one step (CPU: peak bytes of live tensors, CUDA: max_memory_allocated),
+so that neither run inflates the other's number.
 
-Notes add forward-only (predict) ratios against plain `torch.no_grad()` and the per-tile
-overhead of a 1x1-conv stream (many small tiles against the same work in one tile).
+Columns add forward-only (predict) ratios against plain `torch.no_grad()`; notes the
+per-tile overhead of a 1x1-conv stream (many small tiles against the same work in one tile).
 
 Standalone: `python benchmarks/bench_speed.py [--quick]` (prints JSON).
 """
@@ -48,18 +50,16 @@ def build(name: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
     return model.stream, model.head
 
 
-def training_step(stream: nn.Module, head: nn.Module, image: torch.Tensor,
-                  tile: int | None) -> None:
-    """Forward + head + loss + backward; tile None is plain PyTorch on the whole image."""
-    trunk = stream if tile is None else StreamingCNN(stream, tile)
+def training_step(trunk: nn.Module, head: nn.Module, image: torch.Tensor) -> None:
+    """Forward + head + loss + backward; `trunk` is the stream itself (plain PyTorch on the
+    whole image) or a StreamingCNN made once, as `sstream train` makes it."""
     loss = head(trunk(image)).logsumexp(dim=1).sum()
     loss.backward()
-    stream.zero_grad(set_to_none=True)
+    trunk.zero_grad(set_to_none=True)
     head.zero_grad(set_to_none=True)
 
 
-def predict(stream: nn.Module, image: torch.Tensor, tile: int | None) -> None:
-    trunk = stream if tile is None else StreamingCNN(stream, tile)
+def predict(trunk: nn.Module, image: torch.Tensor) -> None:
     with torch.no_grad():
         trunk(image)
 
@@ -133,44 +133,55 @@ def _measure_peak(name: str, size: int, tile: int | None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     stream, head = build(name, device)
     image = torch.rand(1, 3, size, size, device=device)
+    trunk: nn.Module = stream
+    if tile is not None:  # planned before the step, as in training
+        trunk = StreamingCNN(stream, tile)
+        trunk.engine_for(image.shape)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        training_step(stream, head, image, tile)
+        training_step(trunk, head, image)
         print((torch.cuda.max_memory_allocated() - before) / 2**20)
         return
     with _LiveBytes() as live:
-        training_step(stream, head, image, tile)
+        training_step(trunk, head, image)
     print(live.peak / 2**20)
 
 
-def per_tile_overhead(reps: int, device: torch.device) -> tuple[float, int]:
-    """Training step of a 1x1-conv stream: tile 32 against one tile, same work; (ratio, tiles)."""
+def per_tile_overhead(tile: int, reps: int, device: torch.device) -> tuple[float, int]:
+    """Training step of a 1x1-conv stream on a 1024 px image: many tiles of `tile` px against
+    one tile, same work; (ratio, tiles)."""
     stream = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU()).to(device)
     image = torch.rand(1, 3, 1024, 1024, device=device)
 
     def step(tile: int) -> Callable[[], None]:
+        scnn = StreamingCNN(stream, tile)
+
         def run() -> None:
-            StreamingCNN(stream, tile)(image).square().sum().backward()
+            scnn(image).square().sum().backward()
             stream.zero_grad(set_to_none=True)
         return run
 
-    _, _, ratio = paired(step(1024), step(32), reps, device)
-    return ratio, len(StreamingCNN(stream, 32).plan(image.shape))
+    _, _, ratio = paired(step(1024), step(tile), reps, device)
+    return ratio, len(StreamingCNN(stream, tile).plan(image.shape))
 
 
 def _row(name: str, size: int, tile: int, reps: int, device: torch.device) -> list:
     stream, head = build(name, device)
     image = torch.rand(1, 3, size, size, device=device)
-    plain_s, stream_s, ratio = paired(lambda: training_step(stream, head, image, None),
-                                      lambda: training_step(stream, head, image, tile),
-                                      reps, device)
-    _, _, predict_ratio = paired(lambda: predict(stream, image, None),
-                                 lambda: predict(stream, image, tile), reps, device)
+    scnn = StreamingCNN(stream, tile)
+    began = time.perf_counter()
+    scnn.plan(image.shape)
+    scnn.engine_for(image.shape)  # the halo program too: planned once per image shape
+    planning = time.perf_counter() - began
+    plain_s, stream_s, ratio = paired(lambda: training_step(stream, head, image),
+                                      lambda: training_step(scnn, head, image), reps, device)
+    _, _, predict_ratio = paired(lambda: predict(stream, image),
+                                 lambda: predict(scnn, image), reps, device)
     plain_mb, stream_mb = peak_memory_mb(name, size, None), peak_memory_mb(name, size, tile)
     return [name, size, tile, round(plain_s, 3), round(stream_s, 3), round(ratio, 2),
             round(plain_mb), round(stream_mb), round(plain_mb / max(stream_mb, 1e-9), 1),
-            round(predict_ratio, 2)]
+            round(predict_ratio, 2), round(planning, 2)]
 
 
 def run(quick: bool = False) -> dict:
@@ -179,14 +190,18 @@ def run(quick: bool = False) -> dict:
     rows, notes = [], []
     for name, size, tiles in QUICK if quick else FULL:
         rows += [_row(name, size, tile, reps, device) for tile in tiles]
-    overhead, tiles = per_tile_overhead(reps, device)
-    notes.append(f"per-tile overhead: 1x1-conv stream, 1024 px image, {tiles} tiles of 32 px "
-                 f"vs one tile: {overhead:.2f}x (training step)")
+    overheads = []
+    for tile in (32, 128):
+        overhead, tiles = per_tile_overhead(tile, reps, device)
+        overheads.append(f"{tiles} tiles of {tile} px: {overhead:.2f}x")
+    notes.append("per-tile overhead (training step of a 1x1-conv stream on a 1024 px image, "
+                 "many tiles vs one tile of the same work): " + ", ".join(overheads))
     notes.append(f"{reps} paired repetitions after a warm-up; ratios are medians of pairwise "
                  f"ratios; torch threads: {torch.get_num_threads()}; device: {device}")
     return {"title": "Streaming vs plain PyTorch (training step; predict = no-grad forward)",
             "columns": ["model", "image", "tile", "plain s", "stream s", "step ratio",
-                        "plain MB", "stream MB", "memory saved x", "predict ratio"],
+                        "plain MB", "stream MB", "memory saved x", "predict ratio",
+                        "planning s"],
             "rows": rows, "notes": notes}
 
 

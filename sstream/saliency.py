@@ -79,6 +79,7 @@ from sstream.data import PixelSource, choose_level
 from sstream.engine import OutputGradient, StreamingCNN
 from sstream.io import SlideImage, TiffMapWriter, atomic_output, open_image
 from sstream.models import Classifier, head_global_pool, load_checkpoint, minimum_input_size
+from sstream.runtime import resolve_device
 
 __all__ = [
     "METHODS",
@@ -171,7 +172,7 @@ def compute_saliency(
     uint8: bool = False,
     percentile: float = 99.5,
     tile_size: int = 256,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     overwrite: bool = False,
     progress: SaliencyProgress | None = None,
 ) -> SaliencyResult:
@@ -191,7 +192,8 @@ def compute_saliency(
         percentile: the percentile of non-zero |values| that defines `scale`, in (0, 100].
         tile_size: the engine's tile side in input pixels (memory grows with it and with the
             level's width: the gradient band is 3 x (tile + overlap) x width floats).
-        device: where the model runs ("cpu", "cuda"...).
+        device: where the model runs: "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
+            or a torch.device.
         overwrite: replace existing output files.
         progress: called as (phase, done, total); see `SaliencyProgress`.
 
@@ -223,6 +225,7 @@ def compute_saliency(
         if path is not None:
             _refuse_unwritable(path, overwrite)
 
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     model = (checkpoint.to(device) if isinstance(checkpoint, Classifier)
              else load_checkpoint(checkpoint, map_location=device)).eval()
     num_classes = int(model.config.num_classes)
@@ -608,7 +611,7 @@ def _read_background(slide: SlideImage, level: int, shape: tuple[int, int]) -> n
     read_w, read_h = slide.level_dimensions[read_level]
     factor = max(1, int(target_downsample / slide.level_downsamples[read_level]))
     scale_y = slide.dimensions[1] / read_h
-    rows_per_band = factor * max(1, (1 << 22) // (factor * factor * read_w))
+    rows_per_band = factor * max(1, (1 << 20) // (factor * factor * read_w))
     reduced = np.empty((-(-read_h // factor), -(-read_w // factor), 3), np.uint8)
     for y0 in range(0, read_h, rows_per_band):  # bands of whole factor x factor boxes
         rows = min(rows_per_band, read_h - y0)

@@ -229,6 +229,8 @@ CASES: dict[str, Case] = {
     "saliency class out of range": Case(lambda r: _saliency(r, "--class", "7"), USAGE,
                                         "class"),
     "saliency output exists": Case(_saliency_output_exists, FAILURE, "--overwrite"),
+    "saliency cuda without gpu": Case(lambda r: _saliency(r, "--device", "cuda"), FAILURE,
+                                      "no CUDA GPU"),
     "saliency output dir missing": Case(lambda r: [*_saliency(r)[:-3], "--out",
                                                    str(r / "no" / "map.tif"), "--no-overview"],
                                         FAILURE, "does not exist"),

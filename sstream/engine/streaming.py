@@ -132,21 +132,25 @@ class StreamingCNN(nn.Module):
                          self.tile_size, self.minimum_size(input_shape))
 
     def minimum_size(self, input_shape: Sequence[int]) -> tuple[int, int]:
-        """The shortest input height (at this width) and width (at this height) the stream
-        accepts, found on the meta device by bisection (cached per input shape)."""
+        """The shortest input height and width the stream accepts, found on the meta device
+        by bisection below this (accepted) input's size. Local ops size each axis on its
+        own, so the answer does not depend on the input's size: cached per channel count."""
         channels, height, width = (int(s) for s in input_shape[-3:])
-        key = ("minimum", channels, height, width)
-        if key not in self._output_sizes:
+        key = ("minimum", channels)
+        if key in self._output_sizes:
+            return self._output_sizes[key]
 
-            def accepts(h: int, w: int) -> bool:
-                try:
-                    return min(self.output_size((channels, h, w))) > 0
-                except RuntimeError:
-                    return False
+        def accepts(h: int, w: int) -> bool:
+            try:
+                return min(self.output_size((channels, h, w))) > 0
+            except RuntimeError:
+                return False
 
-            self._output_sizes[key] = (_smallest(lambda h: accepts(h, width), height),
-                                       _smallest(lambda w: accepts(height, w), width))
-        return self._output_sizes[key]
+        found = (_smallest(lambda h: accepts(h, width), height),
+                 _smallest(lambda w: accepts(height, w), width))
+        if accepts(height, width):  # else the search had no valid upper bound: don't keep it
+            self._output_sizes[key] = found
+        return found
 
     # -- running -------------------------------------------------------------------------
 
