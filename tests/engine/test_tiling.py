@@ -308,3 +308,23 @@ def test_input_gradient_by_blocks_skips_tiles_without_gradient():
     leaf = image.clone().requires_grad_(True)
     stream(leaf).backward(grad_output)
     assert relative_error(received, leaf.grad) < 1e-12
+
+
+def test_minimum_size_is_the_smallest_input_and_the_same_for_every_image():
+    """The cached minimum (per channel count) is what plain PyTorch accepts at any size."""
+    torch.manual_seed(0)
+    stream = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=3), nn.MaxPool2d(3, 2),
+                           nn.Conv2d(4, 2, 5, padding=1)).double()
+
+    def accepts(height, width):
+        try:
+            return min(stream(torch.zeros(1, 3, height, width, dtype=torch.float64)).shape[-2:]) > 0
+        except RuntimeError:
+            return False
+
+    shared = sstream.StreamingCNN(stream, 16)
+    for shape in [(1, 3, 200, 60), (1, 3, 40, 300), (1, 3, 90, 90)]:
+        height, width = shared.minimum_size(shape)
+        assert (height, width) == sstream.StreamingCNN(stream, 16).minimum_size(shape)
+        assert accepts(height, shape[-1]) and not accepts(height - 1, shape[-1])
+        assert accepts(shape[-2], width) and not accepts(shape[-2], width - 1)
