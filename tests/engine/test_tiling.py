@@ -259,40 +259,23 @@ def test_global_pool_ties_go_to_the_first_position_in_row_major_order():
     assert indices.item() == expected.item() == 2 * 20 + 17
 
 
-def test_input_gradient_to_a_sink_equals_autograd():
-    stream = small_stream()
-    image = torch.randn(1, 3, 77, 90, dtype=torch.float64)
-    scnn = sstream.StreamingCNN(stream, 16)
-    with torch.no_grad():
-        shape = stream(image).shape
-    grad_output = torch.randn(shape, dtype=torch.float64)
-    received = torch.zeros_like(image)
-
-    def sink(box, grad):
-        received[:, :, box[0]:box[1], box[2]:box[3]] = grad
-
-    scnn.input_gradient(image, grad_output, sink)
-    assert all(p.grad is None for p in stream.parameters())
-    leaf = image.clone().requires_grad_(True)
-    stream(leaf).backward(grad_output)
-    assert relative_error(received, leaf.grad) < 1e-12
-
-
-def test_input_gradient_by_blocks_skips_tiles_without_gradient():
-    """A block-wise output gradient with None for zero blocks equals autograd with the same
-    sparse gradient, and tiles whose block is None are not re-run."""
+@pytest.mark.parametrize("by_blocks", [False, True])
+def test_input_gradient_to_a_sink_equals_autograd(by_blocks):
+    """A whole output gradient, or a block-wise one with None for zero blocks (whose tiles are
+    then not re-run), reaches the sink as plain autograd's input gradient; no param grads."""
     stream = small_stream()
     image = torch.randn(1, 3, 120, 100, dtype=torch.float64)
     scnn = sstream.StreamingCNN(stream, 16)
     with torch.no_grad():
         shape = stream(image).shape
-    grad_output = torch.zeros(shape, dtype=torch.float64)
-    grad_output[0, :, 1, 2] = torch.randn(shape[1], dtype=torch.float64)
-    grad_output[0, 0, -1, -1] = 1.5
+    grad_output = torch.randn(shape, dtype=torch.float64)
+    if by_blocks:  # two non-zero outputs: the first tile's and the last tile's
+        grad_output.zero_()
+        grad_output[0, :, 1, 2] = torch.randn(shape[1], dtype=torch.float64)
+        grad_output[0, 0, -1, -1] = 1.5
 
     def block(box):
-        y0, y1, x0, x1 = box
-        part = grad_output[..., y0:y1, x0:x1]
+        part = grad_output[..., box[0]:box[1], box[2]:box[3]]
         return part if part.any() else None
 
     runs = []
@@ -303,8 +286,9 @@ def test_input_gradient_by_blocks_skips_tiles_without_gradient():
     def sink(box, grad):
         received[:, :, box[0]:box[1], box[2]:box[3]] = grad
 
-    scnn.input_gradient(RecordingSource(image), block, sink)
-    assert len(runs) == 2 < len(scnn.plan(image.shape))
+    scnn.input_gradient(RecordingSource(image), block if by_blocks else grad_output, sink)
+    assert all(p.grad is None for p in stream.parameters())
+    assert len(runs) == (2 if by_blocks else len(scnn.plan(image.shape)))
     leaf = image.clone().requires_grad_(True)
     stream(leaf).backward(grad_output)
     assert relative_error(received, leaf.grad) < 1e-12
