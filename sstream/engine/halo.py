@@ -17,6 +17,10 @@ on the input rows [c0, A_u[r+1]) with c0 = max(0, (A_v[r] - ceil(p/s)) * s): c0 
 of s, so the module's sampling grid is the global one; the module's own padding at an interior
 crop edge touches only the first ceil(p/s) outputs, which are dropped; at a true image border
 the crop's border is the image's (the exactness argument of ENGINE.md, applied per layer).
+A plain `nn.Conv2d` is run functionally, without the dropped outputs: on exactly the input rows
+[A_v[r]*s - p, (A_v[r+1] - 1)*s - p + e), with zeros added only beyond the image's border
+(in deep layers, whose regions are a few outputs wide, the dropped outputs were a third of
+the work).
 
 Each node's *block* for a tile is its region plus the halo above (rows kept from the previous
 tile row, a full-width line buffer `up` rows high) and to the left (`left` columns kept from
@@ -32,7 +36,7 @@ part of the feature-map gradient together with the gradients that later tiles (t
 below; already done) sent to the halo strips this tile handed on (`left_out`, `next_top`); the
 gradients reaching `top_in` / `left_in` go to the tiles that produced them, which come next.
 So the stream's forward runs twice (no-grad pass, re-run) and its backward once, on each
-output exactly once (plus ceil(p/s) outputs per interior tile edge and layer).
+output exactly once (plus, for pooling layers, ceil(p/s) outputs per interior tile edge).
 
 Graphs this engine cannot run exactly (in-place ops on values that have other readers,
 operands of different spatial sizes, padding as large as a kernel's extent, whose outputs see
@@ -96,6 +100,17 @@ class _Node:
     needs_grad: bool = False
     per_pixel: int = 0                       # elements per output position (N * C ...)
     derived: bool = False  # per-pixel node whose block is computed from its inputs' blocks
+    exact_input: bool = False  # a plain Conv2d run on exactly the input its region needs
+
+    def input_start(self, axis: int, region0: int) -> int:
+        """First input row (axis 0) or column (1) this window node reads for outputs from
+        `region0`: exactly `region0 * s - p` for a plain convolution (zeros are added only at
+        the image border), else aligned to the stride so the module's own padding at a crop
+        edge touches only outputs that are dropped."""
+        _, stride, pad = self.axes[axis]
+        if self.exact_input:
+            return max(0, region0 * stride - pad)
+        return _window_start(region0, stride, pad)
 
     @property
     def stores_halo(self) -> bool:
@@ -212,8 +227,7 @@ class HaloProgram:
                         if mine[k + 1] == mine[k]:
                             continue
                         if entry.kind == "window":
-                            _, stride, pad = entry.axes[axis]
-                            start = _window_start(mine[k], stride, pad)
+                            start = entry.input_start(axis, mine[k])
                         else:
                             start = mine[k]
                         need = max(need, theirs[k] - start)
@@ -266,7 +280,8 @@ def _classify_spatial(node: fx.Node, root: nn.Module, values: dict[fx.Node, Any]
             if any(max(before, after) >= extent for extent, _, before, after in axes):
                 return None  # outputs that see only padding: the crop engine handles them
             return _Node(node, "window", dims, size, sources, module,
-                         tuple((e, s, p) for e, s, p, _ in axes))
+                         tuple((e, s, p) for e, s, p, _ in axes),
+                         exact_input=type(module) is nn.Conv2d)
     for source in sources:  # per-pixel ops: spatial operands must not broadcast over space
         src_dims = spatial_dims(values[source])
         src_shape = shapes[source]
@@ -480,12 +495,33 @@ class HaloRun:
         assert entry.module is not None
         if y1 == y0 or x1 == x0:
             return self._empty(entry, block.tensor, y1 - y0, x1 - x0)
-        (_, sy, py), (_, sx, px) = entry.axes
-        in_y0, in_x0 = _window_start(y0, sy, py), _window_start(x0, sx, px)
+        if entry.exact_input:
+            return self._exact_conv(entry, block, src, (y0, y1, x0, x1))
+        (_, sy, _), (_, sx, _) = entry.axes
+        in_y0, in_x0 = entry.input_start(0, y0), entry.input_start(1, x0)
         crop = block.part(src.dims, in_y0, src.rows[row + 1], in_x0, src.cols[col + 1])
         out = entry.module(crop)
         return _narrow2(out, (2, 3), y0 - in_y0 // sy, y1 - in_y0 // sy,
                         x0 - in_x0 // sx, x1 - in_x0 // sx)
+
+    @staticmethod
+    def _exact_conv(entry: _Node, block: _Block, src: _Node, region: Box) -> torch.Tensor:
+        """The region of a plain Conv2d from exactly the input it needs: output j reads input
+        [j*s - p, j*s - p + e); zeros are added only beyond the image's border, so no output
+        is computed and dropped (the module's padding would add some at every crop edge)."""
+        conv = entry.module
+        assert isinstance(conv, nn.Conv2d)
+        spans = []
+        for (extent, stride, pad), (r0, r1), full in zip(entry.axes, (region[:2], region[2:]),
+                                                         src.size):
+            first, last = r0 * stride - pad, (r1 - 1) * stride - pad + extent
+            spans.append((max(0, first), min(full, last), max(0, -first), max(0, last - full)))
+        (ya, yb, top, bottom), (xa, xb, left, right) = spans
+        crop = block.part(src.dims, ya, yb, xa, xb)
+        if top or bottom or left or right:
+            crop = F.pad(crop, (left, right, top, bottom))
+        return F.conv2d(crop, conv.weight, conv.bias, conv.stride, 0, conv.dilation,
+                        conv.groups)
 
     def _empty(self, entry: _Node, like: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """An empty region of the dtype the module gives (autocast may change it)."""
