@@ -3,10 +3,10 @@
 For each size a synthetic tiled JPEG slide (`write_synthetic_slide`, cached in the temporary
 directory) is explained by a random `tiny` model in a fresh subprocess, which reports its peak
 resident set size (`ru_maxrss`) before and after `compute_saliency` (float32 map + PNG
-overview, tile 256, CPU). The baseline (Python, torch and the modules it loads for
-meta-device shape inference, the model loaded) is subtracted; the rest is what saliency
-needed, compared with what the float32 map alone (4 bytes a pixel) and the float32 input
-(12 bytes a pixel) would take.
+overview, tile 256, CPU). The baseline (the resident set once Python, torch and the modules
+it loads for meta-device shape inference, and the model are loaded) is subtracted; the rest
+is what saliency needed, compared with what the float32 map alone (4 bytes a pixel) and
+the float32 input (12 bytes a pixel) would take.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ model = load_checkpoint(checkpoint)
 # torch imports its meta-device machinery (torch._dynamo, ~150 MiB) on the first shape
 # inference: part of the baseline, whatever the slide's size
 StreamingCNN(model.stream, tile).plan((1, 3, 512, 512))
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# the resident set now (not the high-water mark, which start-up transients can raise)
+try:
+    with open("/proc/self/statm") as statm:
+        baseline = int(statm.read().split()[1]) * resource.getpagesize() // 1024
+except OSError:  # not Linux: the high-water mark so far
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 began = time.perf_counter()
 result = compute_saliency(slide, model, out, overview=out[:-4] + ".png", tile_size=tile,
                           overwrite=True)
