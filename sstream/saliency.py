@@ -191,7 +191,7 @@ def compute_saliency(
         uint8: write a uint8 map quantised with the percentile scale instead of float32.
         percentile: the percentile of non-zero |values| that defines `scale`, in (0, 100].
         tile_size: the engine's tile side in input pixels (memory grows with it and with the
-            level's width: the gradient band is 3 x (tile + overlap) x width floats).
+            level's width: one row of map blocks is tile x width floats).
         device: where the model runs: "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
             or a torch.device.
         overwrite: replace existing output files.

@@ -163,9 +163,7 @@ class StreamingCNN(nn.Module):
         `image.grad`.
         """
         self._refuse_current_modes()
-        source = TensorSource(image) if isinstance(image, torch.Tensor) else image
-        if not isinstance(source, ImageSource):
-            raise TypeError("image must be a tensor (N, C, H, W) or an ImageSource")
+        source = _as_source(image)
         plan = self.plan(source.shape)
         params = [p for p in self.stream.parameters() if p.requires_grad]
         image_anchor = image if isinstance(image, torch.Tensor) else _NO_TENSOR
@@ -193,7 +191,7 @@ class StreamingCNN(nn.Module):
         if mode not in ("max", "avg"):
             raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
         self._refuse_current_modes()
-        source = TensorSource(image) if isinstance(image, torch.Tensor) else image
+        source = _as_source(image)
         run = _TileRunner(self.stream, self.plan(source.shape), source, None, self.on_tile)
         out_h, out_w = run.plan.output_size
         values: torch.Tensor | None = None
@@ -230,7 +228,7 @@ class StreamingCNN(nn.Module):
         memory: after global max pooling only the tiles holding a maximum are re-run.
         """
         self._refuse_current_modes()
-        source = TensorSource(image) if isinstance(image, torch.Tensor) else image
+        source = _as_source(image)
         run = _TileRunner(self.stream, self.plan(source.shape), source, sink, self.on_tile)
         run.backward(grad_output, None, [])
 
@@ -271,6 +269,14 @@ class StreamingCNN(nn.Module):
 
 
 _NO_TENSOR = torch.empty(0)
+
+
+def _as_source(image: torch.Tensor | ImageSource) -> ImageSource:
+    """The image as an ImageSource (a tensor is wrapped); TypeError for anything else."""
+    source = TensorSource(image) if isinstance(image, torch.Tensor) else image
+    if not isinstance(source, ImageSource):
+        raise TypeError("image must be a tensor (N, C, H, W) or an ImageSource")
+    return source
 
 
 def _smallest(accepts: Callable[[int], bool], largest: int) -> int:
