@@ -22,18 +22,16 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sstream import StreamingCNN  # noqa: E402
+from sstream.engine.memory import LiveBytes  # noqa: E402
 from sstream.models import ModelConfig, build_model, freeze_batchnorm  # noqa: E402
 
 FULL = [("resnet18", 2048, (512, 1024)), ("resnet18", 1024, (256, 512)),
@@ -100,34 +98,6 @@ def peak_memory_mb(name: str, size: int, tile: int | None) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created inside the mode and still alive (CPU has no
-    allocator statistics; resident-set sizes mostly measure the allocator's caching)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sizes: dict[int, int] = {}
-        self.refs: dict[int, weakref.ref] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor) and item.device.type != "meta":
-                storage = item.untyped_storage()
-                key = storage._cdata
-                if key not in self.sizes:
-                    self.sizes[key] = storage.nbytes()
-                    self.refs[key] = weakref.ref(storage, lambda _, k=key: self._release(k))
-                    self.current += self.sizes[key]
-                    self.peak = max(self.peak, self.current)
-        return out
-
-    def _release(self, key: int) -> None:
-        self.current -= self.sizes.pop(key, 0)
-        self.refs.pop(key, None)
-
-
 def _measure_peak(name: str, size: int, tile: int | None) -> None:
     """(In the subprocess.) Print the peak MB that one training step allocates."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +113,7 @@ def _measure_peak(name: str, size: int, tile: int | None) -> None:
         training_step(trunk, head, image)
         print((torch.cuda.max_memory_allocated() - before) / 2**20)
         return
-    with _LiveBytes() as live:
+    with LiveBytes((image, *stream.parameters(), *head.parameters())) as live:
         training_step(trunk, head, image)
     print(live.peak / 2**20)
 

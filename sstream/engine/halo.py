@@ -64,6 +64,7 @@ from sstream.engine.geometry import (
     spatial_dims,
     traced_values,
 )
+from sstream.engine.saving import GradientSum, Recipes
 
 Box = tuple[int, int, int, int]
 
@@ -101,6 +102,7 @@ class _Node:
     per_pixel: int = 0                       # elements per output position (N * C ...)
     derived: bool = False  # per-pixel node whose block is computed from its inputs' blocks
     exact_input: bool = False  # a plain Conv2d run on exactly the input its region needs
+    recompute: bool = False  # per-pixel op cheap enough to recompute in the backward
 
     def input_start(self, axis: int, region0: int) -> int:
         """First input row (axis 0) or column (1) this window node reads for outputs from
@@ -290,7 +292,22 @@ def _classify_spatial(node: fx.Node, root: nn.Module, values: dict[fx.Node, Any]
     call = _out_of_place(node, root)
     if call is None:
         return None
-    return _Node(node, "pointwise", dims, size, sources, call=call)
+    return _Node(node, "pointwise", dims, size, sources, call=call,
+                 recompute=_cheap(node, root))
+
+
+_CHEAP_MODULES = ("torch.nn.modules.activation", "torch.nn.modules.batchnorm",
+                  "torch.nn.modules.dropout")
+
+
+def _cheap(node: fx.Node, root: nn.Module) -> bool:
+    """Whether a per-pixel node costs little to recompute: functions and methods (sums,
+    products, activations) and normalisation/activation modules, not arbitrary modules
+    (a Linear over channels, say, is a matrix product)."""
+    if node.op != "call_module":
+        return True
+    module = root.get_submodule(str(node.target))
+    return type(module).__module__ in _CHEAP_MODULES
 
 
 def _out_of_place(node: fx.Node, root: nn.Module) -> Callable[..., Any] | None:
@@ -433,7 +450,8 @@ class HaloRun:
 
     def _tile(self, row: int, col: int, top: dict[fx.Node, torch.Tensor],
               left: dict[fx.Node, torch.Tensor], visit: Callable[[_Node, _Block], None],
-              input_region: torch.Tensor | None = None) -> torch.Tensor:
+              input_region: torch.Tensor | None = None,
+              recipes: Recipes | None = None) -> torch.Tensor:
         """Compute every node's region and block for tile (row, col).
 
         `top[v]`: v's rows [A[row] - up, A[row]) for the full width; `left[v]`: v's rows
@@ -458,13 +476,11 @@ class HaloRun:
                 region = self._window(entry, env, row, col)
             elif entry.derived:
                 yb, xb = max(0, y0 - entry.up), max(0, x0 - entry.left)
-                assert entry.call is not None
-                env[node] = _Block(entry.call(*self._operands(entry, env, (yb, y1, xb, x1))),
+                env[node] = _Block(self._pointwise(entry, env, (yb, y1, xb, x1), recipes),
                                    yb, xb)
                 region = env[node].part(entry.dims, y0, y1, x0, x1)
             else:
-                assert entry.call is not None
-                region = entry.call(*self._operands(entry, env, (y0, y1, x0, x1)))
+                region = self._pointwise(entry, env, (y0, y1, x0, x1), recipes)
             if entry is self.program.result:
                 out_region = region
             if not entry.derived:
@@ -475,6 +491,16 @@ class HaloRun:
                 env.pop(done, None)
         assert out_region is not None
         return out_region
+
+    def _pointwise(self, entry: _Node, env: dict[fx.Node, Any], box: Box,
+                   recipes: Recipes | None) -> Any:
+        """A per-pixel node over `box`; noted as recomputable if it is cheap."""
+        assert entry.call is not None
+        args, kwargs = self._operands(entry, env, box)
+        value = entry.call(args, kwargs)
+        if recipes is not None and entry.recompute:
+            recipes.note(value, entry.call, args, kwargs)
+        return value
 
     def _operands(self, entry: _Node, env: dict[fx.Node, Any], box: Box) -> tuple[Any, Any]:
         """(args, kwargs) of a per-pixel node: spatial operands cut to the node's region."""
@@ -507,21 +533,23 @@ class HaloRun:
     @staticmethod
     def _exact_conv(entry: _Node, block: _Block, src: _Node, region: Box) -> torch.Tensor:
         """The region of a plain Conv2d from exactly the input it needs: output j reads input
-        [j*s - p, j*s - p + e); zeros are added only beyond the image's border, so no output
-        is computed and dropped (the module's padding would add some at every crop edge)."""
+        [j*s - p, j*s - p + e). Beyond the image's border the convolution's own padding
+        supplies the zeros (an explicit pad would copy the crop, and autograd would keep the
+        copy beside the block it came from); the few outputs that padding adds on the other
+        side are dropped. Where the grid does not allow that, the crop is padded explicitly."""
         conv = entry.module
         assert isinstance(conv, nn.Conv2d)
-        spans = []
-        for (extent, stride, pad), (r0, r1), full in zip(entry.axes, (region[:2], region[2:]),
-                                                         src.size):
-            first, last = r0 * stride - pad, (r1 - 1) * stride - pad + extent
-            spans.append((max(0, first), min(full, last), max(0, -first), max(0, last - full)))
-        (ya, yb, top, bottom), (xa, xb, left, right) = spans
-        crop = block.part(src.dims, ya, yb, xa, xb)
-        if top or bottom or left or right:
-            crop = F.pad(crop, (left, right, top, bottom))
-        return F.conv2d(crop, conv.weight, conv.bias, conv.stride, 0, conv.dilation,
-                        conv.groups)
+        reads = _conv_reads(entry.axes, region)
+        spans = [_padded_span(first, last, full, extent, stride)
+                 for (first, last), full, (extent, stride, _) in zip(reads, src.size,
+                                                                     entry.axes)]
+        if None in spans:
+            return _explicitly_padded_conv(conv, reads, block, src)
+        (ya, yb, qy, dy), (xa, xb, qx, dx) = spans  # type: ignore[misc]
+        out = F.conv2d(block.part(src.dims, ya, yb, xa, xb), conv.weight, conv.bias,
+                       conv.stride, (qy, qx), conv.dilation, conv.groups)
+        return _narrow2(out, (2, 3), dy, dy + region[1] - region[0], dx,
+                        dx + region[3] - region[2])
 
     def _empty(self, entry: _Node, like: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """An empty region of the dtype the module gives (autocast may change it)."""
@@ -542,7 +570,13 @@ class HaloRun:
         hdim, wdim = entry.dims
         yb, xb = max(0, y0 - entry.up), max(0, x0 - entry.left)
         x1 = entry.cols[col + 1]
-        middle = region if xb == x0 else torch.cat([left[entry.node], region], dim=wdim)
+        if xb == x0:
+            middle = region
+        else:
+            strip = left[entry.node]
+            if strip.requires_grad:
+                strip = _OwnGradient.apply(strip)
+            middle = torch.cat([strip, region], dim=wdim)
         if yb == y0:
             return _Block(middle, yb, xb)
         above = top[entry.node].narrow(wdim, xb, x1 - xb)
@@ -609,7 +643,7 @@ class HaloRun:
         self._mark_needs_grad(params, image_grad is not None)
         result = program.result
         inp = next(e for e in program.nodes if e.kind == "input")
-        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        param_grads = GradientSum(params)
         grad_next_top: dict[fx.Node, torch.Tensor] = {}
         done = 0
         for row in reversed(range(rows)):
@@ -633,23 +667,26 @@ class HaloRun:
                 def collect(entry: _Node, block: _Block, row: int = row, col: int = col,
                             grad_left: dict = grad_left, grad_next_top: dict = grad_next_top,
                             outputs: list = outputs, grads: list = grads) -> None:
-                    """Halo strips this tile handed on, with the gradients sent back."""
+                    """Halo strips this tile handed on, with the gradients sent back (as
+                    copies: a view would keep the whole block alive through the backward)."""
                     if not entry.needs_grad:
                         return
                     ey0, ey1 = entry.rows[row], entry.rows[row + 1]
                     ex0, ex1 = entry.cols[col], entry.cols[col + 1]
                     if entry.left and entry.node in grad_left:
                         outputs.append(block.part(entry.dims, ey0, ey1,
-                                                  max(0, ex1 - entry.left), ex1))
+                                                  max(0, ex1 - entry.left), ex1).clone())
                         grads.append(grad_left.pop(entry.node))
                     if entry.up and entry.node in grad_next_top:
                         ty0 = max(0, ey1 - entry.up)
-                        outputs.append(block.part(entry.dims, ty0, ey1, ex0, ex1))
+                        outputs.append(block.part(entry.dims, ty0, ey1, ex0, ex1).clone())
                         grads.append(_narrow2(grad_next_top[entry.node], entry.dims, 0,
                                               ey1 - ty0, ex0, ex1))
 
-                with torch.enable_grad():
-                    out = self._tile(row, col, top, left, collect, input_region=crop)
+                recipes = Recipes()  # per-pixel values saved as how to recompute them
+                with torch.enable_grad(), recipes.hooks():
+                    out = self._tile(row, col, top, left, collect, input_region=crop,
+                                     recipes=recipes)
                 oy0, oy1 = result.rows[row], result.rows[row + 1]
                 ox0, ox1 = result.cols[col], result.cols[col + 1]
                 outputs.append(out)
@@ -661,31 +698,23 @@ class HaloRun:
                 keep = [i for i, o in enumerate(outputs) if o.requires_grad and o.numel()]
                 got: Sequence[torch.Tensor | None] = [None] * len(inputs)
                 if keep and inputs:
-                    got = torch.autograd.grad([outputs[i] for i in keep],
-                                              inputs, [grads[i] for i in keep],
-                                              allow_unused=True)
+                    with param_grads.collecting():
+                        got = torch.autograd.grad([outputs[i] for i in keep],
+                                                  inputs, [grads[i] for i in keep],
+                                                  allow_unused=True)
                 got = list(got)
                 if image_grad is not None:
                     grad_crop = got.pop(0)
                     image_grad((y0, y1, x0, x1),
                                torch.zeros_like(crop) if grad_crop is None else grad_crop)
-                for n in leaves_top:  # leaves are whole line buffers: grads are full width
-                    g = got.pop(0)
-                    if g is not None:
-                        grad_top[n] = _compact(g) if n not in grad_top else grad_top[n] + g
-                for n in leaves_left:
-                    g = got.pop(0)
-                    if g is not None:
-                        grad_left[n] = _compact(g)
-                for i, g in enumerate(got):
-                    if g is not None:
-                        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+                    del grad_crop
+                _take_halo_grads(got, leaves_top, grad_top, leaves_left, grad_left)
                 # this tile's values go before the next tile allocates its own
-                del got, g, out, outputs, grads, crop, top, left, collect
+                del got, out, outputs, grads, crop, top, left, collect, recipes
                 done += 1
                 self.report("backward", done)
             grad_next_top = grad_top
-        return param_grads
+        return param_grads.sums
 
     def _mark_needs_grad(self, params: list[torch.Tensor], image: bool) -> None:
         """Which nodes carry gradient: downstream of the image (if wanted) or a parameter."""
@@ -705,6 +734,78 @@ class HaloRun:
             if hit or any(n in flagged for n in node.all_input_nodes):
                 flagged.add(node)
             entry.needs_grad = node in flagged
+
+
+def _padded_span(first: int, last: int, full: int, extent: int, stride: int,
+                 ) -> tuple[int, int, int, int] | None:
+    """How a convolution with symmetric padding reads input [first, last) of an axis of
+    length `full` (zeros outside): (start, stop, padding, leading outputs to drop), or None.
+
+    The crop is [max(0, first), min(full, last)) and the padding the larger of the two
+    overhangs, so the convolution's windows reach `last`; its first window starts
+    `padding - overhang before` rows before `first`, which must be a whole number of strides.
+    The outputs the padding adds on the other side are computed and dropped, so this is
+    None (pad explicitly) where they would be more than 1/16 of the wanted ones (regions a
+    few outputs wide in deep layers, where the copy is small anyway).
+    """
+    before, after = max(0, -first), max(0, last - full)
+    padding = max(before, after)
+    lead = padding - before
+    start, stop = max(0, first), min(full, last)
+    wanted = (last - first - extent) // stride + 1
+    computed = (stop - start + 2 * padding - extent) // stride + 1
+    if lead % stride or 16 * (computed - wanted) > wanted:
+        return None
+    return start, stop, padding, lead // stride
+
+
+def _conv_reads(axes: tuple[tuple[int, int, int], ...], region: Box) -> list[tuple[int, int]]:
+    """Per axis the input [first, last) that a convolution's outputs `region` read (output j
+    reads [j*s - p, j*s - p + e); the ends may lie beyond the image)."""
+    return [(r0 * stride - pad, (r1 - 1) * stride - pad + extent)
+            for (extent, stride, pad), (r0, r1) in zip(axes, (region[:2], region[2:]))]
+
+
+def _explicitly_padded_conv(conv: nn.Conv2d, reads: list[tuple[int, int]], block: _Block,
+                            src: _Node) -> torch.Tensor:
+    """`_exact_conv` with the zeros beyond the border added by an explicit pad (a copy)."""
+    (ya, yb), (xa, xb) = [(max(0, first), min(full, last))
+                          for (first, last), full in zip(reads, src.size)]
+    (top, bottom), (left, right) = [(max(0, -first), max(0, last - full))
+                                    for (first, last), full in zip(reads, src.size)]
+    crop = F.pad(block.part(src.dims, ya, yb, xa, xb), (left, right, top, bottom))
+    return F.conv2d(crop, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def _take_halo_grads(got: list[torch.Tensor | None], leaves_top: list[fx.Node],
+                     grad_top: dict[fx.Node, torch.Tensor], leaves_left: list[fx.Node],
+                     grad_left: dict[fx.Node, torch.Tensor]) -> None:
+    """Move the gradients of a tile's halo leaves from the front of `got` to the tiles that
+    produced the strips (the line buffers' gradients are full width and summed over the
+    tiles of a row)."""
+    for n in leaves_top:
+        grad = got.pop(0)
+        if grad is not None:
+            grad_top[n] = _compact(grad) if n not in grad_top else grad_top[n] + grad
+    for n in leaves_left:
+        grad = got.pop(0)
+        if grad is not None:
+            grad_left[n] = _compact(grad)
+
+
+class _OwnGradient(torch.autograd.Function):
+    """Identity whose backward hands on the gradient in storage of its own size. A left halo
+    leaf is concatenated into a block, so its gradient is a view into the block's gradient,
+    which autograd would keep alive until the tile's whole backward is done (the leaf's
+    gradient is returned at the end)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _compact(grad)
 
 
 def _compact(grad: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,7 @@ def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-class _LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):
     """Bytes of tensor storages created inside the mode and still alive; their peak.
 
     Storages of `external` tensors (parameters, inputs made beforehand) are not counted. A
@@ -253,7 +253,7 @@ def _loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _trace(run: Callable[[], None], external: Sequence[torch.Tensor]) -> _Trace:
-    live, saved = _LiveBytes(external), _SavedBytes(external)
+    live, saved = LiveBytes(external), _SavedBytes(external)
     with live, saved:
         run()
     return _Trace(peak=live.peak, saved=saved.total)

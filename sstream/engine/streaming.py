@@ -26,6 +26,7 @@ from torch import nn
 
 from sstream.engine.geometry import StreamGeometry, analyse, training_flags
 from sstream.engine.halo import HaloProgram, HaloRun
+from sstream.engine.saving import GradientSum
 from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
 
 TileProgress = Callable[[str, int, int], None]
@@ -417,7 +418,7 @@ class _TileRunner:
             blocks = _InputGradBlocks(self.plan, self.source.shape, self.device,
                                       _module_dtype(self.stream),
                                       self._gradient_receiver(image_grad))
-        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        param_grads = GradientSum(params)
         for done, tile in enumerate(self.plan, start=1):
             grad_kept = grad_of(tile.out_box)
             if grad_kept is not None:  # else the tile adds nothing to any gradient
@@ -425,19 +426,16 @@ class _TileRunner:
                 with torch.enable_grad(), self._autocast():
                     kept = self.kept(tile, self.stream(crop))
                 inputs = ([crop] if blocks is not None else []) + params
-                grads = torch.autograd.grad(kept, inputs, grad_kept.to(kept.dtype),
-                                            allow_unused=True)
+                with param_grads.collecting():
+                    grads = torch.autograd.grad(kept, inputs, grad_kept.to(kept.dtype),
+                                                allow_unused=True)
                 if blocks is not None:
                     blocks.add(tile.in_box, grads[0])
-                    grads = grads[1:]
-                for i, grad in enumerate(grads):
-                    if grad is not None:
-                        param_grads[i] = grad if param_grads[i] is None else param_grads[i] + grad
                 del crop, kept, grads  # before the next tile's re-run allocates
             if blocks is not None:
                 blocks.release(tile.row, tile.col)
             self._report("backward", done)
-        return param_grads
+        return param_grads.sums
 
 
 def _block_of(tensor: torch.Tensor) -> OutputGradient:

@@ -22,7 +22,7 @@ from torch import nn
 
 from sstream.engine.memory import (
     MemoryEstimate,
-    _LiveBytes,
+    LiveBytes,
     estimate_training_memory,
     largest_fitting_row,
 )
@@ -38,7 +38,7 @@ def _small_model() -> tuple[nn.Module, nn.Module]:
 
 def test_live_bytes_counts_storages_once_and_forgets_freed_ones():
     x = torch.empty(1000, device="meta")
-    with _LiveBytes([x]) as live:
+    with LiveBytes([x]) as live:
         a = x * 2  # 4000 bytes
         view = a[:10]  # a view: no new storage
         a.mul_(3)  # in place: no new storage

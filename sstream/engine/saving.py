@@ -1,0 +1,215 @@
+"""What a tile's backward keeps in memory, beyond what autograd would keep by itself.
+
+Two things make a streamed step hold more than one tile's share of plain PyTorch's memory:
+the parameter gradients summed over tiles, and the per-pixel values (BatchNorm, activation,
+residual-sum outputs) that autograd saves beside the convolution outputs they are computed
+from. `GradientSum` adds each tile's gradients into one buffer per parameter; `Recipes` lets
+a tile's re-run save a per-pixel value as the recipe that recomputes it from values that are
+kept anyway, so a conv-BN-ReLU layer keeps one tensor instead of two (in-place-ABN-like
+savings for any chain of deterministic per-pixel ops; the backward recomputes the cheap
+per-pixel ops once more).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+# a recipe recomputes at most this many per-pixel ops before it reaches kept tensors
+MAX_RECIPE_DEPTH = 8
+
+
+class GradientSum:
+    """Per-parameter sums of the tiles' gradients.
+
+    While `collecting`, hooks on the parameters add each gradient to its sum as soon as
+    autograd has it and hand autograd a zero of no memory instead, so a tile's parameter
+    gradients are not all held until its backward ends. Sums are added to in place once they
+    are our own tensors (the first gradient is used as it comes: autograd may share it).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = params
+        self.sums: list[torch.Tensor | None] = [None] * len(params)
+        self._owned: set[int] = set()
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        handles = [p.register_hook(functools.partial(self._take, i))
+                   for i, p in enumerate(self.params) if p.requires_grad]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _take(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        total = self.sums[i]
+        if total is None:
+            self.sums[i] = grad
+        elif i in self._owned:
+            total.add_(grad)
+        else:
+            self.sums[i] = total + grad
+            self._owned.add(i)
+        return grad.new_zeros(()).expand_as(grad)
+
+
+class _Recipe:
+    """How to recompute one per-pixel value: `call(args, kwargs)`, whose tensor operands are
+    kept tensors or `_View`s of other recipes, under the autocast state of the forward pass.
+    The value is recomputed at most once while saved references to it are outstanding."""
+
+    def __init__(self, call: Callable[[Any, Any], Any], args: Any, kwargs: Any,
+                 value: torch.Tensor, depth: int) -> None:
+        self.call, self.args, self.kwargs, self.depth = call, args, kwargs, depth
+        device = value.device.type
+        self.autocast = (device, torch.is_autocast_enabled(device),
+                         torch.get_autocast_dtype(device))
+        self.layout = _layout(value)
+        self.pending = 0  # saved references the backward has not unpacked yet
+        self._value: torch.Tensor | None = None
+
+    def value(self) -> torch.Tensor:
+        if self._value is not None:
+            return self._value
+        device, enabled, dtype = self.autocast
+        with torch.no_grad(), torch.autocast(device, dtype, enabled=enabled):
+            value = self.call(_resolve(self.args), _resolve(self.kwargs))
+        if _layout(value) != self.layout:  # the views below would read wrong elements
+            raise RuntimeError("a recomputed per-pixel value has another layout than in the "
+                               "forward pass")
+        if self.pending > 0:
+            self._value = value
+        return value
+
+    def unpacked(self) -> None:
+        self.pending -= 1
+        if self.pending <= 0:
+            self._value = None
+
+
+class _View:
+    """A tensor of the forward pass kept as a view (offset, size, stride) of a recipe's value."""
+
+    def __init__(self, recipe: _Recipe, tensor: torch.Tensor) -> None:
+        self.recipe = recipe
+        self.geometry = (tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+
+    def tensor(self) -> torch.Tensor:
+        return self.recipe.value().as_strided(*self.geometry)
+
+
+def _layout(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.dtype,
+            tensor.device)
+
+
+def _resolve(tree: Any) -> Any:
+    return tree_map_only(_View, _View.tensor, tree)
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+class _Saved:
+    """One tensor autograd saved in a tile's re-run: the tensor itself, or the view of a
+    recipe that recomputes it."""
+
+    __slots__ = ("tensor", "view")
+
+    def __init__(self, tensor: torch.Tensor | None, view: _View | None) -> None:
+        self.tensor, self.view = tensor, view
+
+
+class Recipes:
+    """Saved-tensor hooks for one tile's re-run with autograd: a saved tensor that is (a view
+    of) a noted per-pixel value is kept as its recipe instead, and recomputed when the
+    backward unpacks it. Exact: the engines already rely on re-running a tile giving the same
+    numbers (BatchNorm in training mode and dropout are refused).
+
+    An op saves its own output before the caller can note it (ReLU saves its result), so the
+    tensors saved since the last note are looked at again when the next value is noted.
+    """
+
+    def __init__(self) -> None:
+        self._by_storage: dict[int, _Recipe] = {}
+        self._recent: list[_Saved] = []
+
+    def note(self, value: Any, call: Callable[[Any, Any], Any], args: Any, kwargs: Any,
+             ) -> None:
+        """Record that `value` = call(args, kwargs), a per-pixel op worth recomputing."""
+        recent, self._recent = self._recent, []
+        recipe = self._recipe(value, call, args, kwargs)
+        if recipe is None:
+            return
+        for saved in recent:
+            if saved.tensor is not None and self._recipe_of(saved.tensor) is recipe:
+                saved.view = self._view(recipe, saved.tensor)
+                saved.tensor = None
+
+    def _recipe(self, value: Any, call: Callable[[Any, Any], Any], args: Any, kwargs: Any,
+                ) -> _Recipe | None:
+        if not isinstance(value, torch.Tensor) or value.numel() == 0:
+            return None
+        key = _storage_key(value)
+        operands = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if key in self._by_storage or any(_storage_key(t) == key for t in operands):
+            return None  # the op returned (a view of) an operand: nothing to save
+        depth = 1 + max((r.depth for r in map(self._recipe_of, operands) if r is not None),
+                        default=0)
+        if depth > MAX_RECIPE_DEPTH:
+            return None
+
+        def as_operand(tensor: torch.Tensor) -> Any:
+            recipe = self._recipe_of(tensor)
+            return tensor if recipe is None else _View(recipe, tensor)
+
+        recipe = _Recipe(call, tree_map_only(torch.Tensor, as_operand, args),
+                         tree_map_only(torch.Tensor, as_operand, kwargs), value, depth)
+        self._by_storage[key] = recipe
+        weakref.finalize(value, self._by_storage.pop, key, None)
+        return recipe
+
+    def _recipe_of(self, tensor: torch.Tensor) -> _Recipe | None:
+        recipe = self._by_storage.get(_storage_key(tensor)) if tensor.numel() else None
+        if recipe is None or (tensor.dtype, tensor.device) != recipe.layout[3:]:
+            return None
+        return recipe
+
+    @staticmethod
+    def _view(recipe: _Recipe, tensor: torch.Tensor) -> _View:
+        recipe.pending += 1
+        return _View(recipe, tensor)
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._recent = []
+
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
+        recipe = self._recipe_of(tensor)
+        if recipe is not None:
+            return _Saved(None, self._view(recipe, tensor))
+        saved = _Saved(tensor, None)
+        self._recent.append(saved)
+        return saved
+
+    @staticmethod
+    def _unpack(saved: _Saved) -> torch.Tensor:
+        if saved.view is None:
+            assert saved.tensor is not None
+            return saved.tensor
+        tensor = saved.view.tensor()
+        saved.view.recipe.unpacked()
+        return tensor

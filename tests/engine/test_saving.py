@@ -1,0 +1,47 @@
+"""What a streamed training step keeps in memory (bytes of live tensors, not timings)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import sstream
+from sstream.engine.memory import LiveBytes
+from tests.conftest import relative_error
+
+
+def conv_bn_relu_stream() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    channels = 3
+    for _ in range(3):
+        layers += [nn.Conv2d(channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()]
+        channels = 16
+    layers.append(nn.Conv2d(16, 8, 4, stride=4))  # a small feature map: activations dominate
+    return nn.Sequential(*layers).double().eval()
+
+
+def step_peak(stream: nn.Module, image: torch.Tensor, tile: int | None) -> tuple[int, list]:
+    """Peak live bytes of one training step, and the parameter gradients it left."""
+    trunk: nn.Module = stream
+    if tile is not None:  # planned first: planning runs on the meta device
+        trunk = sstream.StreamingCNN(stream, tile)
+        assert trunk.engine_for(image.shape) == "halo"
+    stream.zero_grad(set_to_none=True)
+    with LiveBytes((image, *stream.parameters(), *stream.buffers())) as live:
+        trunk(image).square().sum().backward()
+    return live.peak, [p.grad for p in stream.parameters()]
+
+
+def test_four_tiles_keep_less_than_a_quarter_of_plain_memory():
+    """With 2 x 2 tiles a conv-BN-ReLU stack peaks below a quarter of plain PyTorch: the
+    tile's re-run keeps each layer's convolution output only and recomputes BatchNorm and
+    ReLU in the backward (plain keeps both; keeping both, streaming peaked at 1/3.3). The
+    gradients stay exact."""
+    stream = conv_bn_relu_stream()
+    image = torch.randn(1, 3, 128, 128, dtype=torch.float64)
+    plain, expected = step_peak(stream, image, None)
+    streamed, grads = step_peak(stream, image, 64)
+    assert streamed < plain / 4
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) < 1e-10
