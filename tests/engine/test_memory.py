@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from sstream.engine.memory import (
-    MemoryEstimate,
     LiveBytes,
+    MemoryEstimate,
     estimate_training_memory,
     largest_fitting_row,
 )
