@@ -664,74 +664,74 @@ class HaloRun:
         param_grads = GradientSum(params)
         grad_next_top: dict[fx.Node, torch.Tensor] = {}
         done = 0
-        for row in reversed(range(rows)):
-            top_saved = self.saved_top[row]
-            grad_top: dict[fx.Node, torch.Tensor] = {}
-            grad_left: dict[fx.Node, torch.Tensor] = {}
-            for col in reversed(range(cols)):
-                top = {n: t.detach().requires_grad_(self.program.by_fx[n].needs_grad)
-                       for n, t in top_saved.items()}
-                left = {n: self.saved_left[row, col, n].detach().requires_grad_(
-                    self.program.by_fx[n].needs_grad)
-                    for n in (e.node for e in program.nodes if e.left)
-                    if (row, col, n) in self.saved_left}
-                y0, y1 = inp.rows[row], inp.rows[row + 1]
-                x0, x1 = inp.cols[col], inp.cols[col + 1]
-                crop = self.read((y0, y1, x0, x1)).detach().requires_grad_(
-                    image_grad is not None)
-                outputs: list[torch.Tensor] = []
-                grads: list[torch.Tensor] = []
+        with param_grads.collecting():  # parameter gradients summed as they come
+            for row in reversed(range(rows)):
+                top_saved = self.saved_top[row]
+                grad_top: dict[fx.Node, torch.Tensor] = {}
+                grad_left: dict[fx.Node, torch.Tensor] = {}
+                for col in reversed(range(cols)):
+                    top = {n: t.detach().requires_grad_(self.program.by_fx[n].needs_grad)
+                           for n, t in top_saved.items()}
+                    left = {n: self.saved_left[row, col, n].detach().requires_grad_(
+                        self.program.by_fx[n].needs_grad)
+                        for n in (e.node for e in program.nodes if e.left)
+                        if (row, col, n) in self.saved_left}
+                    y0, y1 = inp.rows[row], inp.rows[row + 1]
+                    x0, x1 = inp.cols[col], inp.cols[col + 1]
+                    crop = self.read((y0, y1, x0, x1)).detach().requires_grad_(
+                        image_grad is not None)
+                    outputs: list[torch.Tensor] = []
+                    grads: list[torch.Tensor] = []
 
-                def collect(entry: _Node, block: _Block, row: int = row, col: int = col,
-                            grad_left: dict = grad_left, grad_next_top: dict = grad_next_top,
-                            outputs: list = outputs, grads: list = grads) -> None:
-                    """Halo strips this tile handed on, with the gradients sent back (as
-                    copies: a view would keep the whole block alive through the backward)."""
-                    if not entry.needs_grad:
-                        return
-                    ey0, ey1 = entry.rows[row], entry.rows[row + 1]
-                    ex0, ex1 = entry.cols[col], entry.cols[col + 1]
-                    if entry.left and entry.node in grad_left:
-                        outputs.append(block.part(entry.dims, ey0, ey1,
-                                                  max(0, ex1 - entry.left), ex1).clone())
-                        grads.append(grad_left.pop(entry.node))
-                    if entry.up and entry.node in grad_next_top:
-                        ty0 = max(0, ey1 - entry.up)
-                        outputs.append(block.part(entry.dims, ty0, ey1, ex0, ex1).clone())
-                        grads.append(_narrow2(grad_next_top[entry.node], entry.dims, 0,
-                                              ey1 - ty0, ex0, ex1))
+                    def collect(entry: _Node, block: _Block, row: int = row, col: int = col,
+                                grad_left: dict = grad_left, grad_next_top: dict = grad_next_top,
+                                outputs: list = outputs, grads: list = grads) -> None:
+                        """Halo strips this tile handed on, with the gradients sent back (as
+                        copies: a view would keep the whole block alive through the backward)."""
+                        if not entry.needs_grad:
+                            return
+                        ey0, ey1 = entry.rows[row], entry.rows[row + 1]
+                        ex0, ex1 = entry.cols[col], entry.cols[col + 1]
+                        if entry.left and entry.node in grad_left:
+                            outputs.append(block.part(entry.dims, ey0, ey1,
+                                                      max(0, ex1 - entry.left), ex1).clone())
+                            grads.append(grad_left.pop(entry.node))
+                        if entry.up and entry.node in grad_next_top:
+                            ty0 = max(0, ey1 - entry.up)
+                            outputs.append(block.part(entry.dims, ty0, ey1, ex0, ex1).clone())
+                            grads.append(_narrow2(grad_next_top[entry.node], entry.dims, 0,
+                                                  ey1 - ty0, ex0, ex1))
 
-                recipes = Recipes()  # per-pixel values saved as how to recompute them
-                with torch.enable_grad(), recipes.hooks():
-                    out = self._tile(row, col, top, left, collect, input_region=crop,
-                                     recipes=recipes)
-                oy0, oy1 = result.rows[row], result.rows[row + 1]
-                ox0, ox1 = result.cols[col], result.cols[col + 1]
-                outputs.append(out)
-                grads.append(_narrow2(grad_fmap, result.dims, oy0, oy1, ox0, ox1).to(out.dtype))
-                leaves_top = [n for n in top if top[n].requires_grad]
-                leaves_left = [n for n in left if left[n].requires_grad]
-                inputs = ([crop] if image_grad is not None else []) + \
-                    [top[n] for n in leaves_top] + [left[n] for n in leaves_left] + params
-                keep = [i for i, o in enumerate(outputs) if o.requires_grad and o.numel()]
-                got: Sequence[torch.Tensor | None] = [None] * len(inputs)
-                if keep and inputs:
-                    with param_grads.collecting():
+                    recipes = Recipes()  # per-pixel values saved as how to recompute them
+                    with torch.enable_grad(), recipes.hooks():
+                        out = self._tile(row, col, top, left, collect, input_region=crop,
+                                         recipes=recipes)
+                    oy0, oy1 = result.rows[row], result.rows[row + 1]
+                    ox0, ox1 = result.cols[col], result.cols[col + 1]
+                    outputs.append(out)
+                    grads.append(_narrow2(grad_fmap, result.dims, oy0, oy1, ox0, ox1).to(out.dtype))
+                    leaves_top = [n for n in top if top[n].requires_grad]
+                    leaves_left = [n for n in left if left[n].requires_grad]
+                    inputs = ([crop] if image_grad is not None else []) + \
+                        [top[n] for n in leaves_top] + [left[n] for n in leaves_left] + params
+                    keep = [i for i, o in enumerate(outputs) if o.requires_grad and o.numel()]
+                    got: Sequence[torch.Tensor | None] = [None] * len(inputs)
+                    if keep and inputs:
                         got = torch.autograd.grad([outputs[i] for i in keep],
                                                   inputs, [grads[i] for i in keep],
                                                   allow_unused=True)
-                got = list(got)
-                if image_grad is not None:
-                    grad_crop = got.pop(0)
-                    image_grad((y0, y1, x0, x1),
-                               torch.zeros_like(crop) if grad_crop is None else grad_crop)
-                    del grad_crop
-                _take_halo_grads(got, leaves_top, grad_top, leaves_left, grad_left)
-                # this tile's values go before the next tile allocates its own
-                del got, out, outputs, grads, crop, top, left, collect, recipes
-                done += 1
-                self.report("backward", done)
-            grad_next_top = grad_top
+                    got = list(got)
+                    if image_grad is not None:
+                        grad_crop = got.pop(0)
+                        image_grad((y0, y1, x0, x1),
+                                   torch.zeros_like(crop) if grad_crop is None else grad_crop)
+                        del grad_crop
+                    _take_halo_grads(got, leaves_top, grad_top, leaves_left, grad_left)
+                    # this tile's values go before the next tile allocates its own
+                    del got, out, outputs, grads, crop, top, left, collect, recipes
+                    done += 1
+                    self.report("backward", done)
+                grad_next_top = grad_top
         return param_grads.sums
 
     def _mark_needs_grad(self, params: list[torch.Tensor], image: bool) -> None:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.fx.node import map_aggregate
 
 # a recipe recomputes at most this many per-pixel ops before it reaches kept tensors
 MAX_RECIPE_DEPTH = 8
@@ -112,7 +112,7 @@ def _layout(tensor: torch.Tensor) -> tuple[Any, ...]:
 
 
 def _resolve(tree: Any) -> Any:
-    return tree_map_only(_View, _View.tensor, tree)
+    return map_aggregate(tree, lambda a: a.tensor() if isinstance(a, _View) else a)
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -160,7 +160,9 @@ class Recipes:
         if not isinstance(value, torch.Tensor) or value.numel() == 0:
             return None
         key = _storage_key(value)
-        operands = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        operands: list[torch.Tensor] = []
+        map_aggregate((args, kwargs),
+                      lambda a: operands.append(a) if isinstance(a, torch.Tensor) else None)
         if key in self._by_storage or any(_storage_key(t) == key for t in operands):
             return None  # the op returned (a view of) an operand: nothing to save
         depth = 1 + max((r.depth for r in map(self._recipe_of, operands) if r is not None),
@@ -168,12 +170,12 @@ class Recipes:
         if depth > MAX_RECIPE_DEPTH:
             return None
 
-        def as_operand(tensor: torch.Tensor) -> Any:
-            recipe = self._recipe_of(tensor)
-            return tensor if recipe is None else _View(recipe, tensor)
+        def as_operand(item: Any) -> Any:
+            recipe = self._recipe_of(item) if isinstance(item, torch.Tensor) else None
+            return item if recipe is None else _View(recipe, item)
 
-        recipe = _Recipe(call, tree_map_only(torch.Tensor, as_operand, args),
-                         tree_map_only(torch.Tensor, as_operand, kwargs), value, depth)
+        recipe = _Recipe(call, map_aggregate(args, as_operand),
+                         map_aggregate(kwargs, as_operand), value, depth)
         self._by_storage[key] = recipe
         weakref.finalize(value, self._by_storage.pop, key, None)
         return recipe

@@ -419,22 +419,22 @@ class _TileRunner:
                                       _module_dtype(self.stream),
                                       self._gradient_receiver(image_grad))
         param_grads = GradientSum(params)
-        for done, tile in enumerate(self.plan, start=1):
-            grad_kept = grad_of(tile.out_box)
-            if grad_kept is not None:  # else the tile adds nothing to any gradient
-                crop = self.crop(tile).detach().requires_grad_(blocks is not None)
-                with torch.enable_grad(), self._autocast():
-                    kept = self.kept(tile, self.stream(crop))
-                inputs = ([crop] if blocks is not None else []) + params
-                with param_grads.collecting():
+        with param_grads.collecting():  # parameter gradients summed as they come
+            for done, tile in enumerate(self.plan, start=1):
+                grad_kept = grad_of(tile.out_box)
+                if grad_kept is not None:  # else the tile adds nothing to any gradient
+                    crop = self.crop(tile).detach().requires_grad_(blocks is not None)
+                    with torch.enable_grad(), self._autocast():
+                        kept = self.kept(tile, self.stream(crop))
+                    inputs = ([crop] if blocks is not None else []) + params
                     grads = torch.autograd.grad(kept, inputs, grad_kept.to(kept.dtype),
                                                 allow_unused=True)
+                    if blocks is not None:
+                        blocks.add(tile.in_box, grads[0])
+                    del crop, kept, grads  # before the next tile's re-run allocates
                 if blocks is not None:
-                    blocks.add(tile.in_box, grads[0])
-                del crop, kept, grads  # before the next tile's re-run allocates
-            if blocks is not None:
-                blocks.release(tile.row, tile.col)
-            self._report("backward", done)
+                    blocks.release(tile.row, tile.col)
+                self._report("backward", done)
         return param_grads.sums
 
 
