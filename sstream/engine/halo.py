@@ -10,7 +10,9 @@ p) over input u,
     A_v = L_v                               if A_u = L_u (the input is complete)
     A_v = floor((A_u + p - e) / s) + 1      else (clipped to [0, L_v]; 0 if A_u = 0)
 
-and for a per-pixel node the minimum over its inputs. Tile (r, c) computes node v's *region*
+and for a per-pixel node the minimum over its inputs. A window node whose regions would be
+tiny while its source's are small too waits until MIN_REGION outputs are computable
+(`_gathered`): deep layers run on regions gathered from several tiles. Tile (r, c) computes node v's *region*
 rows [A_v[r], A_v[r+1]) x columns [B_v[c], B_v[c+1]) (the regions of all tiles partition v's
 output: each output is computed once). A window node computes its region by running its module
 on the input rows [c0, A_u[r+1]) with c0 = max(0, (A_v[r] - ceil(p/s)) * s): c0 is a multiple
@@ -18,9 +20,9 @@ of s, so the module's sampling grid is the global one; the module's own padding 
 crop edge touches only the first ceil(p/s) outputs, which are dropped; at a true image border
 the crop's border is the image's (the exactness argument of ENGINE.md, applied per layer).
 A plain `nn.Conv2d` is run functionally, without the dropped outputs: on exactly the input rows
-[A_v[r]*s - p, (A_v[r+1] - 1)*s - p + e), with zeros added only beyond the image's border
-(in deep layers, whose regions are a few outputs wide, the dropped outputs were a third of
-the work).
+[A_v[r]*s - p, (A_v[r+1] - 1)*s - p + e), with zeros beyond the image's border supplied by
+its own padding (`_padded_span`; in deep layers, whose regions are a few outputs wide, the
+dropped outputs were a third of the work).
 
 Each node's *block* for a tile is its region plus the halo above (rows kept from the previous
 tile row, a full-width line buffer `up` rows high) and to the left (`left` columns kept from
@@ -37,6 +39,8 @@ below; already done) sent to the halo strips this tile handed on (`left_out`, `n
 gradients reaching `top_in` / `left_in` go to the tiles that produced them, which come next.
 So the stream's forward runs twice (no-grad pass, re-run) and its backward once, on each
 output exactly once (plus, for pooling layers, ceil(p/s) outputs per interior tile edge).
+During the re-run, cheap per-pixel values (BatchNorm, activations, sums) are saved as recipes
+and recomputed in the backward (saving.py), so a layer keeps its convolution output only.
 
 Graphs this engine cannot run exactly (in-place ops on values that have other readers,
 operands of different spatial sizes, padding as large as a kernel's extent, whose outputs see
