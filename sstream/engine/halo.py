@@ -10,19 +10,19 @@ p) over input u,
     A_v = L_v                               if A_u = L_u (the input is complete)
     A_v = floor((A_u + p - e) / s) + 1      else (clipped to [0, L_v]; 0 if A_u = 0)
 
-and for a per-pixel node the minimum over its inputs. A window node whose regions would be
-tiny while its source's are small too waits until MIN_REGION outputs are computable
-(`_gathered`): deep layers run on regions gathered from several tiles. Tile (r, c) computes node v's *region*
+and for a per-pixel node the minimum over its inputs. A window node whose regions would be tiny
+while its source's are small too waits until MIN_REGION outputs are computable (`_gathered`):
+deep layers run on regions gathered from several tiles. Tile (r, c) computes node v's *region*
 rows [A_v[r], A_v[r+1]) x columns [B_v[c], B_v[c+1]) (the regions of all tiles partition v's
 output: each output is computed once). A window node computes its region by running its module
 on the input rows [c0, A_u[r+1]) with c0 = max(0, (A_v[r] - ceil(p/s)) * s): c0 is a multiple
 of s, so the module's sampling grid is the global one; the module's own padding at an interior
 crop edge touches only the first ceil(p/s) outputs, which are dropped; at a true image border
-the crop's border is the image's (the exactness argument of ENGINE.md, applied per layer).
-A plain `nn.Conv2d` is run functionally, without the dropped outputs: on exactly the input rows
-[A_v[r]*s - p, (A_v[r+1] - 1)*s - p + e), with zeros beyond the image's border supplied by
-its own padding (`_padded_span`; in deep layers, whose regions are a few outputs wide, the
-dropped outputs were a third of the work).
+the crop's border is the image's (the exactness argument of ENGINE.md, applied per layer). A
+plain `nn.Conv2d` is run functionally, without the dropped outputs: on exactly the input rows
+[A_v[r]*s - p, (A_v[r+1] - 1)*s - p + e), with zeros beyond the image's border supplied by its
+own padding (`_padded_span`; in deep layers, whose regions are a few outputs wide, the dropped
+outputs were a third of the work).
 
 Each node's *block* for a tile is its region plus the halo above (rows kept from the previous
 tile row, a full-width line buffer `up` rows high) and to the left (`left` columns kept from
@@ -40,7 +40,8 @@ gradients reaching `top_in` / `left_in` go to the tiles that produced them, whic
 So the stream's forward runs twice (no-grad pass, re-run) and its backward once, on each
 output exactly once (plus, for pooling layers, ceil(p/s) outputs per interior tile edge).
 During the re-run, cheap per-pixel values (BatchNorm, activations, sums) are saved as recipes
-and recomputed in the backward (saving.py), so a layer keeps its convolution output only.
+and recomputed in the backward (saving.py), so a layer keeps its convolution output only;
+convolutions that read the image (which the tile keeps anyway) are recomputed too.
 
 Graphs this engine cannot run exactly (in-place ops on values that have other readers,
 operands of different spatial sizes, padding as large as a kernel's extent, whose outputs see
@@ -50,6 +51,7 @@ then falls back to the crop engine.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -106,7 +108,7 @@ class _Node:
     per_pixel: int = 0                       # elements per output position (N * C ...)
     derived: bool = False  # per-pixel node whose block is computed from its inputs' blocks
     exact_input: bool = False  # a plain Conv2d run on exactly the input its region needs
-    recompute: bool = False  # per-pixel op cheap enough to recompute in the backward
+    recompute: bool = False  # cheap enough to recompute in the backward (`_mark_recomputed`)
 
     def input_start(self, axis: int, region0: int) -> int:
         """First input row (axis 0) or column (1) this window node reads for outputs from
@@ -209,6 +211,7 @@ class HaloProgram:
             if entry is None:
                 return None
             nodes.append(entry)
+        _mark_recomputed(nodes)
         program = HaloProgram(nodes, (list(row_edges), list(col_edges)))
         if not program._schedule():
             return None
@@ -330,6 +333,23 @@ def _cheap(node: fx.Node, root: nn.Module) -> bool:
         return True
     module = root.get_submodule(str(node.target))
     return type(module).__module__ in _CHEAP_MODULES
+
+
+def _mark_recomputed(nodes: list[_Node]) -> None:
+    """Convolutions whose outputs a tile's backward recomputes instead of keeping: those that
+    read the image, or cheap per-pixel values of it, which the tile keeps anyway (a ResNet
+    stem's output is its largest activation, and recomputing it costs one of its smallest
+    convolutions). Deeper layers are not recomputed: a value recomputed in the middle of the
+    backward brings back every value it is computed from while the layers after it still
+    hold theirs (recomputing ResNet's max pool raised the peak instead of lowering it)."""
+    from_image: set[fx.Node] = set()
+    for entry in nodes:
+        if entry.kind == "window":
+            entry.recompute = isinstance(entry.module, nn.Conv2d) and \
+                entry.sources[0] in from_image
+        if entry.kind == "input" or (entry.kind == "pointwise" and entry.recompute and all(
+                s in from_image for s in entry.sources)):
+            from_image.add(entry.node)
 
 
 def _out_of_place(node: fx.Node, root: nn.Module) -> Callable[..., Any] | None:
@@ -495,7 +515,7 @@ class HaloRun:
                 region = input_region if input_region is not None else self.read(
                     (y0, y1, x0, x1))
             elif entry.kind == "window":
-                region = self._window(entry, env, row, col)
+                region = self._window(entry, env, row, col, recipes)
             elif entry.derived:
                 yb, xb = max(0, y0 - entry.up), max(0, x0 - entry.left)
                 env[node] = _Block(self._pointwise(entry, env, (yb, y1, xb, x1), recipes),
@@ -506,7 +526,7 @@ class HaloRun:
             if entry is self.program.result:
                 out_region = region
             if not entry.derived:
-                env[node] = self._block(entry, region, row, col, top, left)
+                env[node] = self._block(entry, region, row, col, top, left, recipes)
             if entry.stores_halo:
                 visit(entry, env[node])
             for done in self.program.release_after[i]:
@@ -535,7 +555,9 @@ class HaloRun:
         return (fx.node.map_arg(entry.node.args, operand),
                 fx.node.map_arg(entry.node.kwargs, operand))
 
-    def _window(self, entry: _Node, env: dict[fx.Node, Any], row: int, col: int) -> torch.Tensor:
+    def _window(self, entry: _Node, env: dict[fx.Node, Any], row: int, col: int,
+                recipes: Recipes | None) -> torch.Tensor:
+        """A window node's region; noted as recomputable from its input if it is cheap."""
         src = self.program.by_fx[entry.sources[0]]
         block: _Block = env[src.node]
         y0, y1 = entry.rows[row], entry.rows[row + 1]
@@ -544,34 +566,17 @@ class HaloRun:
         if y1 == y0 or x1 == x0:
             return self._empty(entry, block.tensor, y1 - y0, x1 - x0)
         if entry.exact_input:
-            return self._exact_conv(entry, block, src, (y0, y1, x0, x1))
-        (_, sy, _), (_, sx, _) = entry.axes
-        in_y0, in_x0 = entry.input_start(0, y0), entry.input_start(1, x0)
-        crop = block.part(src.dims, in_y0, src.rows[row + 1], in_x0, src.cols[col + 1])
-        out = entry.module(crop)
-        return _narrow2(out, (2, 3), y0 - in_y0 // sy, y1 - in_y0 // sy,
-                        x0 - in_x0 // sx, x1 - in_x0 // sx)
-
-    @staticmethod
-    def _exact_conv(entry: _Node, block: _Block, src: _Node, region: Box) -> torch.Tensor:
-        """The region of a plain Conv2d from exactly the input it needs: output j reads input
-        [j*s - p, j*s - p + e). Beyond the image's border the convolution's own padding
-        supplies the zeros (an explicit pad would copy the crop, and autograd would keep the
-        copy beside the block it came from); the few outputs that padding adds on the other
-        side are dropped. Where the grid does not allow that, the crop is padded explicitly."""
-        conv = entry.module
-        assert isinstance(conv, nn.Conv2d)
-        reads = _conv_reads(entry.axes, region)
-        spans = [_padded_span(first, last, full, extent, stride)
-                 for (first, last), full, (extent, stride, _) in zip(reads, src.size,
-                                                                     entry.axes)]
-        if None in spans:
-            return _explicitly_padded_conv(conv, reads, block, src)
-        (ya, yb, qy, dy), (xa, xb, qx, dx) = spans  # type: ignore[misc]
-        out = F.conv2d(block.part(src.dims, ya, yb, xa, xb), conv.weight, conv.bias,
-                       conv.stride, (qy, qx), conv.dilation, conv.groups)
-        return _narrow2(out, (2, 3), dy, dy + region[1] - region[0], dx,
-                        dx + region[3] - region[2])
+            crop, call = _exact_conv(entry, block, src, (y0, y1, x0, x1))
+        else:
+            (_, sy, _), (_, sx, _) = entry.axes
+            in_y0, in_x0 = entry.input_start(0, y0), entry.input_start(1, x0)
+            crop = block.part(src.dims, in_y0, src.rows[row + 1], in_x0, src.cols[col + 1])
+            call = functools.partial(_cropped_window, entry.module, (
+                y0 - in_y0 // sy, y1 - in_y0 // sy, x0 - in_x0 // sx, x1 - in_x0 // sx))
+        region = call((crop,), {})
+        if recipes is not None and entry.recompute:
+            recipes.note(region, call, (crop,), {}, hold=False)
+        return region
 
     def _empty(self, entry: _Node, like: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """An empty region of the dtype the module gives (autocast may change it)."""
@@ -585,7 +590,16 @@ class HaloRun:
                               dtype=self._empty_dtype[entry.node])
 
     def _block(self, entry: _Node, region: torch.Tensor, row: int, col: int,
-               top: dict[fx.Node, torch.Tensor], left: dict[fx.Node, torch.Tensor]) -> _Block:
+               top: dict[fx.Node, torch.Tensor], left: dict[fx.Node, torch.Tensor],
+               recipes: Recipes | None) -> _Block:
+        """The region with the halo strips kept from the tiles above and to the left (a
+        recomputed region's block is recomputed too)."""
+        def cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+            joined = torch.cat(parts, dim=dim)
+            if recipes is not None and entry.recompute:
+                recipes.note(joined, _cat, (parts,), {"dim": dim}, hold=False)
+            return joined
+
         y0, x0 = entry.rows[row], entry.cols[col]
         if not entry.stores_halo:
             return _Block(region, y0, x0)
@@ -598,11 +612,11 @@ class HaloRun:
             strip = left[entry.node]
             if strip.requires_grad:
                 strip = _OwnGradient.apply(strip)
-            middle = torch.cat([strip, region], dim=wdim)
+            middle = cat([strip, region], wdim)
         if yb == y0:
             return _Block(middle, yb, xb)
         above = top[entry.node].narrow(wdim, xb, x1 - xb)
-        return _Block(torch.cat([above, middle], dim=hdim), yb, xb)
+        return _Block(cat([above, middle], hdim), yb, xb)
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -781,22 +795,61 @@ def _padded_span(first: int, last: int, full: int, extent: int, stride: int,
     return start, stop, padding, lead // stride
 
 
+def _exact_conv(entry: _Node, block: _Block, src: _Node, region: Box,
+                ) -> tuple[torch.Tensor, Callable[[Any, Any], torch.Tensor]]:
+    """(crop, call): the region of a plain Conv2d is `call((crop,), {})`, from exactly the
+    input it needs: output j reads input [j*s - p, j*s - p + e). Beyond the image's border
+    the convolution's own padding supplies the zeros (an explicit pad would copy the crop, and
+    autograd would keep the copy beside the block it came from); the few outputs that padding
+    adds on the other side are dropped. Where the grid does not allow that, the crop is
+    padded explicitly."""
+    conv = entry.module
+    assert isinstance(conv, nn.Conv2d)
+    reads = _conv_reads(entry.axes, region)
+    spans = [_padded_span(first, last, full, extent, stride)
+             for (first, last), full, (extent, stride, _) in zip(reads, src.size, entry.axes)]
+    if None in spans:
+        (ya, yb), (xa, xb) = [(max(0, first), min(full, last))
+                              for (first, last), full in zip(reads, src.size)]
+        pads = [(max(0, -first), max(0, last - full))
+                for (first, last), full in zip(reads, src.size)]
+        return block.part(src.dims, ya, yb, xa, xb), functools.partial(
+            _explicitly_padded_conv, conv, (*pads[1], *pads[0]))
+    (ya, yb, qy, dy), (xa, xb, qx, dx) = spans  # type: ignore[misc]
+    keep = (dy, dy + region[1] - region[0], dx, dx + region[3] - region[2])
+    return block.part(src.dims, ya, yb, xa, xb), functools.partial(
+        _padded_conv, conv, (qy, qx), keep)
+
+
+def _padded_conv(conv: nn.Conv2d, padding: tuple[int, int], keep: Box, args: Any,
+                 kwargs: Any) -> torch.Tensor:
+    """Rows and columns `keep` of `conv` run on args[0] with symmetric `padding`."""
+    out = F.conv2d(args[0], conv.weight, conv.bias, conv.stride, padding, conv.dilation,
+                   conv.groups)
+    return _narrow2(out, (2, 3), *keep)
+
+
+def _explicitly_padded_conv(conv: nn.Conv2d, pads: tuple[int, int, int, int], args: Any,
+                            kwargs: Any) -> torch.Tensor:
+    """`conv` run on args[0] padded by (left, right, top, bottom) zeros (a copy)."""
+    return F.conv2d(F.pad(args[0], pads), conv.weight, conv.bias, conv.stride, 0,
+                    conv.dilation, conv.groups)
+
+
+def _cropped_window(module: nn.Module, keep: Box, args: Any, kwargs: Any) -> torch.Tensor:
+    """Rows and columns `keep` of a pooling (or other window) module run on args[0]."""
+    return _narrow2(module(args[0]), (2, 3), *keep)
+
+
+def _cat(args: Any, kwargs: Any) -> torch.Tensor:
+    return torch.cat(*args, **kwargs)
+
+
 def _conv_reads(axes: tuple[tuple[int, int, int], ...], region: Box) -> list[tuple[int, int]]:
     """Per axis the input [first, last) that a convolution's outputs `region` read (output j
     reads [j*s - p, j*s - p + e); the ends may lie beyond the image)."""
     return [(r0 * stride - pad, (r1 - 1) * stride - pad + extent)
             for (extent, stride, pad), (r0, r1) in zip(axes, (region[:2], region[2:]))]
-
-
-def _explicitly_padded_conv(conv: nn.Conv2d, reads: list[tuple[int, int]], block: _Block,
-                            src: _Node) -> torch.Tensor:
-    """`_exact_conv` with the zeros beyond the border added by an explicit pad (a copy)."""
-    (ya, yb), (xa, xb) = [(max(0, first), min(full, last))
-                          for (first, last), full in zip(reads, src.size)]
-    (top, bottom), (left, right) = [(max(0, -first), max(0, last - full))
-                                    for (first, last), full in zip(reads, src.size)]
-    crop = F.pad(block.part(src.dims, ya, yb, xa, xb), (left, right, top, bottom))
-    return F.conv2d(crop, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
 def _take_halo_grads(got: list[torch.Tensor | None], leaves_top: list[fx.Node],

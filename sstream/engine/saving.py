@@ -4,11 +4,10 @@ Two things make a streamed step hold more than one tile's share of plain PyTorch
 the parameter gradients summed over tiles, and the per-pixel values (BatchNorm, activation,
 residual-sum outputs) that autograd saves beside the convolution outputs they are computed
 from. `GradientSum` adds each tile's gradients into one buffer per parameter; `Recipes` lets
-a tile's re-run save a per-pixel value as the recipe that recomputes it from values that are
-kept anyway, so a conv-BN-ReLU layer keeps one tensor instead of two (in-place-ABN-like
-savings for any chain of deterministic per-pixel ops; the backward recomputes the cheap
-per-pixel ops once more).
-"""
+a tile's re-run save a value as the recipe that recomputes it from values that are kept
+anyway, so a conv-BN-ReLU layer keeps one tensor instead of two (in-place-ABN-like savings
+for any chain of deterministic per-pixel ops; the backward recomputes the cheap per-pixel
+ops once more); a convolution whose input is kept anyway (the image) can be a recipe too."""
 
 from __future__ import annotations
 
@@ -21,8 +20,8 @@ from typing import Any
 import torch
 from torch.fx.node import map_aggregate
 
-# a recipe recomputes at most this many per-pixel ops before it reaches kept tensors
-MAX_RECIPE_DEPTH = 8
+# a recipe recomputes at most this many ops before it reaches kept tensors
+MAX_RECIPE_DEPTH = 12
 
 
 class GradientSum:
@@ -62,13 +61,17 @@ class GradientSum:
 
 
 class _Recipe:
-    """How to recompute one per-pixel value: `call(args, kwargs)`, whose tensor operands are
-    kept tensors or `_View`s of other recipes, under the autocast state of the forward pass.
-    The value is recomputed at most once while saved references to it are outstanding."""
+    """How to recompute one value: `call(args, kwargs)`, whose tensor operands are kept
+    tensors or `_View`s of other recipes, under the autocast state of the forward pass.
+    A value the backward unpacks is held until its last saved reference is unpacked (so a
+    ReLU output saved twice is recomputed once); one recomputed as another's ingredient is
+    held likewise only if `hold` (cheap per-pixel values: holding a large value for its
+    own later turn can set the peak)."""
 
     def __init__(self, call: Callable[[Any, Any], Any], args: Any, kwargs: Any,
-                 value: torch.Tensor, depth: int) -> None:
+                 value: torch.Tensor, depth: int, hold: bool) -> None:
         self.call, self.args, self.kwargs, self.depth = call, args, kwargs, depth
+        self.hold = hold
         device = value.device.type
         self.autocast = (device, torch.is_autocast_enabled(device),
                          torch.get_autocast_dtype(device))
@@ -76,16 +79,16 @@ class _Recipe:
         self.pending = 0  # saved references the backward has not unpacked yet
         self._value: torch.Tensor | None = None
 
-    def value(self) -> torch.Tensor:
+    def value(self, keep: bool = False) -> torch.Tensor:
         if self._value is not None:
             return self._value
         device, enabled, dtype = self.autocast
         with torch.no_grad(), torch.autocast(device, dtype, enabled=enabled):
             value = self.call(_resolve(self.args), _resolve(self.kwargs))
         if _layout(value) != self.layout:  # the views below would read wrong elements
-            raise RuntimeError("a recomputed per-pixel value has another layout than in the "
+            raise RuntimeError("a recomputed value has another layout than in the "
                                "forward pass")
-        if self.pending > 0:
+        if (keep or self.hold) and self.pending > 0:
             self._value = value
         return value
 
@@ -102,8 +105,8 @@ class _View:
         self.recipe = recipe
         self.geometry = (tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
 
-    def tensor(self) -> torch.Tensor:
-        return self.recipe.value().as_strided(*self.geometry)
+    def tensor(self, keep: bool = False) -> torch.Tensor:
+        return self.recipe.value(keep).as_strided(*self.geometry)
 
 
 def _layout(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -131,7 +134,7 @@ class _Saved:
 
 class Recipes:
     """Saved-tensor hooks for one tile's re-run with autograd: a saved tensor that is (a view
-    of) a noted per-pixel value is kept as its recipe instead, and recomputed when the
+    of) a noted value is kept as its recipe instead, and recomputed when the
     backward unpacks it. Exact: the engines already rely on re-running a tile giving the same
     numbers (BatchNorm in training mode and dropout are refused).
 
@@ -144,10 +147,12 @@ class Recipes:
         self._recent: list[_Saved] = []
 
     def note(self, value: Any, call: Callable[[Any, Any], Any], args: Any, kwargs: Any,
-             ) -> None:
-        """Record that `value` = call(args, kwargs), a per-pixel op worth recomputing."""
+             hold: bool = True) -> None:
+        """Record that `value` = call(args, kwargs), a value worth recomputing. `hold=False`:
+        when it is recomputed as an ingredient of another value, it is dropped at once,
+        not held until the backward unpacks it itself (it is recomputed again then)."""
         recent, self._recent = self._recent, []
-        recipe = self._recipe(value, call, args, kwargs)
+        recipe = self._recipe(value, call, args, kwargs, hold)
         if recipe is None:
             return
         for saved in recent:
@@ -156,7 +161,7 @@ class Recipes:
                 saved.tensor = None
 
     def _recipe(self, value: Any, call: Callable[[Any, Any], Any], args: Any, kwargs: Any,
-                ) -> _Recipe | None:
+                hold: bool) -> _Recipe | None:
         if not isinstance(value, torch.Tensor) or value.numel() == 0:
             return None
         key = _storage_key(value)
@@ -175,7 +180,7 @@ class Recipes:
             return item if recipe is None else _View(recipe, item)
 
         recipe = _Recipe(call, map_aggregate(args, as_operand),
-                         map_aggregate(kwargs, as_operand), value, depth)
+                         map_aggregate(kwargs, as_operand), value, depth, hold)
         self._by_storage[key] = recipe
         weakref.finalize(value, self._by_storage.pop, key, None)
         return recipe
@@ -212,6 +217,6 @@ class Recipes:
         if saved.view is None:
             assert saved.tensor is not None
             return saved.tensor
-        tensor = saved.view.tensor()
+        tensor = saved.view.tensor(keep=True)
         saved.view.recipe.unpacked()
         return tensor
