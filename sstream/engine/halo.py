@@ -511,22 +511,23 @@ class HaloRun:
                 continue
             y0, y1 = entry.rows[row], entry.rows[row + 1]
             x0, x1 = entry.cols[col], entry.cols[col + 1]
+            notes = recipes if entry.recompute else None  # where its values are noted
             if entry.kind == "input":
                 region = input_region if input_region is not None else self.read(
                     (y0, y1, x0, x1))
             elif entry.kind == "window":
-                region = self._window(entry, env, row, col, recipes)
+                region = self._window(entry, env, row, col, notes)
             elif entry.derived:
                 yb, xb = max(0, y0 - entry.up), max(0, x0 - entry.left)
-                env[node] = _Block(self._pointwise(entry, env, (yb, y1, xb, x1), recipes),
+                env[node] = _Block(self._pointwise(entry, env, (yb, y1, xb, x1), notes),
                                    yb, xb)
                 region = env[node].part(entry.dims, y0, y1, x0, x1)
             else:
-                region = self._pointwise(entry, env, (y0, y1, x0, x1), recipes)
+                region = self._pointwise(entry, env, (y0, y1, x0, x1), notes)
             if entry is self.program.result:
                 out_region = region
             if not entry.derived:
-                env[node] = self._block(entry, region, row, col, top, left, recipes)
+                env[node] = self._block(entry, region, row, col, top, left, notes)
             if entry.stores_halo:
                 visit(entry, env[node])
             for done in self.program.release_after[i]:
@@ -535,13 +536,13 @@ class HaloRun:
         return out_region
 
     def _pointwise(self, entry: _Node, env: dict[fx.Node, Any], box: Box,
-                   recipes: Recipes | None) -> Any:
-        """A per-pixel node over `box`; noted as recomputable if it is cheap."""
+                   notes: Recipes | None) -> Any:
+        """A per-pixel node over `box`, noted in `notes` as recomputable if given."""
         assert entry.call is not None
         args, kwargs = self._operands(entry, env, box)
         value = entry.call(args, kwargs)
-        if recipes is not None and entry.recompute:
-            recipes.note(value, entry.call, args, kwargs)
+        if notes is not None:
+            notes.note(value, entry.call, args, kwargs)
         return value
 
     def _operands(self, entry: _Node, env: dict[fx.Node, Any], box: Box) -> tuple[Any, Any]:
@@ -556,8 +557,8 @@ class HaloRun:
                 fx.node.map_arg(entry.node.kwargs, operand))
 
     def _window(self, entry: _Node, env: dict[fx.Node, Any], row: int, col: int,
-                recipes: Recipes | None) -> torch.Tensor:
-        """A window node's region; noted as recomputable from its input if it is cheap."""
+                notes: Recipes | None) -> torch.Tensor:
+        """A window node's region, noted in `notes` as recomputable from its input if given."""
         src = self.program.by_fx[entry.sources[0]]
         block: _Block = env[src.node]
         y0, y1 = entry.rows[row], entry.rows[row + 1]
@@ -574,8 +575,8 @@ class HaloRun:
             call = functools.partial(_cropped_window, entry.module, (
                 y0 - in_y0 // sy, y1 - in_y0 // sy, x0 - in_x0 // sx, x1 - in_x0 // sx))
         region = call((crop,), {})
-        if recipes is not None and entry.recompute:
-            recipes.note(region, call, (crop,), {}, hold=False)
+        if notes is not None:
+            notes.note(region, call, (crop,), {}, hold=False)
         return region
 
     def _empty(self, entry: _Node, like: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -591,13 +592,13 @@ class HaloRun:
 
     def _block(self, entry: _Node, region: torch.Tensor, row: int, col: int,
                top: dict[fx.Node, torch.Tensor], left: dict[fx.Node, torch.Tensor],
-               recipes: Recipes | None) -> _Block:
-        """The region with the halo strips kept from the tiles above and to the left (a
-        recomputed region's block is recomputed too)."""
+               notes: Recipes | None) -> _Block:
+        """The region with the halo strips kept from the tiles above and to the left (noted in
+        `notes` as recomputable if given, as the region is)."""
         def cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
             joined = torch.cat(parts, dim=dim)
-            if recipes is not None and entry.recompute:
-                recipes.note(joined, _cat, (parts,), {"dim": dim}, hold=False)
+            if notes is not None:
+                notes.note(joined, _cat, (parts,), {"dim": dim}, hold=False)
             return joined
 
         y0, x0 = entry.rows[row], entry.cols[col]

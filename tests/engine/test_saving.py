@@ -33,18 +33,24 @@ def step_peak(stream: nn.Module, image: torch.Tensor, tile: int | None) -> tuple
     return live.peak, [p.grad for p in stream.parameters()]
 
 
+def assert_exact_and_below(stream: nn.Module, image: torch.Tensor, tile: int,
+                           divisor: float) -> None:
+    """A streamed step peaks below plain PyTorch's peak / `divisor`, with the same
+    gradients."""
+    plain, expected = step_peak(stream, image, None)
+    streamed, grads = step_peak(stream, image, tile)
+    assert streamed < plain / divisor
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) < 1e-10
+
+
 def test_four_tiles_keep_less_than_a_quarter_of_plain_memory():
     """With 2 x 2 tiles a conv-BN-ReLU stack peaks below a quarter of plain PyTorch: the
     tile's re-run keeps each layer's convolution output only and recomputes BatchNorm and
     ReLU in the backward (plain keeps both; keeping both, streaming peaked at 1/3.3). The
     gradients stay exact."""
     stream = conv_bn_relu_stream()
-    image = torch.randn(1, 3, 128, 128, dtype=torch.float64)
-    plain, expected = step_peak(stream, image, None)
-    streamed, grads = step_peak(stream, image, 64)
-    assert streamed < plain / 4
-    for got, want in zip(grads, expected):
-        assert relative_error(got, want) < 1e-10
+    assert_exact_and_below(stream, torch.randn(1, 3, 128, 128, dtype=torch.float64), 64, 4)
 
 
 def stem_stream() -> nn.Sequential:
@@ -62,9 +68,4 @@ def test_stem_output_is_recomputed_from_the_image():
     ingredient of another is not held until its own turn. Four tiles then peak below a third
     of plain PyTorch (keeping the stem's output, or holding it between its uses, 1/2.7)."""
     stream = stem_stream()
-    image = torch.randn(1, 3, 256, 256, dtype=torch.float64)
-    plain, expected = step_peak(stream, image, None)
-    streamed, grads = step_peak(stream, image, 128)
-    assert streamed < plain / 3
-    for got, want in zip(grads, expected):
-        assert relative_error(got, want) < 1e-10
+    assert_exact_and_below(stream, torch.randn(1, 3, 256, 256, dtype=torch.float64), 128, 3)
