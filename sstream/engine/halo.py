@@ -192,6 +192,12 @@ class HaloProgram:
                 total += n.per_pixel * n.size[0] * sum(min(n.left, b) for b in n.cols[1:-1])
         return total
 
+    def line_buffer_elements(self) -> int:
+        """Elements of one full-width row of top halo strips: a tile row's share of the
+        strips kept for the backward, and the size of the gradient line buffer the
+        backward hands from one tile row to the next."""
+        return sum(n.per_pixel * n.size[1] * n.up for n in self.nodes if n.stores_halo)
+
     @staticmethod
     def build(stream: nn.Module, input_shape: Sequence[int], row_edges: list[int],
               col_edges: list[int]) -> HaloProgram | None:
@@ -674,7 +680,13 @@ class HaloRun:
     def backward(self, grad_fmap: torch.Tensor, params: list[torch.Tensor],
                  image_grad: Callable[[Box, torch.Tensor], None] | None,
                  ) -> list[torch.Tensor | None]:
-        """Tiles in reverse raster order; returns the parameter gradients."""
+        """Tiles in reverse raster order; returns the parameter gradients. The halo strips
+        kept from the forward are freed as soon as their tile (left) or tile row (top) is
+        done, so memory falls as the backward proceeds; a second backward cannot run."""
+        if self.keep and not self.saved_top:
+            raise RuntimeError("this streamed feature map was back-propagated before: the "
+                               "halo engine frees what it kept for the backward as it goes, "
+                               "so run the forward again instead of retain_graph=True")
         program = self.program
         rows, cols = program.grid
         self._mark_needs_grad(params, image_grad is not None)
@@ -685,13 +697,13 @@ class HaloRun:
         done = 0
         with param_grads.collecting():  # parameter gradients summed as they come
             for row in reversed(range(rows)):
-                top_saved = self.saved_top[row]
+                top_saved = self.saved_top.pop()
                 grad_top: dict[fx.Node, torch.Tensor] = {}
                 grad_left: dict[fx.Node, torch.Tensor] = {}
                 for col in reversed(range(cols)):
                     top = {n: t.detach().requires_grad_(self.program.by_fx[n].needs_grad)
                            for n, t in top_saved.items()}
-                    left = {n: self.saved_left[row, col, n].detach().requires_grad_(
+                    left = {n: self.saved_left.pop((row, col, n)).detach().requires_grad_(
                         self.program.by_fx[n].needs_grad)
                         for n in (e.node for e in program.nodes if e.left)
                         if (row, col, n) in self.saved_left}

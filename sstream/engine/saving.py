@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -60,6 +60,25 @@ class GradientSum:
         return grad.new_zeros(()).expand_as(grad)
 
 
+class AutocastState:
+    """The autocast state in force when made, to re-enter when a value is recomputed later
+    (the backward runs outside the forward's `torch.autocast`). Devices without autocast
+    (meta, on which the memory estimate runs the engine) have none."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device.type
+        try:
+            self.enabled = torch.is_autocast_enabled(self.device)
+            self.dtype = torch.get_autocast_dtype(self.device)
+        except RuntimeError:  # no autocast for this device type
+            self.enabled, self.dtype = False, None
+
+    def __call__(self) -> AbstractContextManager[Any]:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device, self.dtype, enabled=self.enabled)
+
+
 class _Recipe:
     """How to recompute one value: `call(args, kwargs)`, whose tensor operands are kept
     tensors or `_View`s of other recipes, under the autocast state of the forward pass.
@@ -72,9 +91,7 @@ class _Recipe:
                  value: torch.Tensor, depth: int, hold: bool) -> None:
         self.call, self.args, self.kwargs, self.depth = call, args, kwargs, depth
         self.hold = hold
-        device = value.device.type
-        self.autocast = (device, torch.is_autocast_enabled(device),
-                         torch.get_autocast_dtype(device))
+        self.autocast = AutocastState(value.device)
         self.layout = _layout(value)
         self.pending = 0  # saved references the backward has not unpacked yet
         self._value: torch.Tensor | None = None
@@ -82,8 +99,7 @@ class _Recipe:
     def value(self, keep: bool = False) -> torch.Tensor:
         if self._value is not None:
             return self._value
-        device, enabled, dtype = self.autocast
-        with torch.no_grad(), torch.autocast(device, dtype, enabled=enabled):
+        with torch.no_grad(), self.autocast():
             value = self.call(_resolve(self.args), _resolve(self.kwargs))
         if _layout(value) != self.layout:  # the views below would read wrong elements
             raise RuntimeError("a recomputed value has another layout than in the "
@@ -118,8 +134,10 @@ def _resolve(tree: Any) -> Any:
     return map_aggregate(tree, lambda a: a.tensor() if isinstance(a, _View) else a)
 
 
-def _storage_key(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
+def storage_key(tensor: torch.Tensor) -> int:
+    """Identity of a tensor's storage, shared by all its views, while it lives (also on the
+    meta device, where every data pointer is 0)."""
+    return tensor.untyped_storage()._cdata
 
 
 class _Saved:
@@ -164,11 +182,11 @@ class Recipes:
                 hold: bool) -> _Recipe | None:
         if not isinstance(value, torch.Tensor) or value.numel() == 0:
             return None
-        key = _storage_key(value)
+        key = storage_key(value)
         operands: list[torch.Tensor] = []
         map_aggregate((args, kwargs),
                       lambda a: operands.append(a) if isinstance(a, torch.Tensor) else None)
-        if key in self._by_storage or any(_storage_key(t) == key for t in operands):
+        if key in self._by_storage or any(storage_key(t) == key for t in operands):
             return None  # the op returned (a view of) an operand: nothing to save
         depth = 1 + max((r.depth for r in map(self._recipe_of, operands) if r is not None),
                         default=0)
@@ -186,7 +204,7 @@ class Recipes:
         return recipe
 
     def _recipe_of(self, tensor: torch.Tensor) -> _Recipe | None:
-        recipe = self._by_storage.get(_storage_key(tensor)) if tensor.numel() else None
+        recipe = self._by_storage.get(storage_key(tensor)) if tensor.numel() else None
         if recipe is None or (tensor.dtype, tensor.device) != recipe.layout[3:]:
             return None
         return recipe

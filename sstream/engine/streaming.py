@@ -18,7 +18,6 @@ Only crops, one at a time, ever go through the stream: no activation of full-ima
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -26,7 +25,7 @@ from torch import nn
 
 from sstream.engine.geometry import StreamGeometry, analyse, training_flags
 from sstream.engine.halo import HaloProgram, HaloRun
-from sstream.engine.saving import GradientSum
+from sstream.engine.saving import AutocastState, GradientSum
 from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
 
 TileProgress = Callable[[str, int, int], None]
@@ -236,17 +235,20 @@ class StreamingCNN(nn.Module):
     def engine_for(self, input_shape: Sequence[int]) -> str:
         """"halo" or "crop": the engine that streams an input of shape (N, C, H, W) (calls
         with an `input_grad_sink` always use crops: the sink wants blocks top to bottom)."""
-        self._refuse_current_modes()
-        return "crop" if self._halo_program(input_shape, self.plan(input_shape)) is None \
-            else "halo"
+        return "crop" if self.halo_program(input_shape) is None else "halo"
 
     def saved_halo_elements(self, input_shape: Sequence[int]) -> int:
         """Elements (of the stream's dtype) the halo engine keeps between the forward and the
         backward pass for an input of shape (N, C, H, W): thin strips along every tile edge
         of every layer that needs them; 0 when the crop engine runs this shape."""
-        self._refuse_current_modes()
-        program = self._halo_program(input_shape, self.plan(input_shape))
+        program = self.halo_program(input_shape)
         return 0 if program is None else program.saved_halo_elements()
+
+    def halo_program(self, input_shape: Sequence[int]) -> HaloProgram | None:
+        """The halo engine's schedule for an input of shape (N, C, H, W), planned once per
+        shape; None when the crop engine runs this shape."""
+        self._refuse_current_modes()
+        return self._halo_program(input_shape, self.plan(input_shape))
 
     def _halo_program(self, shape: Sequence[int], plan: TilePlan) -> HaloProgram | None:
         """The halo engine's program for this input shape, or None: use the crop engine."""
@@ -332,17 +334,9 @@ class _TileRunner:
         self.stream, self.plan, self.source, self.sink = stream, plan, source, sink
         self.on_tile = on_tile
         self.device = _module_device(stream)
-        kind = self.device.type
-        self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        self.autocast = AutocastState(self.device)  # backward re-runs use the forward's
         self.halo = None if program is None else HaloRun(program, stream, self.read,
                                                          keep_halos, self._report)
-
-    @contextmanager
-    def _autocast(self) -> Iterator[None]:
-        """Backward re-runs use the autocast state the forward ran under."""
-        kind, enabled, dtype = self.autocast
-        with torch.autocast(kind, dtype=dtype, enabled=enabled):
-            yield
 
     def crop(self, tile: Tile) -> torch.Tensor:
         """The tile's input crop on the stream's device (pinned for an async host copy)."""
@@ -410,7 +404,7 @@ class _TileRunner:
         if self.halo is not None:
             assert isinstance(grad_fmap, torch.Tensor), "the halo engine runs autograd only"
             write = None if image_grad is None else self._gradient_receiver(image_grad)
-            with self._autocast():
+            with self.autocast():
                 return self.halo.backward(grad_fmap, params, write)
         grad_of = grad_fmap if callable(grad_fmap) else _block_of(grad_fmap)
         blocks = None
@@ -424,7 +418,7 @@ class _TileRunner:
                 grad_kept = grad_of(tile.out_box)
                 if grad_kept is not None:  # else the tile adds nothing to any gradient
                     crop = self.crop(tile).detach().requires_grad_(blocks is not None)
-                    with torch.enable_grad(), self._autocast():
+                    with torch.enable_grad(), self.autocast():
                         kept = self.kept(tile, self.stream(crop))
                     inputs = ([crop] if blocks is not None else []) + params
                     grads = torch.autograd.grad(kept, inputs, grad_kept.to(kept.dtype),

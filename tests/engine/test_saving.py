@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -69,3 +70,23 @@ def test_stem_output_is_recomputed_from_the_image():
     of plain PyTorch (keeping the stem's output, or holding it between its uses, 1/2.7)."""
     stream = stem_stream()
     assert_exact_and_below(stream, torch.randn(1, 3, 256, 256, dtype=torch.float64), 128, 3)
+
+
+def test_backward_frees_the_kept_strips_as_it_goes():
+    """The halo strips a tile row kept for the backward are freed once that row is done: by
+    the last tile, live memory has fallen by more than half of all strips (the gradient line
+    buffer handed upwards is one row's worth). A second backward is refused clearly."""
+    stream = conv_bn_relu_stream()
+    image = torch.randn(1, 3, 256, 256, dtype=torch.float64)
+    scnn = sstream.StreamingCNN(stream, 64)
+    strips = scnn.saved_halo_elements(image.shape) * image.element_size()
+    live_at: dict[str, list[int]] = {"forward": [], "backward": []}
+    with LiveBytes((image, *stream.parameters(), *stream.buffers())) as live:
+        scnn.on_tile = lambda phase, done, total: live_at[phase].append(live.current)
+        loss = scnn(image).square().sum()
+        loss.backward(retain_graph=True)
+    backward = live_at["backward"]
+    assert len(backward) == 16 and strips > 0
+    assert backward[-1] < backward[0] - strips / 2, (backward, strips)
+    with pytest.raises(RuntimeError, match="back-propagated before"):
+        loss.backward()
