@@ -443,7 +443,10 @@ def estimate_memory(
             if budget is not None:
                 parse_bytes(budget)
             tiles = [parse_tile_size(t) for t in tile_size]
-            result = run_estimate(model, size, stream_layers, tiles, dtype, optimizer, budget)
+            with err_console.status("tracing the training step on the meta device (the halo "
+                                    "engine runs its tiles: seconds to a minute)"):
+                result = run_estimate(model, size, stream_layers, tiles, dtype, optimizer,
+                                      budget)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         estimates = result.pop("estimates")
@@ -453,9 +456,11 @@ def estimate_memory(
             side = min(estimates[0].image_size)
             plot_tile = (fitting[0] if fitting and isinstance(fitting[0], int)
                          else tiles[0] if tiles else min(1024, side))
-            plot_path = write_memory_plot(plot, model, stream_layers, plot_tile, dtype,
-                                          optimizer, result["budget_bytes"],
-                                          max_size=max(65536, side))
+            with err_console.status(f"estimating image sides up to {max(65536, side)} for "
+                                    "the plot"):
+                plot_path = write_memory_plot(plot, model, stream_layers, plot_tile, dtype,
+                                              optimizer, result["budget_bytes"],
+                                              max_size=max(65536, side))
         if json_output:
             print(json.dumps(result, indent=2))
         else:

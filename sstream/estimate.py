@@ -85,7 +85,7 @@ def _row_dict(estimate: MemoryEstimate, row: MemoryRow) -> dict[str, Any]:
         "parameters_bytes": row.parameters_bytes, "gradients_bytes": row.gradients_bytes,
         "optimizer_bytes": row.optimizer_bytes, "activations_bytes": row.activations_bytes,
         "feature_map_bytes": row.feature_map_bytes, "tile_peak_bytes": row.tile_peak_bytes,
-        "saving": row.saving, "num_tiles": row.num_tiles,
+        "saving": row.saving, "num_tiles": row.num_tiles, "engine": row.engine,
         "largest_crop": list(row.largest_crop) if row.largest_crop else None,
         "compute_overhead": row.compute_overhead,
     }
@@ -221,7 +221,8 @@ def memory_table(result: dict[str, Any]):  # -> rich.table.Table
         versus = ("" if not streaming else f"{saving:.0%} less" if saving >= 0
                   else f"{-saving:.0%} more")
         table.add_row(
-            f"{row['image_width']}x{row['image_height']}", row["mode"],
+            f"{row['image_width']}x{row['image_height']}",
+            f"{row['mode']} ({row['engine']})" if streaming else row["mode"],
             str(row["tile_size"]) if streaming else "-", format_bytes(row["activations_bytes"]),
             format_bytes(row["feature_map_bytes"]) if streaming else "-",
             format_bytes(row["tile_peak_bytes"]) if streaming else "-",

@@ -20,12 +20,14 @@ import pytest
 import torch
 from torch import nn
 
+from sstream import StreamingCNN
 from sstream.engine.memory import (
     LiveBytes,
     MemoryEstimate,
     estimate_training_memory,
     largest_fitting_row,
 )
+from sstream.engine.streaming import TensorSource
 
 
 def _small_model() -> tuple[nn.Module, nn.Module]:
@@ -53,9 +55,11 @@ def test_live_bytes_counts_storages_once_and_forgets_freed_ones():
 
 def test_estimate_rows_and_components():
     stream, head = _small_model()
-    estimate = estimate_training_memory(stream, head, (256, 192), [32, 64], optimizer="sgd")
+    estimate = estimate_training_memory(stream, head, (256, 192), [32, 64], optimizer="sgd",
+                                        engine="crop")
     assert isinstance(estimate, MemoryEstimate)
     assert [r.mode for r in estimate.rows] == ["conventional", "streaming", "streaming"]
+    assert [r.engine for r in estimate.rows] == [None, "crop", "crop"]
     assert [r.tile_size for r in estimate.rows] == [None, (32, 32), (64, 64)]
     params = sum(p.numel() for p in [*stream.parameters(), *head.parameters()]) * 4
     conventional, small, large = estimate.rows
@@ -71,6 +75,36 @@ def test_estimate_rows_and_components():
     assert largest_fitting_row(estimate, large.peak_bytes) is large
     assert largest_fitting_row(estimate, small.peak_bytes) is small
     assert largest_fitting_row(estimate, small.peak_bytes - 1) is None
+
+
+class _ReadCopies(TensorSource):
+    """Each read a new tensor, as when a slide is read lazily (the estimate assumes so)."""
+
+    def read(self, box: tuple[int, int, int, int]) -> torch.Tensor:
+        return super().read(box).clone()
+
+
+@pytest.mark.parametrize("size, tile, high", [
+    ((256, 192), 64, 1.01),   # 4 x 3 tiles: the whole step is traced
+    ((480, 352), 32, 1.25),   # 15 x 11 tiles: traced on 4 x 4, the growth added
+])
+def test_halo_estimate_against_a_measured_step(size, tile, high):
+    """The halo row's step peak (above parameters and optimizer state) against the live
+    bytes of the same step run on the CPU: equal when the whole grid is traced, a little
+    above (never below) when the trace runs on a proxy grid of PROXY_TILES per axis."""
+    stream, head = _small_model()
+    (_, row) = estimate_training_memory(stream, head, size, [tile], optimizer="sgd").rows
+    assert row.engine == "halo" and row.largest_crop is None
+    predicted = row.peak_bytes - row.parameters_bytes - row.optimizer_bytes
+    stream.eval()
+    image = torch.rand(1, 3, *size)
+    scnn = StreamingCNN(stream, tile)
+    scnn.engine_for(image.shape)  # planned before the step, as in training
+    with LiveBytes([image, *stream.parameters(), *stream.buffers(),
+                    *head.parameters()]) as live:
+        nn.functional.cross_entropy(head(scnn(_ReadCopies(image))),
+                                    torch.tensor([1])).backward()
+    assert live.peak <= predicted <= high * live.peak, (predicted, live.peak)
 
 
 def test_memory_grows_with_dtype_optimizer_and_batch():
@@ -182,7 +216,7 @@ def predict_peak(side: int, tile: int, split: str | None) -> int:
 
     model = build_model(ModelConfig("resnet18", stream_layers=split))
     estimate = estimate_training_memory(model.stream, model.head, (side, side),
-                                        [tile] if tile else [])
+                                        [tile] if tile else [], engine="crop")
     return estimate.rows[-1].peak_bytes
 
 
