@@ -66,6 +66,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from sstream.engine.halo import HaloProgram
 from sstream.engine.saving import storage_key
 from sstream.engine.streaming import StreamingCNN
 
@@ -449,13 +450,14 @@ def estimate_training_memory(
         except RuntimeError as exc:
             raise ValueError(f"image {width}x{height} is too small for this model "
                              f"({str(exc).splitlines()[0]})") from None
-        common = _Common(meta_stream, meta_head, fmap.detach(), dtype, base, step_phase,
-                         (param_bytes, grad_bytes, optimizer_bytes), stream_flops, head_flops)
         conv = _conventional_trace(meta_stream, meta_head, image)
-        common.conv_peak = max(base + image.numel() * itemsize + conv.peak + common.grad_fix,
-                               step_phase)
+        grad_fix = meta_stream.grad_fix(itemsize) + meta_head.grad_fix(itemsize)
+        conv_peak = max(base + image.numel() * itemsize + conv.peak + grad_fix, step_phase)
         rows = [MemoryRow("conventional", None, param_bytes, grad_bytes, optimizer_bytes,
-                          conv.saved, 0, 0, common.conv_peak)]
+                          conv.saved, 0, 0, conv_peak)]
+        common = _Common(meta_stream, meta_head, fmap.detach(), dtype, base, step_phase,
+                         conv_peak, (param_bytes, grad_bytes, optimizer_bytes), stream_flops,
+                         head_flops)
         for tile in tiles:
             scnn = StreamingCNN(stream, tile)
             scnn.engine = engine
@@ -477,10 +479,10 @@ class _Common:
     dtype: torch.dtype
     base: int  # always alive: parameters, optimizer state, autocast's weight copies
     step_phase: int  # peak of optimizer.step()
+    conv_peak: int
     state: tuple[int, int, int]  # parameters, gradients, optimizer state (bytes)
     stream_flops: int
     head_flops: int
-    conv_peak: int = 0
     _head: _Trace | None = None
 
     @property
@@ -551,13 +553,14 @@ class _MetaSource:
 
 
 def _halo_step_trace(common: _Common, tile: tuple[int, int], shape: tuple[int, ...],
-                     ) -> tuple[_Trace, int, int]:
+                     ) -> tuple[int, int]:
     """One training step streamed by the halo engine itself on the meta device (its
-    recipes, line buffers and gradient sums as they are): (trace, elements that grow with
-    the image beyond the traced one: see `_growing`)."""
+    recipes, line buffers and gradient sums as they are): (live peak in bytes, elements
+    that grow with the image: `_growing` and the feature map with its gradient)."""
     scnn = StreamingCNN(common.stream.module, tile)
-    growing = _growing(scnn, shape)  # planned outside the trace: planning on meta
-    fmap_numel = 0                   # tensors holds no real memory
+    program = scnn.halo_program(shape)  # planned outside the trace: planning on meta
+    assert program is not None          # tensors holds no real memory
+    fmap_numel = 0
 
     def step() -> None:
         nonlocal fmap_numel
@@ -567,20 +570,17 @@ def _halo_step_trace(common: _Common, tile: tuple[int, int], shape: tuple[int, .
         del fmap  # as `head(stream(image))` in a training loop: the head keeps what it needs
         _loss(logits).backward()
 
-    with LiveBytes([*common.stream.tensors, *common.head.tensors]) as live:
-        step()
+    trace = _trace(step, [*common.stream.tensors, *common.head.tensors])
     common.stream.fresh_grads()
     common.head.fresh_grads()
-    return _Trace(live.peak, 0), growing + 2 * fmap_numel
+    return trace.peak, _growing(program) + 2 * fmap_numel
 
 
-def _growing(scnn: StreamingCNN, shape: tuple[int, ...]) -> int:
+def _growing(program: HaloProgram) -> int:
     """Elements of the step's peak that grow with the image, for the halo engine: the halo
     strips kept for the backward, and two gradient line buffers (the backward's peak comes
     while one tile row hands its strips' gradients to the next); the feature map and its
     gradient are added by the caller."""
-    program = scnn.halo_program(shape)
-    assert program is not None
     return program.saved_halo_elements() + 2 * program.line_buffer_elements()
 
 
@@ -593,12 +593,12 @@ def _halo_row(common: _Common, scnn: StreamingCNN, shape: tuple[int, ...]) -> Me
     plan = scnn.plan(shape)
     proxy = (*shape[:2], *(side if len(spans) <= PROXY_TILES else PROXY_TILES * side // len(spans)
                            for side, spans in zip(shape[-2:], (plan.rows, plan.cols))))
-    trace, proxy_growing = _halo_step_trace(common, scnn.tile_size, proxy)
-    fmap_numel = common.fmap.numel()
-    grown = _growing(scnn, shape) + 2 * fmap_numel - proxy_growing
-    step_peak = trace.peak + grown * common.itemsize + common.grad_fix
+    proxy_peak, proxy_growing = _halo_step_trace(common, scnn.tile_size, proxy)
     program = scnn.halo_program(shape)
     assert program is not None
+    fmap_numel = common.fmap.numel()
+    grown = _growing(program) + 2 * fmap_numel - proxy_growing
+    step_peak = proxy_peak + grown * common.itemsize + common.grad_fix
     kept = program.saved_halo_elements() * common.itemsize
     return common.row(scnn, "halo", kept + common.head_trace.saved,
                       step_peak - kept - 2 * fmap_numel * common.itemsize, step_peak,
