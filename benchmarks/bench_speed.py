@@ -142,7 +142,8 @@ def _row(name: str, size: int, tile: int, reps: int, device: torch.device) -> li
     scnn = StreamingCNN(stream, tile)
     began = time.perf_counter()
     scnn.plan(image.shape)
-    scnn.engine_for(image.shape)  # the halo program too: planned once per image shape
+    scnn.engine_for(image.shape)  # the halo programs too: planned once per image shape
+    scnn.halo_program(image.shape, training=False)
     planning = time.perf_counter() - began
     plain_s, stream_s, ratio = paired(lambda: training_step(stream, head, image),
                                       lambda: training_step(scnn, head, image), reps, device)

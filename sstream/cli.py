@@ -166,7 +166,11 @@ def train(
     seed: int = typer.Option(0, help="Seed for order, crops, augmentation and init."),
     tile_size: int = typer.Option(512, help="Tile side in input pixels (memory follows it)."),
     memory_budget: str = typer.Option(None, help="Choose the largest tile whose predicted "
-                                      "peak fits, e.g. 8GiB (instead of --tile-size)."),
+                                      "peak fits, e.g. 8GiB (instead of --tile-size); with "
+                                      "--engine auto, the crop engine where no halo tile fits."),
+    engine: str = typer.Option("auto", help="Streaming engine: auto (halos carried between "
+                               "tiles where the stream allows it: fastest), halo or crop (keeps "
+                               "no halo strips: less memory for small tiles on huge images)."),
     dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a rank waits for "
                                        "the others before the job stops."),
     quiet: bool = typer.Option(False, help="No progress output."),
@@ -424,6 +428,9 @@ def estimate_memory(
     budget: str | None = typer.Option(
         None, "--budget", help="Memory budget, e.g. 12GiB (2**30 bytes each), 12GB (10**9), "
                                "500MiB, 12e9: prints the largest tile that fits."),
+    engine: str = typer.Option(
+        "auto", "--engine", help="Streaming engine to model: auto (halo where the stream "
+                                 "allows it, as training picks), halo or crop."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     plot: str | None = typer.Option(
         None, "--plot", help="Write a PNG: predicted peak against image size (log axes), "
@@ -446,7 +453,7 @@ def estimate_memory(
             with err_console.status("tracing the training step on the meta device (the halo "
                                     "engine runs its tiles: seconds to a minute)"):
                 result = run_estimate(model, size, stream_layers, tiles, dtype, optimizer,
-                                      budget)
+                                      budget, engine=engine)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         estimates = result.pop("estimates")
@@ -460,7 +467,7 @@ def estimate_memory(
                                     "the plot"):
                 plot_path = write_memory_plot(plot, model, stream_layers, plot_tile, dtype,
                                               optimizer, result["budget_bytes"],
-                                              max_size=max(65536, side))
+                                              max_size=max(65536, side), engine=engine)
         if json_output:
             print(json.dumps(result, indent=2))
         else:

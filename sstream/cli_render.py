@@ -62,7 +62,8 @@ class RichTrainEvents(TrainEvents):
         self.console.print(
             f"training on [bold]{info['train_images']}[/bold] images "
             f"({info['val_images']} for validation) on {info['device']}; tile "
-            f"{info['tile_size'][0]}x{info['tile_size'][1]} px, output stride {g.stride[0]}, "
+            f"{info['tile_size'][0]}x{info['tile_size'][1]} px, engine {info['engine']}, "
+            f"output stride {g.stride[0]}, "
             f"receptive field {g.receptive_field[0]} px; outputs in {info['out']}")
         epoch, index = info["resumed_at"]
         if epoch or index:

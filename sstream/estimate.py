@@ -131,6 +131,8 @@ def _advice(estimate: MemoryEstimate, budget: int, stream_layers: str | None,
         message = (f"{size}: no tile fits {format_bytes(budget)} (smallest predicted peak "
                    f"{format_bytes(smallest.peak_bytes)} at tile {smallest.tile_size[1]}); try "
                    "smaller tiles, float16, or stream fewer/more layers")
+        if any(r.engine == "halo" for r in streaming):
+            message += " or --engine crop (keeps no halo strips, computes more)"
     else:
         message = (f"{size}: conventional training needs "
                    f"{format_bytes(conventional.peak_bytes)} > {format_bytes(budget)}; give "
@@ -143,7 +145,7 @@ def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192"
                     stream_layers: str | None = None,
                     tile_sizes: Sequence[str | int] = (), dtype: str = "float32",
                     optimizer: str = "adamw", budget: str | None = None,
-                    num_classes: int = 2) -> dict[str, Any]:
+                    num_classes: int = 2, engine: str = "auto") -> dict[str, Any]:
     """Predicted peak training memory per image size, conventional and per tile size.
 
     Args:
@@ -154,6 +156,8 @@ def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192"
         dtype: "float32", "float16" or "bfloat16" (mixed precision).
         optimizer: "adamw" or "sgd".
         budget: memory budget as typed ("12GiB", "12GB", "12e9"), or None.
+        engine: StreamingCNN's engine to model: "auto" (halo where the stream allows it),
+            "halo" or "crop".
 
     Returns:
         {"model", "stream_layers", "dtype", "optimizer", "budget_bytes",
@@ -182,13 +186,13 @@ def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192"
     model = build_model(ModelConfig(model_name, num_classes=num_classes,
                                     stream_layers=stream_layers))
     result: dict[str, Any] = {"model": model_name, "stream_layers": stream_layers,
-                              "dtype": dtype, "optimizer": optimizer,
+                              "engine": engine, "dtype": dtype, "optimizer": optimizer,
                               "budget_bytes": budget_bytes, "rows": [], "advice": [],
                               "estimates": []}
     for height, width in parsed_sizes:
         chosen = tiles or [t for t in DEFAULT_TILE_SIZES if t <= min(height, width)]
         estimate = estimate_training_memory(model.stream, model.head, (height, width), chosen,
-                                            dtype=dtype, optimizer=optimizer)
+                                            dtype=dtype, optimizer=optimizer, engine=engine)
         result["estimates"].append(estimate)
         result["rows"].extend(_row_dict(estimate, row) for row in estimate.rows)
         if budget_bytes is not None:
@@ -233,7 +237,8 @@ def memory_table(result: dict[str, Any]):  # -> rich.table.Table
 
 def write_memory_plot(path: str | Path, model_name: str, stream_layers: str | None,
                       tile_size: int, dtype: str = "float32", optimizer: str = "adamw",
-                      budget_bytes: int | None = None, max_size: int = 65536) -> Path:
+                      budget_bytes: int | None = None, max_size: int = 65536,
+                      engine: str = "auto") -> Path:
     """PNG: predicted peak (GiB, log) against image side (log), conventional vs streaming at
     `tile_size`, with the budget as a horizontal line. Sizes: powers of two from the tile up
     to `max_size`. Written atomically."""
@@ -246,7 +251,8 @@ def write_memory_plot(path: str | Path, model_name: str, stream_layers: str | No
     conventional, streaming = [], []
     for side in sides:
         estimate = estimate_training_memory(model.stream, model.head, (side, side),
-                                            [tile_size], dtype=dtype, optimizer=optimizer)
+                                            [tile_size], dtype=dtype, optimizer=optimizer,
+                                            engine=engine)
         conventional.append(estimate.rows[0].peak_bytes / 2**30)
         streaming.append(estimate.rows[1].peak_bytes / 2**30)
     panel = Panel(

@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sstream.engine.geometry import eval_mode, meta_call
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "IMAGENET_MEAN",
@@ -420,26 +422,14 @@ def head_global_pool(head: nn.Module) -> str | None:
 
 def minimum_input_size(model: Classifier | nn.Module, channels: int = 3) -> int:
     """The smallest square side (pixels) the model accepts in eval mode, found on meta."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         for side in range(1, 1025):
             try:
-                _meta_forward(model, (1, channels, side, side))
+                meta_call(model, torch.empty((1, channels, side, side), device="meta"))
                 return side
             except (RuntimeError, ValueError):
                 continue
-    finally:
-        for module, training in flags:
-            module.training = training
     raise ValueError("the model accepts no input up to 1024 x 1024 pixels")
-
-
-def _meta_forward(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
-    state = {name: torch.empty_like(t, device="meta")
-             for name, t in [*module.named_parameters(), *module.named_buffers()]}
-    with torch.no_grad():
-        return torch.func.functional_call(module, state, (torch.empty(shape, device="meta"),))
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from sstream.data import (
     read_label_csv,
 )
 from sstream.distributed import DEFAULT_TIMEOUT_S, DataParallel
-from sstream.engine import StreamingCNN
+from sstream.engine import ENGINES, StreamingCNN
 from sstream.engine.memory import estimate_training_memory, largest_fitting_row
 from sstream.estimate import parse_bytes
 from sstream.io import atomic_output, open_image
@@ -108,6 +108,7 @@ class TrainConfig:
     seed: int = 0
     tile_size: int = 512
     memory_budget: str | None = None    # e.g. "8GiB": the tile is chosen by the estimator
+    engine: str = "auto"                # StreamingCNN's engine: auto, halo or crop
     dist_timeout: float = DEFAULT_TIMEOUT_S   # seconds a rank waits for the others
 
     def validate(self) -> None:
@@ -124,6 +125,7 @@ class TrainConfig:
             (self.lr > 0, "--lr must be positive"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.tile_size >= 1, "--tile-size must be positive"),
+            (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
             (self.dist_timeout > 0, "--dist-timeout must be positive"),
             (self.step_size >= 1, "--step-size must be at least 1"),
             (self.image_size is None or min(self.image_size) >= 1,
@@ -268,21 +270,27 @@ TILE_CANDIDATES = (128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def tile_for_budget(model: Classifier, image_size: tuple[int, int], budget: str,
-                    config: TrainConfig, device: torch.device = torch.device("cpu")) -> int:
-    """The largest tile (fastest) whose predicted training peak fits `budget` (e.g. "8GiB"),
-    from the memory estimator, in the precision training will use on `device`; ValueError
-    naming the smallest peak when none fits."""
-    candidates = [t for t in TILE_CANDIDATES if t <= max(image_size)] or [TILE_CANDIDATES[0]]
+                    config: TrainConfig, device: torch.device = torch.device("cpu"),
+                    ) -> tuple[int, str]:
+    """(tile, engine): the largest tile (fastest) whose predicted training peak fits `budget`
+    (e.g. "8GiB"), from the memory estimator, in the precision training will use on
+    `device`. With engine "auto", the crop engine is tried where no tile fits the halo
+    engine (it keeps no halo strips: less memory for small tiles on large images, more
+    compute). ValueError naming the smallest peak when none fits."""
+    candidates = [t for t in TILE_CANDIDATES if t <= min(image_size)] or [min(image_size)]
     dtype = amp_dtype(device, config.amp_dtype) if config.amp else torch.float32
-    estimate = estimate_training_memory(model.stream, model.head, image_size, candidates,
-                                        dtype=dtype, optimizer=config.optimizer)
-    row = largest_fitting_row(estimate, parse_bytes(budget))
-    if row is None:
-        smallest = min(r.peak_bytes for r in estimate.rows if r.mode == "streaming")
-        raise ValueError(f"no tile fits the memory budget {budget} for {image_size[1]} x "
-                         f"{image_size[0]} images (the smallest needs {smallest / 2**30:.2f} "
-                         "GiB); raise the budget or stream fewer layers with --stream-layers")
-    return int(row.tile_size[0])
+    smallest = math.inf
+    for engine in ("auto", "crop") if config.engine == "auto" else (config.engine,):
+        estimate = estimate_training_memory(model.stream, model.head, image_size, candidates,
+                                            dtype=dtype, optimizer=config.optimizer,
+                                            engine=engine)
+        row = largest_fitting_row(estimate, parse_bytes(budget))
+        if row is not None:
+            return int(row.tile_size[0]), engine
+        smallest = min(smallest, *(r.peak_bytes for r in estimate.rows if r.mode == "streaming"))
+    raise ValueError(f"no tile fits the memory budget {budget} for {image_size[1]} x "
+                     f"{image_size[0]} images (the smallest needs {smallest / 2**30:.2f} "
+                     "GiB); raise the budget or stream fewer layers with --stream-layers")
 
 
 def save_checkpoint(path: Path, model: Classifier, optimizer: torch.optim.Optimizer,
@@ -387,11 +395,11 @@ class _Trainer:
         minimum = minimum_input_size(self.model)
         largest = _check_images(self.train_samples, config, minimum, str(config.train_csv))
         _check_images(self.val_samples, config, minimum, str(config.val_csv))
-        tile_size = (tile_for_budget(self.model, largest, config.memory_budget, config,
-                                     self.device)
-                     if config.memory_budget else config.tile_size)
+        tile_size, engine = (tile_for_budget(self.model, largest, config.memory_budget,
+                                             config, self.device)
+                             if config.memory_budget else (config.tile_size, config.engine))
         self.model.to(self.device)
-        self.scnn = StreamingCNN(self.model.stream, tile_size)
+        self.scnn = StreamingCNN(self.model.stream, tile_size, engine)
         self.scnn.on_tile = self.events.on_tile
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(config, self.params)
@@ -463,7 +471,8 @@ class _Trainer:
         self.events.on_start({"out": str(self.out), "device": str(self.device),
                               "train_images": len(self.train_samples),
                               "val_images": len(self.val_samples), "tile_size":
-                              self.scnn.tile_size, "geometry": self.scnn.geometry,
+                              self.scnn.tile_size, "engine": self.scnn.engine,
+                              "geometry": self.scnn.geometry,
                               "resumed_at": (self.state.epoch, self.state.image_index),
                               "ranks": self.parallel.world_size})
         rank = self.parallel.rank

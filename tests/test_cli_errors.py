@@ -213,6 +213,8 @@ CASES: dict[str, Case] = {
                            "--level or --mpp, not both"),
     "unknown optimizer": Case(lambda r: train_args(r, "--optimizer", "lion"), FAILURE,
                               "--optimizer must be one of"),
+    "unknown engine": Case(lambda r: train_args(r, "--engine", "fast"), FAILURE,
+                           "--engine must be one of auto, halo, crop"),
     "cuda without gpu": Case(lambda r: train_args(r, "--device", "cuda"), FAILURE,
                              "no CUDA GPU"),
     "existing run without overwrite": Case(_existing_run, FAILURE, "--resume"),

@@ -41,6 +41,16 @@ def test_json_output():
     payload = json.loads(done.stdout)
     assert [r["mode"] for r in payload["rows"]] == ["conventional", "streaming"]
     assert payload["rows"][1]["tile_size"] == 128 and payload["rows"][0]["tile_size"] is None
+    assert payload["engine"] == "auto" and payload["rows"][1]["engine"] == "halo"
+
+
+def test_engine_option_models_the_crop_engine():
+    """--engine crop: the rows model crops (more compute: the overlap), not halos."""
+    args = ["estimate-memory", "--size", "512", "--model", "tiny", "--tile-size", "128", "--json"]
+    rows = {engine: json.loads(runner.invoke(app, [*args, "--engine", engine]).stdout)["rows"][1]
+            for engine in ("crop", "halo")}
+    assert rows["crop"]["engine"] == "crop" and rows["halo"]["engine"] == "halo"
+    assert rows["crop"]["compute_overhead"] > rows["halo"]["compute_overhead"]
 
 
 def test_table_and_budget_message():
@@ -75,6 +85,7 @@ def test_plot_is_written(tmp_path):
     (["--size", "512", "--tile-size", "1024"], "larger than the image"),
     (["--size", "512", "--budget", "lots"], "cannot parse memory budget"),
     (["--size", "512", "--stream-layers", "layer9"], "valid split points"),
+    (["--size", "512", "--engine", "halos"], "unknown engine 'halos'"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, message):
     done = runner.invoke(app, ["estimate-memory", "--model", "tiny", *args])

@@ -163,7 +163,27 @@ def test_memory_budget_picks_the_largest_fitting_tile(tmp_path):
         model.stream, model.head, (1000, 900), [256, 512]).rows if row.mode == "streaming"}
     assert peaks[256] < peaks[512]
     between = str((peaks[256] + peaks[512]) // 2)
-    assert tile_for_budget(model, (1000, 900), between, settings) == 256
-    assert tile_for_budget(model, (1000, 900), "64GiB", settings) == 512
+    assert tile_for_budget(model, (1000, 900), between, settings) == (256, "auto")
+    assert tile_for_budget(model, (1000, 900), "64GiB", settings) == (512, "auto")
     with pytest.raises(ValueError, match="no tile fits the memory budget"):
         tile_for_budget(model, (1000, 900), "1KB", settings)
+
+
+def test_memory_budget_falls_back_to_the_crop_engine_where_no_halo_tile_fits():
+    """Small tiles on a large image: the halo engine's kept strips outgrow the crop engine's
+    whole step, so a budget between the two picks crops (with engine "auto" only)."""
+    from sstream.engine.memory import estimate_training_memory
+    from sstream.train import TILE_CANDIDATES, tile_for_budget
+
+    model = build_model(ModelConfig("tiny"))
+    size = (2048, 2048)
+    smallest = {engine: min(row.peak_bytes for row in estimate_training_memory(
+        model.stream, model.head, size, [t for t in TILE_CANDIDATES if t <= 2048],
+        engine=engine).rows
+        if row.mode == "streaming") for engine in ("halo", "crop")}
+    assert smallest["crop"] < smallest["halo"]
+    between = str((smallest["crop"] + smallest["halo"]) // 2)
+    tile, engine = tile_for_budget(model, size, between, TrainConfig(train_csv="unused.csv"))
+    assert engine == "crop"
+    with pytest.raises(ValueError, match="no tile fits the memory budget"):
+        tile_for_budget(model, size, between, TrainConfig(train_csv="u.csv", engine="halo"))

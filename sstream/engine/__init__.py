@@ -5,6 +5,7 @@ Depends on torch only; knows nothing of files, models or the command line.
 
 from sstream.engine.geometry import AxisWindow, StreamGeometry, UnsupportedModuleError, analyse
 from sstream.engine.streaming import (
+    ENGINES,
     ImageSource,
     InputGradSink,
     OutputGradient,
@@ -15,7 +16,7 @@ from sstream.engine.streaming import (
 from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
 
 __all__ = [
-    "AxisWindow", "Box", "ImageSource", "InputGradSink", "OutputGradient", "StreamGeometry",
-    "StreamingCNN", "TensorSource", "Tile", "TileProgress", "TilePlan",
+    "ENGINES", "AxisWindow", "Box", "ImageSource", "InputGradSink", "OutputGradient",
+    "StreamGeometry", "StreamingCNN", "TensorSource", "Tile", "TileProgress", "TilePlan",
     "UnsupportedModuleError", "analyse", "make_plan",
 ]

@@ -263,15 +263,27 @@ class _StreamTracer(fx.Tracer):
 
 
 @contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Temporarily put every submodule in eval mode, restoring each one's flag afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Temporarily put every submodule of `modules` in eval mode, restoring each one's flag
+    afterwards (a model's mix of train and eval flags is the user's, not ours to change)."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
     try:
         yield
     finally:
         for m, training in flags:
             m.training = training
+
+
+def meta_call(module: nn.Module, *inputs: torch.Tensor) -> Any:
+    """`module(*inputs)` on the meta device, without autograd: shapes without memory or
+    compute. The module's parameters and buffers stand in as meta tensors of their shapes
+    for this call only; the module itself is not changed."""
+    state = {name: torch.empty_like(t, device="meta")
+             for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    with torch.no_grad():
+        return torch.func.functional_call(module, state, inputs)
 
 
 def training_flags(module: nn.Module) -> tuple[bool, ...]:
@@ -300,7 +312,7 @@ def analyse(stream: nn.Module, *, in_eval_mode: bool = False) -> StreamGeometry:
     dropout in training mode) are found when the stream is called.
     """
     if in_eval_mode:
-        with _eval_mode(stream):
+        with eval_mode(stream):
             return analyse(stream)
     try:
         graph = _StreamTracer().trace(stream)

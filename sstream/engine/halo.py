@@ -11,7 +11,7 @@ p) over input u,
     A_v = floor((A_u + p - e) / s) + 1      else (clipped to [0, L_v]; 0 if A_u = 0)
 
 and for a per-pixel node the minimum over its inputs. A window node whose regions would be tiny
-while its source's are small too waits until MIN_REGION outputs are computable (`_gathered`):
+while its source's are small too waits until a minimum region is computable (`_gathered`):
 deep layers run on regions gathered from several tiles. Tile (r, c) computes node v's *region*
 rows [A_v[r], A_v[r+1]) x columns [B_v[c], B_v[c+1]) (the regions of all tiles partition v's
 output: each output is computed once). A window node computes its region by running its module
@@ -67,6 +67,7 @@ from sstream.engine.geometry import (
     _conv_axes,
     _fetch_attr,
     _pool_axes,
+    meta_call,
     spatial_dims,
     traced_values,
 )
@@ -140,28 +141,36 @@ def _window_schedule(avail: int, full_in: int, full_out: int, axis: tuple[int, i
     return max(0, min(full_out, (avail + pad - extent) // stride + 1))
 
 
-MIN_REGION = 32  # outputs per axis; 16 and 64 were slower on ResNet-18 (1024 px, tile 256)
+# Outputs per axis a gathered region spans. Predict: 16 and 64 were slower on ResNet-18
+# (1024 px, tile 256). Training keeps every line-buffer row for the backward, once per tile
+# row, so gathering costs memory there: 16 halves the kept strips of ResNet-18 at 2048 px,
+# tile 256 (201 -> 106 MiB) and ResNet-34 at 8192 px, tile 512 (1751 -> 1154 MiB); a step
+# took 2% longer at tile 512 and 8% at 1024 px, tile 256.
+MIN_REGION_PREDICT = 32
+MIN_REGION_TRAINING = 16
 
 
-def _gathered(schedule: list[int], source: list[int]) -> list[int]:
+def _gathered(schedule: list[int], source: list[int], min_region: int) -> list[int]:
     """A window node's `schedule` delayed so that every region but the last spans at least
-    MIN_REGION outputs, where its source's regions are that small too: deep layers (a 256 px
-    tile is 8 outputs of ResNet's last stage) then run on regions gathered from several
+    `min_region` outputs, where its source's regions are that small too: deep layers (a 256
+    px tile is 8 outputs of ResNet's last stage) then run on regions gathered from several
     tiles, while the few source rows and columns they wait for stay in the line buffers.
     Tiny regions spend most of a convolution's time reading its weights."""
-    if max(b - a for a, b in zip(source, source[1:])) > MIN_REGION:
+    if max(b - a for a, b in zip(source, source[1:])) > min_region:
         return schedule
     out = [0]
     for avail in schedule[1:-1]:
-        out.append(avail if avail - out[-1] >= MIN_REGION else out[-1])
+        out.append(avail if avail - out[-1] >= min_region else out[-1])
     return out + schedule[-1:]
 
 
 class HaloProgram:
     """The halo schedule of one stream for one input size; `None` from `build` if unsupported."""
 
-    def __init__(self, nodes: list[_Node], edges: tuple[list[int], list[int]]) -> None:
+    def __init__(self, nodes: list[_Node], edges: tuple[list[int], list[int]],
+                 min_region: int) -> None:
         self.nodes = nodes
+        self.min_region = min_region
         self.by_fx = {n.node: n for n in nodes}
         self.edges = edges
         self.output = next(n for n in nodes if n.kind == "output")
@@ -200,9 +209,11 @@ class HaloProgram:
 
     @staticmethod
     def build(stream: nn.Module, input_shape: Sequence[int], row_edges: list[int],
-              col_edges: list[int]) -> HaloProgram | None:
+              col_edges: list[int], training: bool = False) -> HaloProgram | None:
         """Plan the halo engine for input (N, C, H, W) and tile edges (input pixels, from 0 to
-        H resp. W, strictly increasing); None when the stream needs the crop engine."""
+        H resp. W, strictly increasing), for a forward pass only or for `training` (deep
+        layers gathered less: MIN_REGION_TRAINING); None when the stream needs the crop
+        engine."""
         if any(b <= a for a, b in zip(row_edges, row_edges[1:])) or \
                 any(b <= a for a, b in zip(col_edges, col_edges[1:])):
             return None
@@ -218,7 +229,8 @@ class HaloProgram:
                 return None
             nodes.append(entry)
         _mark_recomputed(nodes)
-        program = HaloProgram(nodes, (list(row_edges), list(col_edges)))
+        program = HaloProgram(nodes, (list(row_edges), list(col_edges)),
+                              MIN_REGION_TRAINING if training else MIN_REGION_PREDICT)
         if not program._schedule():
             return None
         return program
@@ -236,7 +248,7 @@ class HaloProgram:
                     src_sched, src_full = (src.rows, src.cols)[axis], src.size[axis]
                     sched = _gathered([_window_schedule(a, src_full, entry.size[axis],
                                                         entry.axes[axis]) for a in src_sched],
-                                      src_sched)
+                                      src_sched, self.min_region)
                 else:
                     scheds = [(self.by_fx[s].rows, self.by_fx[s].cols)[axis]
                               for s in entry.sources]
@@ -438,11 +450,7 @@ def _meta_shapes(stream: nn.Module, graph: fx.Graph,
                     shapes[node] = tuple(env[node].shape)
 
     dtype = next((p.dtype for p in stream.parameters()), torch.get_default_dtype())
-    state = {f"stream.{name}": torch.empty_like(t, device="meta")
-             for name, t in [*stream.named_parameters(), *stream.named_buffers()]}
-    with torch.no_grad():
-        torch.func.functional_call(_Recorder(), state,
-                                   (torch.empty(input_shape, device="meta", dtype=dtype),))
+    meta_call(_Recorder(), torch.empty(input_shape, device="meta", dtype=dtype))
     return shapes
 
 

@@ -66,9 +66,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from sstream.engine.geometry import eval_mode
 from sstream.engine.halo import HaloProgram
 from sstream.engine.saving import storage_key
-from sstream.engine.streaming import StreamingCNN
+from sstream.engine.streaming import ENGINES, StreamingCNN
 
 __all__ = ["OPTIMIZERS", "MemoryEstimate", "MemoryRow", "estimate_training_memory",
            "largest_fitting_row"]
@@ -414,8 +415,8 @@ def estimate_training_memory(
         UnsupportedModuleError: the stream cannot be streamed (from StreamingCNN).
     """
     dtype = _as_dtype(dtype)
-    if engine not in ("auto", "crop", "halo"):
-        raise ValueError(f"unknown engine {engine!r}; valid: auto, crop, halo")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     height, width = (int(s) for s in image_size)
@@ -440,7 +441,7 @@ def estimate_training_memory(
     base = param_bytes + optimizer_bytes + (total_params * itemsize if mixed else 0)
     step_phase = param_bytes + optimizer_bytes + grad_bytes + temporaries * trainable * 4
 
-    with _all_eval(stream, head):
+    with eval_mode(stream, head):
         meta_stream, meta_head = _meta_copy(stream, dtype), _meta_copy(head, dtype)
         shape = (batch, channels, height, width)
         image = torch.empty(shape, dtype=dtype, device="meta")
@@ -459,8 +460,7 @@ def estimate_training_memory(
                          conv_peak, (param_bytes, grad_bytes, optimizer_bytes), stream_flops,
                          head_flops)
         for tile in tiles:
-            scnn = StreamingCNN(stream, tile)
-            scnn.engine = engine
+            scnn = StreamingCNN(stream, tile, engine)
             if scnn.engine_for(shape) == "halo":
                 rows.append(_halo_row(common, scnn, shape))
             else:
@@ -627,19 +627,3 @@ def _tile_pair(tile: int | Sequence[int]) -> tuple[int, int]:
     if len(pair) != 2 or min(pair) <= 0:
         raise ValueError(f"tile size must be a positive int or (height, width), got {tile}")
     return pair  # type: ignore[return-value]
-
-
-class _all_eval:  # noqa: N801 - used as a context manager
-    """Eval mode for the modules while tracing; every submodule's flag restored after."""
-
-    def __init__(self, *modules: nn.Module) -> None:
-        self.flags = [(m, m.training) for module in modules for m in module.modules()]
-        self.modules = modules
-
-    def __enter__(self) -> None:
-        for module in self.modules:
-            module.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, training in self.flags:
-            m.training = training

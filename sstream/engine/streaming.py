@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from sstream.engine.geometry import StreamGeometry, analyse, training_flags
+from sstream.engine.geometry import StreamGeometry, analyse, meta_call, training_flags
 from sstream.engine.halo import HaloProgram, HaloRun
 from sstream.engine.saving import AutocastState, GradientSum
 from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
@@ -40,6 +40,9 @@ InputGradSink = Callable[[Box, torch.Tensor], None]
 input pixels, gradient (N, C, y1 - y0, x1 - x0) on the compute device. The blocks partition the
 image and come in raster order: one row of blocks after another, top to bottom, each row's
 blocks left to right and together spanning the full width."""
+
+
+ENGINES = ("auto", "halo", "crop")
 
 
 @runtime_checkable
@@ -94,10 +97,19 @@ class StreamingCNN(nn.Module):
             otherwise UnsupportedModuleError names the offending module.
         tile_size: tile side in input pixels, int or (height, width), before the overlap the
             engine adds. Rounded up to a multiple of the output stride; see `self.tile_size`.
+        engine: "auto" (halos carried between tiles where the stream allows it: every layer
+            computes each output once; else crops with receptive-field margins), "crop"
+            (crops always: no halo strips are kept between the forward and the backward,
+            which needs less memory than the halo engine for small tiles on very large
+            images; `estimate_training_memory` tells), or "halo" (insist: ValueError when
+            the stream needs crops). Settable later as `self.engine`.
     """
 
-    def __init__(self, stream: nn.Module, tile_size: int | Sequence[int]) -> None:
+    def __init__(self, stream: nn.Module, tile_size: int | Sequence[int],
+                 engine: str = "auto") -> None:
         super().__init__()
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         self.stream = stream
         self.geometry: StreamGeometry = analyse(stream, in_eval_mode=True)
         requested = _as_tuple(tile_size)
@@ -106,9 +118,7 @@ class StreamingCNN(nn.Module):
         self.on_tile: TileProgress | None = None  # set it to follow long images tile by tile
         self._analysed_flags: tuple[bool, ...] | None = None
         self._output_sizes: dict[tuple[Any, ...], tuple[int, int]] = {}
-        # "auto": halos carried between tiles where the stream allows it (every layer computes
-        # each output once), else crops with receptive-field margins; "crop"; "halo" (insist)
-        self.engine = "auto"
+        self.engine = engine
         self._programs: dict[Any, HaloProgram | None] = {}
 
     def extra_repr(self) -> str:
@@ -171,8 +181,8 @@ class StreamingCNN(nn.Module):
         wants_graph = bool(params) or image_anchor.requires_grad or input_grad_sink is not None
         wants_graph = wants_graph and torch.is_grad_enabled()
         # the sink wants input-gradient blocks top to bottom: the halo backward goes bottom-up
-        program = None if input_grad_sink is not None else self._halo_program(source.shape,
-                                                                                plan)
+        program = None if input_grad_sink is not None else self._halo_program(
+            source.shape, plan, training=wants_graph)
         run = _TileRunner(self.stream, plan, source, input_grad_sink, self.on_tile, program,
                           keep_halos=wants_graph)
         if not wants_graph:
@@ -244,21 +254,24 @@ class StreamingCNN(nn.Module):
         program = self.halo_program(input_shape)
         return 0 if program is None else program.saved_halo_elements()
 
-    def halo_program(self, input_shape: Sequence[int]) -> HaloProgram | None:
-        """The halo engine's schedule for an input of shape (N, C, H, W), planned once per
-        shape; None when the crop engine runs this shape."""
+    def halo_program(self, input_shape: Sequence[int], training: bool = True
+                     ) -> HaloProgram | None:
+        """The halo engine's schedule for an input of shape (N, C, H, W) in a training step
+        (or a forward pass only), planned once per shape; None when the crop engine runs
+        this shape."""
         self._refuse_current_modes()
-        return self._halo_program(input_shape, self.plan(input_shape))
+        return self._halo_program(input_shape, self.plan(input_shape), training)
 
-    def _halo_program(self, shape: Sequence[int], plan: TilePlan) -> HaloProgram | None:
+    def _halo_program(self, shape: Sequence[int], plan: TilePlan, training: bool
+                      ) -> HaloProgram | None:
         """The halo engine's program for this input shape, or None: use the crop engine."""
         if self.engine == "crop":
             return None
-        key = (tuple(shape), self._analysed_flags)
+        key = (tuple(shape), self._analysed_flags, training)
         if key not in self._programs:
             rows = _input_edges(len(plan.rows), plan.input_size[0])
             cols = _input_edges(len(plan.cols), plan.input_size[1])
-            self._programs[key] = HaloProgram.build(self.stream, shape, rows, cols)
+            self._programs[key] = HaloProgram.build(self.stream, shape, rows, cols, training)
         if self.engine == "halo" and self._programs[key] is None:
             raise ValueError("engine='halo' cannot run this stream exactly; use 'auto'")
         return self._programs[key]
@@ -317,11 +330,7 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
 
 def _meta_output_size(stream: nn.Module, chw: tuple[int, ...]) -> tuple[int, int]:
     """Run the stream on the meta device (no memory, no compute) to get its output size."""
-    state = {name: torch.empty_like(t, device="meta")
-             for name, t in [*stream.named_parameters(), *stream.named_buffers()]}
-    image = torch.empty((1, *chw), device="meta", dtype=_module_dtype(stream))
-    with torch.no_grad():
-        out = torch.func.functional_call(stream, state, (image,))
+    out = meta_call(stream, torch.empty((1, *chw), device="meta", dtype=_module_dtype(stream)))
     return int(out.shape[-2]), int(out.shape[-1])
 
 

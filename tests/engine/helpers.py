@@ -24,8 +24,7 @@ def run_with_grads(stream: nn.Module, image: torch.Tensor, weights: torch.Tensor
     leaf = image.detach().clone().requires_grad_(True)
     model = stream
     if tile_size is not None:
-        model = sstream.StreamingCNN(stream, tile_size)
-        model.engine = engine
+        model = sstream.StreamingCNN(stream, tile_size, engine)
     output = model(leaf)
     (output * weights).sum().backward()
     grads = {name: p.grad.detach().clone() for name, p in stream.named_parameters()

@@ -8,6 +8,7 @@ sizes that are multiples of nothing, random tile sizes. Float64, relative error 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -197,6 +198,10 @@ def test_in_place_ops_on_shared_values_fall_back_to_crops():
     image = torch.randn(1, 2, 41, 37, dtype=torch.float64)
     assert sstream.StreamingCNN(stream, 8).engine_for(image.shape) == "crop"
     assert_streaming_exact(stream, image, 8)
+    with pytest.raises(ValueError, match="engine='halo' cannot run this stream"):
+        sstream.StreamingCNN(stream, 8, engine="halo")(image)
+    with pytest.raises(ValueError, match="unknown engine 'halos'; valid: auto, halo, crop"):
+        sstream.StreamingCNN(stream, 8, engine="halos")
 
 
 def test_in_place_ops_on_sole_readers_use_halos():

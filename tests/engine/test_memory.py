@@ -184,9 +184,7 @@ _MEASURE = textwrap.dedent("""
             image = torch.rand(1, 3, side, side)
             logits = model(image)
         else:
-            scnn = StreamingCNN(model.stream, tile)
-            if hasattr(scnn, "engine"):
-                scnn.engine = "crop"  # the engine whose memory the estimate models
+            scnn = StreamingCNN(model.stream, tile, engine="crop")  # as the estimate models
             logits = model.head(scnn(image))
         F.cross_entropy(logits, torch.tensor([1])).backward()
         optimizer.step()

@@ -35,8 +35,7 @@ def test_first_layer_never_sees_the_whole_image(engine):
         largest[0], largest[1] = max(largest[0], height), max(largest[1], width)
 
     stream[0].register_forward_pre_hook(record)
-    scnn = sstream.StreamingCNN(stream, 32)
-    scnn.engine = engine
+    scnn = sstream.StreamingCNN(stream, 32, engine)
     height, width = 150, 131
     assert 2 * 32 + scnn.geometry.receptive_field[0] < min(height, width)
     image = torch.randn(1, 3, height, width, dtype=torch.float64, requires_grad=True)
@@ -201,6 +200,7 @@ def test_halo_engine_computes_every_convolution_output_once():
     image = torch.randn(1, 3, 97, 83, dtype=torch.float64)
     scnn = sstream.StreamingCNN(stream, 24)
     assert scnn.engine_for(image.shape) == "halo" and len(scnn.plan(image.shape)) > 4
+    scnn.halo_program(image.shape, training=False)  # planning runs the stream on meta
     convolution = torch.ops.aten.convolution.default
     with torch.no_grad(), _OpOutputs(convolution) as plain:
         expected = stream(image)
@@ -393,8 +393,9 @@ class _ConvCalls(TorchDispatchMode):
 
 def test_deep_layers_run_on_regions_gathered_from_several_tiles():
     """A stride-16 layer on 64 px tiles has 4-output regions; it waits in the line buffers
-    until 32 outputs (or the image's end) are computable, so it runs twice, not 16 times,
-    and the result stays exact."""
+    until 32 outputs (predict) or 16 (training, where the line buffers are kept for the
+    backward) are computable, or the image's end, so it runs 2 or 4 times, not 16 times,
+    and the results stay exact."""
     torch.manual_seed(0)
     stream = nn.Sequential(
         nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 2, 1), nn.ReLU(),
@@ -402,17 +403,23 @@ def test_deep_layers_run_on_regions_gathered_from_several_tiles():
         nn.Conv2d(4, 3, 3, 1, 1)).double()
     image = torch.randn(1, 3, 40, 1000, dtype=torch.float64)
     scnn = sstream.StreamingCNN(stream, 64)
-    assert scnn.engine_for(image.shape) == "halo"
+    assert scnn.engine_for(image.shape) == "halo" and len(scnn.plan(image.shape)) == 16
     deepest = stream[-1].weight.untyped_storage().data_ptr()
+    scnn.halo_program(image.shape, training=False)  # planning runs the stream on meta
+    with _ConvCalls() as calls, torch.no_grad():
+        predicted = scnn(image)
+    widths = calls.widths[deepest]  # one call may be the probe for the dtype of an empty region
+    assert len(widths) <= 3 and max(widths) >= 32
     with _ConvCalls() as calls:
         out = scnn(image)
-    widths = calls.widths[deepest]  # one call may be the probe for the dtype of an empty region
-    assert len(scnn.plan(image.shape)) == 16 and len(widths) <= 3 and max(widths) >= 32
+    widths = calls.widths[deepest]
+    assert len(widths) <= 5 and 16 <= max(widths) < 32
     out.square().sum().backward()
     streamed = [p.grad.clone() for p in stream.parameters()]
     stream.zero_grad()
     expected = stream(image)
     expected.square().sum().backward()
+    assert relative_error(predicted, expected) < 1e-12
     assert relative_error(out, expected) < 1e-12
     for got, want in zip(streamed, (p.grad for p in stream.parameters())):
         assert relative_error(got, want) < 1e-10
