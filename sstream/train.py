@@ -287,7 +287,10 @@ def tile_for_budget(model: Classifier, image_size: tuple[int, int], budget: str,
         row = largest_fitting_row(estimate, parse_bytes(budget))
         if row is not None:
             return int(row.tile_size[0]), engine
-        smallest = min(smallest, *(r.peak_bytes for r in estimate.rows if r.mode == "streaming"))
+        streaming = [r for r in estimate.rows if r.mode == "streaming"]
+        smallest = min(smallest, *(r.peak_bytes for r in streaming))
+        if all(r.engine == "crop" for r in streaming):
+            break  # "auto" already ran crops everywhere: the crop estimate would repeat it
     raise ValueError(f"no tile fits the memory budget {budget} for {image_size[1]} x "
                      f"{image_size[0]} images (the smallest needs {smallest / 2**30:.2f} "
                      "GiB); raise the budget or stream fewer layers with --stream-layers")

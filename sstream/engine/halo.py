@@ -209,7 +209,7 @@ class HaloProgram:
 
     @staticmethod
     def build(stream: nn.Module, input_shape: Sequence[int], row_edges: list[int],
-              col_edges: list[int], training: bool = False) -> HaloProgram | None:
+              col_edges: list[int], training: bool) -> HaloProgram | None:
         """Plan the halo engine for input (N, C, H, W) and tile edges (input pixels, from 0 to
         H resp. W, strictly increasing), for a forward pass only or for `training` (deep
         layers gathered less: MIN_REGION_TRAINING); None when the stream needs the crop

@@ -69,7 +69,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sstream.engine.geometry import eval_mode
 from sstream.engine.halo import HaloProgram
 from sstream.engine.saving import storage_key
-from sstream.engine.streaming import ENGINES, StreamingCNN
+from sstream.engine.streaming import StreamingCNN, check_engine
 
 __all__ = ["OPTIMIZERS", "MemoryEstimate", "MemoryRow", "estimate_training_memory",
            "largest_fitting_row"]
@@ -415,8 +415,7 @@ def estimate_training_memory(
         UnsupportedModuleError: the stream cannot be streamed (from StreamingCNN).
     """
     dtype = _as_dtype(dtype)
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    check_engine(engine)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     height, width = (int(s) for s in image_size)

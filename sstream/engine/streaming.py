@@ -45,6 +45,13 @@ blocks left to right and together spanning the full width."""
 ENGINES = ("auto", "halo", "crop")
 
 
+def check_engine(engine: str) -> str:
+    """`engine` if it names one of ENGINES, else a one-line ValueError listing them."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    return engine
+
+
 @runtime_checkable
 class ImageSource(Protocol):
     """A lazily read image: anything with a shape (N, C, H, W) and a `read(box)` method.
@@ -108,8 +115,7 @@ class StreamingCNN(nn.Module):
     def __init__(self, stream: nn.Module, tile_size: int | Sequence[int],
                  engine: str = "auto") -> None:
         super().__init__()
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+        self.engine = check_engine(engine)
         self.stream = stream
         self.geometry: StreamGeometry = analyse(stream, in_eval_mode=True)
         requested = _as_tuple(tile_size)
@@ -118,7 +124,6 @@ class StreamingCNN(nn.Module):
         self.on_tile: TileProgress | None = None  # set it to follow long images tile by tile
         self._analysed_flags: tuple[bool, ...] | None = None
         self._output_sizes: dict[tuple[Any, ...], tuple[int, int]] = {}
-        self.engine = engine
         self._programs: dict[Any, HaloProgram | None] = {}
 
     def extra_repr(self) -> str:
