@@ -226,6 +226,40 @@ def test_in_place_ops_on_sole_readers_use_halos():
     assert stream[1].relu.inplace  # the engine restores the module's flag
 
 
+class ScalesItsInput(nn.Module):
+    """Mutates its input in place before the first convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(self.conv(x.mul_(2)))
+
+
+def test_in_place_ops_run_on_copies_of_the_image_and_as_written_elsewhere():
+    """Without autograd the halo engine runs in-place ops in place (as plain PyTorch does),
+    except on the caller's image: tiles that mutate their view of it would leave it half
+    scaled, and an op applied twice where halos overlap would be wrong."""
+    torch.manual_seed(7)
+    stream = ScalesItsInput().double()
+    image = torch.randn(1, 2, 29, 31, dtype=torch.float64)
+    original = image.clone()
+    expected = stream(image.clone())
+    scnn = sstream.StreamingCNN(stream, 8, engine="halo")
+    with torch.no_grad():
+        assert torch.allclose(scnn(image), expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(image, original)
+    weights = torch.randn(expected.shape, dtype=image.dtype)
+    (weights * stream(image.clone())).sum().backward()
+    expected_grads = [p.grad.clone() for p in stream.parameters()]
+    stream.zero_grad()
+    (weights * scnn(image)).sum().backward()
+    assert torch.equal(image, original)
+    for grad, want in zip((p.grad for p in stream.parameters()), expected_grads, strict=True):
+        assert torch.allclose(grad, want, rtol=1e-10, atol=1e-12)
+
+
 def test_padding_as_large_as_the_kernel_uses_crops_exactly():
     """Found by the hypothesis hunt: outputs that see only padding crashed the halo engine."""
     torch.manual_seed(6)
