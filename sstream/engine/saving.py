@@ -37,6 +37,7 @@ class GradientSum:
         self.params = params
         self.sums: list[torch.Tensor | None] = [None] * len(params)
         self._owned: set[int] = set()
+        self._zeros: dict[int, torch.Tensor] = {}  # what autograd gets instead, per parameter
 
     @contextmanager
     def collecting(self) -> Iterator[None]:
@@ -57,7 +58,9 @@ class GradientSum:
         else:
             self.sums[i] = total + grad
             self._owned.add(i)
-        return grad.new_zeros(()).expand_as(grad)
+        if i not in self._zeros:
+            self._zeros[i] = grad.new_zeros(()).expand_as(grad)
+        return self._zeros[i]
 
 
 class AutocastState:
@@ -74,9 +77,18 @@ class AutocastState:
             self.enabled, self.dtype = False, None
 
     def __call__(self) -> AbstractContextManager[Any]:
-        if self.dtype is None:
+        """Enter this state; nothing to do where it is in force already (a tile's re-run on
+        the CPU: making a torch.autocast costs more than recomputing a small value)."""
+        if self.dtype is None or self == AutocastState(torch.device(self.device)):
             return nullcontext()
         return torch.autocast(self.device, self.dtype, enabled=self.enabled)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AutocastState) and (self.device, self.enabled, self.dtype) \
+            == (other.device, other.enabled, other.dtype)
+
+    def __hash__(self) -> int:
+        return hash((self.device, self.enabled, self.dtype))
 
 
 class _Recipe:
@@ -88,11 +100,12 @@ class _Recipe:
     own later turn can set the peak)."""
 
     def __init__(self, call: Callable[[Any, Any], Any], args: Any, kwargs: Any,
-                 value: torch.Tensor, depth: int, hold: bool) -> None:
+                 value: torch.Tensor, depth: int, hold: bool, autocast: AutocastState) -> None:
         self.call, self.args, self.kwargs, self.depth = call, args, kwargs, depth
         self.hold = hold
-        self.autocast = AutocastState(value.device)
+        self.autocast = autocast
         self.layout = _layout(value)
+        self.source = weakref.ref(value)  # the noted tensor, while it lives
         self.pending = 0  # saved references the backward has not unpacked yet
         self._value: torch.Tensor | None = None
 
@@ -163,6 +176,7 @@ class Recipes:
     def __init__(self) -> None:
         self._by_storage: dict[int, _Recipe] = {}
         self._recent: list[_Saved] = []
+        self._autocast: dict[torch.device, AutocastState] = {}  # in force when noted
 
     def note(self, value: Any, call: Callable[[Any, Any], Any], args: Any, kwargs: Any,
              hold: bool = True) -> None:
@@ -186,7 +200,9 @@ class Recipes:
         operands: list[torch.Tensor] = []
         map_aggregate((args, kwargs),
                       lambda a: operands.append(a) if isinstance(a, torch.Tensor) else None)
-        if key in self._by_storage or any(storage_key(t) == key for t in operands):
+        noted = self._by_storage.get(key)
+        if (noted is not None and noted.source() is not None) or \
+                any(storage_key(t) == key for t in operands):
             return None  # the op returned (a view of) an operand: nothing to save
         depth = 1 + max((r.depth for r in map(self._recipe_of, operands) if r is not None),
                         default=0)
@@ -197,15 +213,22 @@ class Recipes:
             recipe = self._recipe_of(item) if isinstance(item, torch.Tensor) else None
             return item if recipe is None else _View(recipe, item)
 
+        if value.device not in self._autocast:
+            self._autocast[value.device] = AutocastState(value.device)
         recipe = _Recipe(call, map_aggregate(args, as_operand),
-                         map_aggregate(kwargs, as_operand), value, depth, hold)
+                         map_aggregate(kwargs, as_operand), value, depth, hold,
+                         self._autocast[value.device])
         self._by_storage[key] = recipe
-        weakref.finalize(value, self._by_storage.pop, key, None)
         return recipe
 
     def _recipe_of(self, tensor: torch.Tensor) -> _Recipe | None:
+        """The recipe of the value `tensor` is (a view of), if that value still lives: once
+        it is gone, its storage key may name another tensor's storage."""
         recipe = self._by_storage.get(storage_key(tensor)) if tensor.numel() else None
         if recipe is None or (tensor.dtype, tensor.device) != recipe.layout[3:]:
+            return None
+        if recipe.source() is None:
+            del self._by_storage[storage_key(tensor)]
             return None
         return recipe
 

@@ -279,3 +279,26 @@ def test_border_outputs_that_see_only_padding_get_a_crop_valid_for_every_layer()
                            nn.Conv2d(1, 1, 3, dilation=2, bias=False),
                            nn.Conv2d(1, 1, 1, padding=2, bias=False)).double()
     assert_streaming_exact(stream, torch.randn(1, 2, 5, 5, dtype=torch.float64), 1)
+
+
+def test_cpu_autocast_is_kept_by_the_recomputed_values():
+    """The backward re-runs tiles and recomputes saved values under the forward's autocast
+    state, also when `backward()` is called outside the autocast region (as recommended):
+    a value recomputed in float32 would have another layout than in the forward pass."""
+    torch.manual_seed(8)
+    stream = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                           nn.Conv2d(4, 4, 3, 2, 1), nn.ReLU()).eval()
+    image = torch.randn(1, 3, 40, 36)
+    weights = torch.randn(1, 4, 20, 18)
+    results = []
+    for model in (stream, sstream.StreamingCNN(stream, 16, engine="halo")):
+        stream.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            output = model(image)
+        (output.float() * weights).sum().backward()
+        results.append((output, [p.grad.clone() for p in stream.parameters()]))
+    (plain, plain_grads), (streamed, streamed_grads) = results
+    assert plain.dtype == streamed.dtype == torch.bfloat16
+    assert torch.allclose(streamed.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    for grad, want in zip(streamed_grads, plain_grads, strict=True):
+        assert torch.allclose(grad, want, rtol=5e-2, atol=5e-2)
