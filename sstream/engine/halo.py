@@ -857,6 +857,13 @@ def _exact_conv(entry: _Node, block: _Block, src: _Node, region: Box,
     conv = entry.module
     assert isinstance(conv, nn.Conv2d)
     reads = _conv_reads(entry.axes, region)
+    (ya, yb), (xa, xb) = reads
+    if conv.stride != (1, 1) and all(e == 1 and p == 0 for e, _, p in entry.axes):
+        # a strided 1x1 convolution (ResNet's downsample) samples every s-th pixel: the
+        # crop of those is 1/s^2 of the copy the convolution makes of a non-contiguous crop
+        (_, sy, _), (_, sx, _) = entry.axes
+        return block.part(src.dims, ya, yb, xa, xb)[..., ::sy, ::sx], functools.partial(
+            _sampled_conv, conv)
     spans = [_padded_span(first, last, full, extent, stride)
              for (first, last), full, (extent, stride, _) in zip(reads, src.size, entry.axes)]
     if None in spans:
@@ -870,6 +877,11 @@ def _exact_conv(entry: _Node, block: _Block, src: _Node, region: Box,
     keep = (dy, dy + region[1] - region[0], dx, dx + region[3] - region[2])
     return block.part(src.dims, ya, yb, xa, xb), functools.partial(
         _padded_conv, conv, (qy, qx), keep)
+
+
+def _sampled_conv(conv: nn.Conv2d, args: Any, kwargs: Any) -> torch.Tensor:
+    """A 1x1 convolution without padding run with stride 1 on the pixels it samples."""
+    return F.conv2d(args[0], conv.weight, conv.bias, 1, 0, 1, conv.groups)
 
 
 def _padded_conv(conv: nn.Conv2d, padding: tuple[int, int], keep: Box, args: Any,

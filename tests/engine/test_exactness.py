@@ -302,3 +302,20 @@ def test_cpu_autocast_is_kept_by_the_recomputed_values():
     assert torch.allclose(streamed.float(), plain.float(), rtol=2e-2, atol=2e-2)
     for grad, want in zip(streamed_grads, plain_grads, strict=True):
         assert torch.allclose(grad, want, rtol=5e-2, atol=5e-2)
+
+
+def test_strided_pointwise_convolutions_sample_their_crop_exactly(monkeypatch):
+    """A strided 1x1 convolution without padding (ResNet's downsample) runs with stride 1 on
+    every s-th pixel of its crop; anisotropic strides and crops at odd offsets included."""
+    import sstream.engine.halo as halo
+
+    calls = []
+    sampled = halo._sampled_conv
+    monkeypatch.setattr(halo, "_sampled_conv", lambda *args: calls.append(1) or sampled(*args))
+    torch.manual_seed(9)
+    stream = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),
+                           nn.Conv2d(3, 4, 1, stride=(2, 3)), nn.ReLU(),
+                           nn.Conv2d(4, 2, 3, padding=1)).double()
+    assert_streaming_exact(stream, torch.randn(1, 2, 47, 53, dtype=torch.float64), 9,
+                           engine="halo")
+    assert calls
