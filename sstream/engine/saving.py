@@ -105,7 +105,6 @@ class _Recipe:
         self.hold = hold
         self.autocast = autocast
         self.layout = _layout(value)
-        self.source = weakref.ref(value)  # the noted tensor, while it lives
         self.pending = 0  # saved references the backward has not unpacked yet
         self._value: torch.Tensor | None = None
 
@@ -200,9 +199,7 @@ class Recipes:
         operands: list[torch.Tensor] = []
         map_aggregate((args, kwargs),
                       lambda a: operands.append(a) if isinstance(a, torch.Tensor) else None)
-        noted = self._by_storage.get(key)
-        if (noted is not None and noted.source() is not None) or \
-                any(storage_key(t) == key for t in operands):
+        if key in self._by_storage or any(storage_key(t) == key for t in operands):
             return None  # the op returned (a view of) an operand: nothing to save
         depth = 1 + max((r.depth for r in map(self._recipe_of, operands) if r is not None),
                         default=0)
@@ -219,16 +216,14 @@ class Recipes:
                          map_aggregate(kwargs, as_operand), value, depth, hold,
                          self._autocast[value.device])
         self._by_storage[key] = recipe
+        # forgotten when the value dies: its storage key may then name another storage, and
+        # the recipe would keep its operands (a tile's regions) alive
+        weakref.finalize(value, self._by_storage.pop, key, None)
         return recipe
 
     def _recipe_of(self, tensor: torch.Tensor) -> _Recipe | None:
-        """The recipe of the value `tensor` is (a view of), if that value still lives: once
-        it is gone, its storage key may name another tensor's storage."""
         recipe = self._by_storage.get(storage_key(tensor)) if tensor.numel() else None
         if recipe is None or (tensor.dtype, tensor.device) != recipe.layout[3:]:
-            return None
-        if recipe.source() is None:
-            del self._by_storage[storage_key(tensor)]
             return None
         return recipe
 

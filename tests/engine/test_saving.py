@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import sstream
 from sstream.engine.memory import LiveBytes
+from sstream.engine.saving import Recipes
 from tests.conftest import relative_error
 
 
@@ -90,3 +94,28 @@ def test_backward_frees_the_kept_strips_as_it_goes():
     assert backward[-1] < backward[0] - strips / 2, (backward, strips)
     with pytest.raises(RuntimeError, match="back-propagated before"):
         loss.backward()
+
+
+def test_recipes_forget_a_value_once_it_dies():
+    """A recipe holds its operands. Once the value it recomputes is gone (and no saved tensor
+    refers to it), the recipe and its operands must go too, or a tile's regions stay alive
+    through its whole backward (ResNet-18 at 1024 px, tile 256: 109 -> 199 MB)."""
+    recipes = Recipes()
+    operand = torch.randn(8, 8)
+    value = operand * 2
+    recipes.note(value, lambda args, kwargs: args[0] * 2, (operand,), {})
+    operand_alive = weakref.ref(operand)
+    del operand, value
+    assert operand_alive() is None
+
+
+def test_resnet18_step_keeps_a_fraction_of_plain_memory():
+    """ResNet-18 (float32) at 384 px with 4 x 4 tiles: the peak of a streamed step stays
+    below 2/3 of plain PyTorch's, parameter gradients included (measured 1/1.65; keeping
+    recipes of dead values alive gave 1/1.28). Exactness is checked in test_trunks."""
+    torch.manual_seed(0)
+    stream = nn.Sequential(*list(torchvision.models.resnet18().children())[:-2]).eval()
+    image = torch.rand(1, 3, 384, 384)
+    plain, _ = step_peak(stream, image, None)
+    streamed, _ = step_peak(stream, image, 96)
+    assert streamed < plain / 1.5, (streamed / 2**20, plain / 2**20)
