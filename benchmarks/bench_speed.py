@@ -90,17 +90,24 @@ def paired(plain: Callable[[], None], streamed: Callable[[], None], reps: int,
             statistics.median(s / p for p, s in times))
 
 
+def _in_subprocess(call: str) -> list[float]:
+    """The numbers `benchmarks.bench_speed.<call>` prints on its last line, run in a fresh
+    process: the heap a long benchmark leaves behind changes how fast small steps run
+    (the per-tile ratios came out twice as high after the big rows as alone)."""
+    out = subprocess.run([sys.executable, "-c", f"import benchmarks.bench_speed as b; b.{call}"],
+                         capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, check=True)
+    return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
+
+
 def peak_memory_mb(name: str, size: int, tile: int | None) -> float:
     """Peak memory of one training step, measured in a fresh subprocess."""
-    code = (f"import benchmarks.bench_speed as b; b._measure_peak({name!r}, {size}, {tile})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return _in_subprocess(f"_measure_peak({name!r}, {size}, {tile})")[0]
 
 
 def _measure_peak(name: str, size: int, tile: int | None) -> None:
     """(In the subprocess.) Print the peak MB that one training step allocates."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     stream, head = build(name, device)
     image = torch.rand(1, 3, size, size, device=device)
     trunk: nn.Module = stream
@@ -158,6 +165,11 @@ def per_tile_overhead(tile: int, reps: int, device: torch.device) -> tuple[float
     return ratio, floor, len(StreamingCNN(stream, tile).plan(image.shape))
 
 
+def _measure_per_tile(tile: int, reps: int) -> None:
+    """(In the subprocess.) Print per_tile_overhead's numbers."""
+    print(*per_tile_overhead(tile, reps, _device()))
+
+
 def _row(name: str, size: int, tile: int, reps: int, device: torch.device) -> list:
     stream, head = build(name, device)
     image = torch.rand(1, 3, size, size, device=device)
@@ -177,16 +189,20 @@ def _row(name: str, size: int, tile: int, reps: int, device: torch.device) -> li
             round(predict_ratio, 2), round(planning, 2)]
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run(quick: bool = False) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     reps = 3 if quick else 5
     rows, notes = [], []
     for name, size, tiles in QUICK if quick else FULL:
         rows += [_row(name, size, tile, reps, device) for tile in tiles]
     overheads = []
     for tile in (32, 64, 128):
-        overhead, floor, tiles = per_tile_overhead(tile, reps, device)
-        overheads.append(f"{tiles} tiles of {tile} px: {overhead:.2f}x (hand-written tile "
+        overhead, floor, tiles = _in_subprocess(f"_measure_per_tile({tile}, {reps})")
+        overheads.append(f"{tiles:.0f} tiles of {tile} px: {overhead:.2f}x (hand-written tile "
                          f"loop: {floor:.2f}x)")
     notes.append("per-tile overhead (training step of a 1x1-conv stream on a 1024 px image, "
                  "many tiles vs one tile of the same work; the hand-written loop is PyTorch's "
