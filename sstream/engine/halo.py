@@ -183,7 +183,7 @@ class HaloProgram:
         self.release_after: list[list[fx.Node]] = [[] for _ in nodes]
         for node, i in last_use.items():
             self.release_after[i].append(node)
-        # dtype a window module gives, per (node, input dtype, device, autocast state): found
+        # dtype a window module gives, per (node, input dtype, autocast state): found
         # by running it once on a probe (a slow 3x3 convolution off oneDNN, once per run
         # before this was kept with the program: 1% of a predict at 1024 px, tile 256)
         self.empty_dtypes: dict[tuple[Any, ...], torch.dtype] = {}
@@ -624,8 +624,7 @@ class HaloRun:
 
     def _empty(self, entry: _Node, like: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """An empty region of the dtype the module gives (autocast may change it)."""
-        autocast = AutocastState(like.device)
-        key = (entry.node, like.dtype, like.device, autocast.enabled, autocast.dtype)
+        key = (entry.node, like.dtype, AutocastState(like.device))
         dtypes = self.program.empty_dtypes
         if key not in dtypes:
             (ey, _, _), (ex, _, _) = entry.axes
@@ -857,11 +856,10 @@ def _exact_conv(entry: _Node, block: _Block, src: _Node, region: Box,
     conv = entry.module
     assert isinstance(conv, nn.Conv2d)
     reads = _conv_reads(entry.axes, region)
-    (ya, yb), (xa, xb) = reads
     if conv.stride != (1, 1) and all(e == 1 and p == 0 for e, _, p in entry.axes):
         # a strided 1x1 convolution (ResNet's downsample) samples every s-th pixel: the
         # crop of those is 1/s^2 of the copy the convolution makes of a non-contiguous crop
-        (_, sy, _), (_, sx, _) = entry.axes
+        ((ya, yb), (xa, xb)), ((_, sy, _), (_, sx, _)) = reads, entry.axes
         return block.part(src.dims, ya, yb, xa, xb)[..., ::sy, ::sx], functools.partial(
             _sampled_conv, conv)
     spans = [_padded_span(first, last, full, extent, stride)
