@@ -41,7 +41,8 @@ So the stream's forward runs twice (no-grad pass, re-run) and its backward once,
 output exactly once (plus, for pooling layers, ceil(p/s) outputs per interior tile edge).
 During the re-run, cheap per-pixel values (BatchNorm, activations, sums) are saved as recipes
 and recomputed in the backward (saving.py), so a layer keeps its convolution output only;
-convolutions that read the image (which the tile keeps anyway) are recomputed too.
+convolutions that read the image (which the tile keeps anyway) are recomputed too. Both only
+where a tile's values are large enough, against the feature map, to be worth the time.
 
 Graphs this engine cannot run exactly (in-place ops on values that have other readers,
 operands of different spatial sizes, padding as large as a kernel's extent, whose outputs see
@@ -55,6 +56,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +189,7 @@ class HaloProgram:
         # by running it once on a probe (a slow 3x3 convolution off oneDNN, once per run
         # before this was kept with the program: 1% of a predict at 1024 px, tile 256)
         self.empty_dtypes: dict[tuple[Any, ...], torch.dtype] = {}
+        self.recomputes = False  # whether a tile's backward recomputes any value
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -232,11 +235,12 @@ class HaloProgram:
             if entry is None:
                 return None
             nodes.append(entry)
-        _mark_recomputed(nodes)
         program = HaloProgram(nodes, (list(row_edges), list(col_edges)),
                               MIN_REGION_TRAINING if training else MIN_REGION_PREDICT)
         if not program._schedule():
             return None
+        _mark_recomputed(nodes, program.result)
+        program.recomputes = any(n.recompute for n in nodes)
         return program
 
     def _schedule(self) -> bool:
@@ -357,21 +361,37 @@ def _cheap(node: fx.Node, root: nn.Module) -> bool:
     return type(module).__module__ in _CHEAP_MODULES
 
 
-def _mark_recomputed(nodes: list[_Node]) -> None:
-    """Convolutions whose outputs a tile's backward recomputes instead of keeping: those that
-    read the image, or cheap per-pixel values of it, which the tile keeps anyway (a ResNet
-    stem's output is its largest activation, and recomputing it costs one of its smallest
-    convolutions). Deeper layers are not recomputed: a value recomputed in the middle of the
-    backward brings back every value it is computed from while the layers after it still
-    hold theirs (recomputing ResNet's max pool raised the peak instead of lowering it)."""
+def _mark_recomputed(nodes: list[_Node], result: _Node) -> None:
+    """Values a tile's backward recomputes instead of keeping, where that saves at least
+    1/16 of the feature map (less is under 3% of a peak that holds the feature map and its
+    gradient, and costs time per tile: a 1x1 stream in 64 px tiles spent a third of its step
+    recomputing). Cheap per-pixel values are recomputed if, together, one tile's of them are
+    that large. So are the outputs of convolutions that read the image, or cheap per-pixel
+    values of it, which the tile keeps anyway (a ResNet stem's output is its largest
+    activation, and recomputing it costs one of its smallest convolutions), each if its own
+    tile output is that large. Deeper layers are not recomputed: a value recomputed in the
+    middle of the backward brings back every value it is computed from while the layers
+    after it still hold theirs (recomputing ResNet's max pool raised the peak instead of
+    lowering it)."""
+    worth = result.per_pixel * result.size[0] * result.size[1] / 16
+    if sum(_largest_region(e) for e in nodes if e.kind == "pointwise" and e.recompute) < worth:
+        for entry in nodes:
+            entry.recompute = False
     from_image: set[fx.Node] = set()
     for entry in nodes:
         if entry.kind == "window":
             entry.recompute = isinstance(entry.module, nn.Conv2d) and \
-                entry.sources[0] in from_image
+                entry.sources[0] in from_image and _largest_region(entry) >= worth
         if entry.kind == "input" or (entry.kind == "pointwise" and entry.recompute and all(
                 s in from_image for s in entry.sources)):
             from_image.add(entry.node)
+
+
+def _largest_region(entry: _Node) -> int:
+    """Elements of the node's largest region (one tile's output of it)."""
+    def span(schedule: list[int]) -> int:
+        return max(b - a for a, b in zip(schedule, schedule[1:]))
+    return entry.per_pixel * span(entry.rows) * span(entry.cols)
 
 
 def _out_of_place(node: fx.Node, root: nn.Module) -> Callable[..., Any] | None:
@@ -770,8 +790,9 @@ class HaloRun:
                             grads.append(_narrow2(grad_next_top[entry.node], entry.dims, 0,
                                                   ey1 - ty0, ex0, ex1))
 
-                    recipes = Recipes()  # per-pixel values saved as how to recompute them
-                    with torch.enable_grad(), recipes.hooks():
+                    # values saved as how to recompute them
+                    recipes = Recipes() if program.recomputes else None
+                    with torch.enable_grad(), recipes.hooks() if recipes else nullcontext():
                         out = self._tile(row, col, top, left, collect, input_region=crop,
                                          recipes=recipes)
                     oy0, oy1 = result.rows[row], result.rows[row + 1]

@@ -119,3 +119,30 @@ def test_resnet18_step_keeps_a_fraction_of_plain_memory():
     plain, _ = step_peak(stream, image, None)
     streamed, _ = step_peak(stream, image, 96)
     assert streamed < plain / 1.5, (streamed / 2**20, plain / 2**20)
+
+
+@pytest.mark.parametrize("tile, convolutions_per_tile", [(128, 3), (16, 2)])
+def test_recomputation_is_left_out_where_it_saves_little(monkeypatch, tile,
+                                                          convolutions_per_tile):
+    """A tile's backward recomputes values only where that saves at least 1/16 of the
+    feature map. A 1x1 convolution and ReLU: in one tile the tile's values are twice the
+    feature map, and the backward recomputes the convolution (forward, re-run, recompute: 3
+    per tile); in 16 px tiles each holds 1/64 of it, and recomputing would only cost time (2
+    per tile). The gradients are exact either way."""
+    torch.manual_seed(0)
+    stream = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU()).double()
+    image = torch.randn(1, 3, 128, 128, dtype=torch.float64, requires_grad=True)
+    stream(image).square().sum().backward()
+    expected = [image.grad, *(p.grad for p in stream.parameters())]
+    image.grad = None
+    stream.zero_grad(set_to_none=True)
+    scnn = sstream.StreamingCNN(stream, tile)
+    assert scnn.engine_for(image.shape) == "halo"
+    calls = []
+    convolution = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d",
+                        lambda *args, **kwargs: calls.append(1) or convolution(*args, **kwargs))
+    scnn(image).square().sum().backward()
+    assert len(calls) == convolutions_per_tile * (128 // tile) ** 2
+    for got, want in zip([image.grad, *(p.grad for p in stream.parameters())], expected):
+        assert relative_error(got, want) < 1e-10
