@@ -129,6 +129,13 @@ class _Node:
         return bool(self.up or self.left) and not self.derived
 
 
+def _thin_halo(entry: _Node) -> bool:
+    """Whether the node's halo is at most a quarter of its smallest region, per axis."""
+    def smallest(schedule: list[int]) -> int:
+        return min((b - a for a, b in zip(schedule, schedule[1:]) if b > a), default=0)
+    return 4 * entry.up <= smallest(entry.rows) and 4 * entry.left <= smallest(entry.cols)
+
+
 def _window_start(region0: int, stride: int, pad: int) -> int:
     """First input row of the crop computing outputs from `region0` (a multiple of stride)."""
     return max(0, (region0 - -(-pad // stride)) * stride)
@@ -143,12 +150,15 @@ def _window_schedule(avail: int, full_in: int, full_out: int, axis: tuple[int, i
     return max(0, min(full_out, (avail + pad - extent) // stride + 1))
 
 
-# Outputs per axis a gathered region spans. Predict: 16 and 64 were slower on ResNet-18
-# (1024 px, tile 256). Training keeps every line-buffer row for the backward, once per tile
-# row, so gathering costs memory there: 16 halves the kept strips of ResNet-18 at 2048 px,
-# tile 256 (201 -> 106 MiB) and ResNet-34 at 8192 px, tile 512 (1751 -> 1154 MiB); a step
-# took 2% longer at tile 512 and 8% at 1024 px, tile 256.
-MIN_REGION_PREDICT = 32
+# Outputs per axis a gathered region spans. Predict: ResNet-18 with tile 256 took 1.14x /
+# 1.13x plain at 1024 / 2048 px with 32, 1.11x / 1.08x with 64, 1.05x / 1.04x with 96 (from
+# layer1 on, regions then span 2 x 2 tiles). Its peak grows with the line buffers (2048 px:
+# 59, 120, 159 MiB) and stays below a training step's at the same tile (204 MiB) and a third
+# of plain PyTorch's forward (512 MiB). Training keeps every line-buffer row for the
+# backward, once per tile row, so gathering costs memory there: 16 halves the kept strips
+# of ResNet-18 at 2048 px, tile 256 (201 -> 106 MiB) and ResNet-34 at 8192 px, tile 512
+# (1751 -> 1154 MiB); a step took 2% longer at tile 512 and 8% at 1024 px, tile 256.
+MIN_REGION_PREDICT = 96
 MIN_REGION_TRAINING = 16
 
 
@@ -170,9 +180,10 @@ class HaloProgram:
     """The halo schedule of one stream for one input size; `None` from `build` if unsupported."""
 
     def __init__(self, nodes: list[_Node], edges: tuple[list[int], list[int]],
-                 min_region: int) -> None:
+                 training: bool) -> None:
         self.nodes = nodes
-        self.min_region = min_region
+        self.training = training
+        self.min_region = MIN_REGION_TRAINING if training else MIN_REGION_PREDICT
         self.by_fx = {n.node: n for n in nodes}
         self.edges = edges
         self.output = next(n for n in nodes if n.kind == "output")
@@ -235,8 +246,7 @@ class HaloProgram:
             if entry is None:
                 return None
             nodes.append(entry)
-        program = HaloProgram(nodes, (list(row_edges), list(col_edges)),
-                              MIN_REGION_TRAINING if training else MIN_REGION_PREDICT)
+        program = HaloProgram(nodes, (list(row_edges), list(col_edges)), training)
         if not program._schedule():
             return None
         _mark_recomputed(nodes, program.result)
@@ -292,11 +302,15 @@ class HaloProgram:
         # included: a few rows of cheap per-pixel work) from its inputs' blocks instead of
         # keeping its own halo; halos then live only at window-op outputs, and autograd keeps
         # one block per layer instead of a region plus a block (as plain PyTorch would).
+        # Without autograd nothing is kept, so there only where the halo is a few rows: the
+        # source of a gathered consumer holds up to `min_region` rows, and recomputing them
+        # for every tile cost 3% of a ResNet-18 predict.
         for entry in reversed(self.nodes):
             if entry.kind != "pointwise" or not (entry.up or entry.left):
                 continue
             sources = [self.by_fx[s] for s in entry.sources]
-            if all(src.rows == entry.rows and src.cols == entry.cols for src in sources):
+            if all(src.rows == entry.rows and src.cols == entry.cols for src in sources) and \
+                    (self.training or _thin_halo(entry)):
                 entry.derived = True
                 for src in sources:
                     src.up, src.left = max(src.up, entry.up), max(src.left, entry.left)
