@@ -5,13 +5,14 @@ backward (no optimizer step: it costs the same in both). Plain and streaming ste
 (warm-up first, then `reps` pairs) and the ratio is taken pair by pair, then the median: on a
 shared machine absolute seconds drift, ratios measured side by side hold. The StreamingCNN is
 made and planned once per row, as `sstream train` and `predict` do (plans are cached per
-image shape); `planning s` is that one-time cost. Peak memory of each is measured in a fresh
-subprocess running one step (CPU: peak bytes of live tensors, CUDA: max_memory_allocated),
-so that neither run inflates the other's number.
+image shape); `planning s` is that one-time cost. Columns add forward-only (predict) ratios
+against plain `torch.no_grad()`, and the peak memory of one step of each (CPU: peak bytes
+of live tensors, CUDA: max_memory_allocated). Notes give the per-tile overhead of a 1x1-conv
+stream (many small tiles against the same work in one tile).
 
-Columns add forward-only (predict) ratios against plain `torch.no_grad()`, measured in a
-fresh process that only predicts (`predict_ratio`); notes the per-tile overhead of a
-1x1-conv stream (many small tiles against the same work in one tile).
+Every measurement runs in a fresh subprocess (`_in_subprocess`): what a process ran before
+changes the numbers (the heap it leaves), so one row's result must not depend on the rows
+before it, and neither memory peak may inflate the other.
 
 Standalone: `python benchmarks/bench_speed.py [--quick]` (prints JSON).
 """
@@ -93,8 +94,8 @@ def paired(plain: Callable[[], None], streamed: Callable[[], None], reps: int,
 
 def _in_subprocess(call: str) -> list[float]:
     """The numbers `benchmarks.bench_speed.<call>` prints on its last line, run in a fresh
-    process: the heap a long benchmark leaves behind changes how fast small steps run
-    (the per-tile ratios came out twice as high after the big rows as alone)."""
+    process: the heap a long benchmark leaves behind changes how fast steps run (the
+    per-tile ratios came out twice as high after the big rows as alone)."""
     out = subprocess.run([sys.executable, "-c", f"import benchmarks.bench_speed as b; b.{call}"],
                          capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent, check=True)
@@ -166,12 +167,13 @@ def per_tile_overhead(tile: int, reps: int, device: torch.device) -> tuple[float
     return ratio, floor, len(StreamingCNN(stream, tile).plan(image.shape))
 
 
-def _measure_per_tile(tile: int, reps: int) -> None:
-    """(In the subprocess.) Print per_tile_overhead's numbers."""
-    print(*per_tile_overhead(tile, reps, _device()))
-
-
-def _row(name: str, size: int, tile: int, reps: int, device: torch.device) -> list:
+def training_steps(name: str, size: int, tile: int, reps: int, device: torch.device,
+                   ) -> tuple[float, float, float, float]:
+    """(plain s, streamed s, their ratio, planning s) of a training step, the StreamingCNN
+    made and planned once (the halo programs of training and predict) as `sstream train`
+    does. Run it in a fresh process: after the big rows of a benchmark, a process's heap
+    made plain steps faster and streamed ones slower (tiny at 1024 px, tile 256: 2.23x
+    there, 1.6-1.7x alone, for the same code)."""
     stream, head = build(name, device)
     image = torch.rand(1, 3, size, size, device=device)
     scnn = StreamingCNN(stream, tile)
@@ -180,13 +182,8 @@ def _row(name: str, size: int, tile: int, reps: int, device: torch.device) -> li
     scnn.engine_for(image.shape)  # the halo programs too: planned once per image shape
     scnn.halo_program(image.shape, training=False)
     planning = time.perf_counter() - began
-    plain_s, stream_s, ratio = paired(lambda: training_step(stream, head, image),
-                                      lambda: training_step(scnn, head, image), reps, device)
-    predict_ratio = _in_subprocess(f"_measure_predict({name!r}, {size}, {tile}, {reps})")[0]
-    plain_mb, stream_mb = peak_memory_mb(name, size, None), peak_memory_mb(name, size, tile)
-    return [name, size, tile, round(plain_s, 3), round(stream_s, 3), round(ratio, 2),
-            round(plain_mb), round(stream_mb), round(plain_mb / max(stream_mb, 1e-9), 1),
-            round(predict_ratio, 2), round(planning, 2)]
+    return (*paired(lambda: training_step(stream, head, image),
+                    lambda: training_step(scnn, head, image), reps, device), planning)
 
 
 def predict_ratio(name: str, size: int, tile: int, reps: int, device: torch.device) -> float:
@@ -202,9 +199,22 @@ def predict_ratio(name: str, size: int, tile: int, reps: int, device: torch.devi
     return paired(lambda: predict(stream, image), lambda: predict(scnn, image), reps, device)[2]
 
 
-def _measure_predict(name: str, size: int, tile: int, reps: int) -> None:
-    """(In the subprocess.) Print predict_ratio."""
-    print(predict_ratio(name, size, tile, reps, _device()))
+def _measure(what: str, *args: object) -> None:
+    """(In the subprocess.) Print the numbers of `what` (a function of this module) for
+    `args` and the device."""
+    result = globals()[what](*args, _device())
+    print(*(result if isinstance(result, tuple) else (result,)))
+
+
+def _row(name: str, size: int, tile: int, reps: int) -> list:
+    """One table row, each measurement in a fresh process."""
+    call = f"_measure({{!r}}, {name!r}, {size}, {tile}, {reps})"
+    plain_s, stream_s, ratio, planning = _in_subprocess(call.format("training_steps"))
+    predicted = _in_subprocess(call.format("predict_ratio"))[0]
+    plain_mb, stream_mb = peak_memory_mb(name, size, None), peak_memory_mb(name, size, tile)
+    return [name, size, tile, round(plain_s, 3), round(stream_s, 3), round(ratio, 2),
+            round(plain_mb), round(stream_mb), round(plain_mb / max(stream_mb, 1e-9), 1),
+            round(predicted, 2), round(planning, 2)]
 
 
 def _device() -> torch.device:
@@ -216,10 +226,10 @@ def run(quick: bool = False) -> dict:
     reps = 3 if quick else 5
     rows, notes = [], []
     for name, size, tiles in QUICK if quick else FULL:
-        rows += [_row(name, size, tile, reps, device) for tile in tiles]
+        rows += [_row(name, size, tile, reps) for tile in tiles]
     overheads = []
     for tile in (32, 64, 128):
-        overhead, floor, tiles = _in_subprocess(f"_measure_per_tile({tile}, {reps})")
+        overhead, floor, tiles = _in_subprocess(f"_measure('per_tile_overhead', {tile}, {reps})")
         overheads.append(f"{tiles:.0f} tiles of {tile} px: {overhead:.2f}x (hand-written tile "
                          f"loop: {floor:.2f}x)")
     notes.append("per-tile overhead (training step of a 1x1-conv stream on a 1024 px image, "

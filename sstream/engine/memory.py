@@ -451,7 +451,7 @@ def estimate_training_memory(
             raise ValueError(f"image {width}x{height} is too small for this model "
                              f"({str(exc).splitlines()[0]})") from None
         conv = _conventional_trace(meta_stream, meta_head, image)
-        grad_fix = meta_stream.grad_fix(itemsize) + meta_head.grad_fix(itemsize)
+        grad_fix = _grad_fix(meta_stream, meta_head, itemsize)
         conv_peak = max(base + image.numel() * itemsize + conv.peak + grad_fix, step_phase)
         rows = [MemoryRow("conventional", None, param_bytes, grad_bytes, optimizer_bytes,
                           conv.saved, 0, 0, conv_peak)]
@@ -466,6 +466,11 @@ def estimate_training_memory(
                 rows.append(_crop_row(common, scnn, shape))
     return MemoryEstimate((height, width), batch, channels, str(dtype).removeprefix("torch."),
                           optimizer, tuple(common.fmap.shape), rows)  # type: ignore[arg-type]
+
+
+def _grad_fix(stream: _MetaModule, head: _MetaModule, itemsize: int) -> int:
+    """Gradient bytes a trace counts in dtype that are float32 under mixed precision."""
+    return stream.grad_fix(itemsize) + head.grad_fix(itemsize)
 
 
 @dataclass
@@ -490,8 +495,7 @@ class _Common:
 
     @property
     def grad_fix(self) -> int:
-        """Gradient bytes a trace counts in dtype that are float32 under mixed precision."""
-        return self.stream.grad_fix(self.itemsize) + self.head.grad_fix(self.itemsize)
+        return _grad_fix(self.stream, self.head, self.itemsize)
 
     @property
     def head_trace(self) -> _Trace:
@@ -588,7 +592,10 @@ def _halo_row(common: _Common, scnn: StreamingCNN, shape: tuple[int, ...]) -> Me
     the plan's tiles (the engine's Python costs about a millisecond per op on meta
     tensors), plus the elements that grow with the image beyond it (`_growing`, the
     feature map and its gradient), known exactly for the whole image. Against full traces
-    of 8 x 8 tiles (ResNet-18, tiles 256 and 512), within 4%."""
+    of 8 x 8 tiles (ResNet-18, tiles 256 and 512), within 4%. The proxy's smaller feature
+    map can make its tiles recompute values the whole image's keep (`_mark_recomputed`
+    keeps what is under 1/16 of the feature map): the trace then misses at most that much,
+    against a peak that holds the feature map twice."""
     plan = scnn.plan(shape)
     proxy = (*shape[:2], *(side if len(spans) <= PROXY_TILES else PROXY_TILES * side // len(spans)
                            for side, spans in zip(shape[-2:], (plan.rows, plan.cols))))
