@@ -66,7 +66,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from sstream.engine.geometry import eval_mode
+from sstream.engine.geometry import eval_mode, meta_shortcut
 from sstream.engine.halo import HaloProgram
 from sstream.engine.saving import storage_key
 from sstream.engine.streaming import StreamingCNN, check_engine
@@ -170,7 +170,7 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = _meta_shortcut(func, args)
+        out = meta_shortcut(func, args)
         if out is None:
             out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
@@ -191,36 +191,6 @@ class LiveBytes(TorchDispatchMode):
     def _release(self, key: int) -> None:
         self.current -= self.sizes.pop(key, 0)
         self._refs.pop(key, None)
-
-
-_aten = torch.ops.aten
-
-
-def _meta_shortcut(func: Any, args: tuple[Any, ...]) -> Any:
-    """The result of a few ops whose meta kernels are slow Python decompositions (about 1 ms
-    a call: most of a meta-device trace of the halo engine) and whose result has the shape
-    of their first tensor: made directly, or None to run the op."""
-    first = args[0] if args else None
-    if not isinstance(first, torch.Tensor) or first.device.type != "meta":
-        return None
-    if func in _SAME_SHAPE:
-        if all(not isinstance(a, torch.Tensor)
-               or (a.shape == first.shape and a.dtype == first.dtype) for a in args):
-            return torch.empty_like(first)
-        return None
-    if func is _aten.native_batch_norm.default:  # (out, save_mean, save_invstd)
-        channels = first.shape[1]
-        return (torch.empty_like(first), first.new_empty(channels), first.new_empty(channels))
-    if func is _aten.native_batch_norm_backward.default:  # (grad_in, grad_w, grad_b)
-        weight, mask = args[2], args[-1]
-        return (torch.empty_like(first) if mask[0] else None,
-                *(torch.empty_like(weight) if wanted and weight is not None else None
-                  for wanted in mask[1:]))
-    return None
-
-
-_SAME_SHAPE = {_aten.relu.default, _aten.threshold_backward.default, _aten.add.Tensor,
-               _aten.mul.Tensor}
 
 
 class _SavedBytes:

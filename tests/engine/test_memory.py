@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sstream import StreamingCNN
+from sstream.engine.geometry import meta_shortcut
 from sstream.engine.memory import (
     LiveBytes,
     MemoryEstimate,
@@ -105,6 +106,28 @@ def test_halo_estimate_against_a_measured_step(size, tile, high):
         nn.functional.cross_entropy(head(scnn(_ReadCopies(image))),
                                     torch.tensor([1])).backward()
     assert live.peak <= predicted <= high * live.peak, (predicted, live.peak)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_shortcuts_make_what_the_meta_kernels_make(memory_format, dtype):
+    """Planning and the estimate skip slow meta kernels: what they make instead has the
+    shapes, strides and dtypes the kernels give (the live bytes and every later op see
+    them)."""
+    aten = torch.ops.aten
+    x = torch.empty(2, 8, 5, 7, device="meta", dtype=dtype).to(memory_format=memory_format)
+    w = torch.empty(8, device="meta")
+    calls = [(aten.relu.default, (x,)), (aten.add.Tensor, (x, x)),
+             (aten.threshold_backward.default, (x, x, 0.0)),
+             (aten._native_batch_norm_legit_no_training.default, (x, w, w, w, w, 0.1, 1e-5)),
+             (aten.native_batch_norm_backward.default,
+              (x, x, w, w, w, w, w, False, 1e-5, [True, True, True]))]
+    for func, args in calls:
+        expected, got = func(*args), meta_shortcut(func, args)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = got if isinstance(got, tuple) else (got,)
+        assert [(t.shape, t.stride(), t.dtype) for t in got] == \
+            [(t.shape, t.stride(), t.dtype) for t in expected], func
 
 
 def test_memory_grows_with_dtype_optimizer_and_batch():
