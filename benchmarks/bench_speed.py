@@ -102,14 +102,9 @@ def _in_subprocess(call: str) -> list[float]:
     return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
 
 
-def peak_memory_mb(name: str, size: int, tile: int | None) -> float:
-    """Peak memory of one training step, measured in a fresh subprocess."""
-    return _in_subprocess(f"_measure_peak({name!r}, {size}, {tile})")[0]
-
-
-def _measure_peak(name: str, size: int, tile: int | None) -> None:
-    """(In the subprocess.) Print the peak MB that one training step allocates."""
-    device = _device()
+def step_peak_mb(name: str, size: int, tile: int | None, device: torch.device) -> float:
+    """Peak MB that one training step allocates, plain (`tile` None) or streamed. Run it in a
+    fresh process, so that neither peak inflates the other."""
     stream, head = build(name, device)
     image = torch.rand(1, 3, size, size, device=device)
     trunk: nn.Module = stream
@@ -120,11 +115,10 @@ def _measure_peak(name: str, size: int, tile: int | None) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         training_step(trunk, head, image)
-        print((torch.cuda.max_memory_allocated() - before) / 2**20)
-        return
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     with LiveBytes((image, *stream.parameters(), *head.parameters())) as live:
         training_step(trunk, head, image)
-    print(live.peak / 2**20)
+    return live.peak / 2**20
 
 
 def hand_written_tiles(stream: nn.Module, image: torch.Tensor, tile: int) -> None:
@@ -211,7 +205,8 @@ def _row(name: str, size: int, tile: int, reps: int) -> list:
     call = f"_measure({{!r}}, {name!r}, {size}, {tile}, {reps})"
     plain_s, stream_s, ratio, planning = _in_subprocess(call.format("training_steps"))
     predicted = _in_subprocess(call.format("predict_ratio"))[0]
-    plain_mb, stream_mb = peak_memory_mb(name, size, None), peak_memory_mb(name, size, tile)
+    plain_mb, stream_mb = (_in_subprocess(f"_measure('step_peak_mb', {name!r}, {size}, {t})")[0]
+                           for t in (None, tile))
     return [name, size, tile, round(plain_s, 3), round(stream_s, 3), round(ratio, 2),
             round(plain_mb), round(stream_mb), round(plain_mb / max(stream_mb, 1e-9), 1),
             round(predicted, 2), round(planning, 2)]

@@ -129,10 +129,15 @@ class _Node:
         return bool(self.up or self.left) and not self.derived
 
 
+def _spans(schedule: list[int]) -> list[int]:
+    """Outputs per region along an axis, tile by tile (0 where a tile computes none)."""
+    return [b - a for a, b in zip(schedule, schedule[1:])]
+
+
 def _thin_halo(entry: _Node) -> bool:
     """Whether the node's halo is at most a quarter of its smallest region, per axis."""
     def smallest(schedule: list[int]) -> int:
-        return min((b - a for a, b in zip(schedule, schedule[1:]) if b > a), default=0)
+        return min((span for span in _spans(schedule) if span), default=0)
     return 4 * entry.up <= smallest(entry.rows) and 4 * entry.left <= smallest(entry.cols)
 
 
@@ -168,7 +173,7 @@ def _gathered(schedule: list[int], source: list[int], min_region: int) -> list[i
     px tile is 8 outputs of ResNet's last stage) then run on regions gathered from several
     tiles, while the few source rows and columns they wait for stay in the line buffers.
     Tiny regions spend most of a convolution's time reading its weights."""
-    if max(b - a for a, b in zip(source, source[1:])) > min_region:
+    if max(_spans(source)) > min_region:
         return schedule
     out = [0]
     for avail in schedule[1:-1]:
@@ -249,8 +254,7 @@ class HaloProgram:
         program = HaloProgram(nodes, (list(row_edges), list(col_edges)), training)
         if not program._schedule():
             return None
-        _mark_recomputed(nodes, program.result)
-        program.recomputes = any(n.recompute for n in nodes)
+        program.recomputes = _mark_recomputed(nodes, program.result)
         return program
 
     def _schedule(self) -> bool:
@@ -375,18 +379,17 @@ def _cheap(node: fx.Node, root: nn.Module) -> bool:
     return type(module).__module__ in _CHEAP_MODULES
 
 
-def _mark_recomputed(nodes: list[_Node], result: _Node) -> None:
-    """Values a tile's backward recomputes instead of keeping, where that saves at least
-    1/16 of the feature map (less is under 3% of a peak that holds the feature map and its
-    gradient, and costs time per tile: a 1x1 stream in 64 px tiles spent a third of its step
-    recomputing). Cheap per-pixel values are recomputed if, together, one tile's of them are
-    that large. So are the outputs of convolutions that read the image, or cheap per-pixel
-    values of it, which the tile keeps anyway (a ResNet stem's output is its largest
-    activation, and recomputing it costs one of its smallest convolutions), each if its own
-    tile output is that large. Deeper layers are not recomputed: a value recomputed in the
-    middle of the backward brings back every value it is computed from while the layers
-    after it still hold theirs (recomputing ResNet's max pool raised the peak instead of
-    lowering it)."""
+def _mark_recomputed(nodes: list[_Node], result: _Node) -> bool:
+    """Mark the values a tile's backward recomputes instead of keeping (and say whether there are
+    any): where that saves at least 1/16 of the feature map (less is under 3% of a peak that
+    holds the feature map and its gradient, and costs time per tile: a 1x1 stream in 64 px tiles
+    spent a third of its step recomputing). Cheap per-pixel values are recomputed if, together,
+    one tile's of them are that large. So are the outputs of convolutions that read the image,
+    or cheap per-pixel values of it, which the tile keeps anyway (a ResNet stem's output is its
+    largest activation, and recomputing it costs one of its smallest convolutions), each if its
+    own tile output is that large. Deeper layers are not recomputed: a value recomputed in the
+    middle of the backward brings back every value it is computed from while the layers after it
+    still hold theirs (recomputing ResNet's max pool raised the peak instead of lowering it)."""
     worth = result.per_pixel * result.size[0] * result.size[1] / 16
     if sum(_largest_region(e) for e in nodes if e.kind == "pointwise" and e.recompute) < worth:
         for entry in nodes:
@@ -399,13 +402,12 @@ def _mark_recomputed(nodes: list[_Node], result: _Node) -> None:
         if entry.kind == "input" or (entry.kind == "pointwise" and entry.recompute and all(
                 s in from_image for s in entry.sources)):
             from_image.add(entry.node)
+    return any(entry.recompute for entry in nodes)
 
 
 def _largest_region(entry: _Node) -> int:
     """Elements of the node's largest region (one tile's output of it)."""
-    def span(schedule: list[int]) -> int:
-        return max(b - a for a, b in zip(schedule, schedule[1:]))
-    return entry.per_pixel * span(entry.rows) * span(entry.cols)
+    return entry.per_pixel * max(_spans(entry.rows)) * max(_spans(entry.cols))
 
 
 def _out_of_place(node: fx.Node, root: nn.Module) -> Callable[..., Any] | None:
