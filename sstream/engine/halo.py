@@ -55,7 +55,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +74,7 @@ from sstream.engine.geometry import (
     traced_values,
 )
 from sstream.engine.saving import AutocastState, GradientSum, Recipes
+from sstream.engine.tiling import OutputMask
 
 Box = tuple[int, int, int, int]
 
@@ -181,6 +182,29 @@ def _gathered(schedule: list[int], source: list[int], min_region: int) -> list[i
     return out + schedule[-1:]
 
 
+_OutputWindow = tuple[int, int, int]  # (R, a, b): see HaloProgram.output_windows
+
+
+@dataclass(frozen=True)
+class TileNeeds:
+    """Per tile (rows x columns of the halo grid): whether it runs, and whether it reads its
+    input (a tile that runs only for deeper layers' regions runs on zeros)."""
+
+    runs: torch.Tensor   # bool (rows, cols)
+    reads: torch.Tensor  # bool (rows, cols)
+
+
+def _output_ranges(schedule: list[int], ratio: int, before: int, after: int) -> torch.Tensor:
+    """(tiles, 2): per tile the half-open range of stream outputs that depend on the node's
+    region [A[k], A[k+1]) along one axis (empty where the region is): output j reads
+    [j*R - a, j*R + b], so j from ceil((A[k] - b) / R) to floor((A[k+1] - 1 + a) / R)."""
+    edges = torch.tensor(schedule, dtype=torch.int64)
+    first = -((after - edges[:-1]) // ratio)  # ceil((A[k] - b) / R)
+    last = (edges[1:] - 1 + before) // ratio + 1
+    last = torch.where(edges[1:] > edges[:-1], last, first)  # empty regions need nothing
+    return torch.stack([first, last], dim=1)
+
+
 class HaloProgram:
     """The halo schedule of one stream for one input size; `None` from `build` if unsupported."""
 
@@ -229,6 +253,63 @@ class HaloProgram:
         strips kept for the backward, and the size of the gradient line buffer the
         backward hands from one tile row to the next."""
         return sum(n.per_pixel * n.size[1] * n.up for n in self.nodes if n.stores_halo)
+
+    def output_windows(self) -> dict[fx.Node, tuple[_OutputWindow, _OutputWindow]] | None:
+        """Per node and axis (R, a, b): the stream's output j depends on this node's positions
+        [j*R - a, j*R + b] only; nodes the output does not depend on are absent. ENGINE.md's
+        window arithmetic run from the output back: through a window op (extent e, stride s,
+        left padding p), R <- R*s, a <- a*s + p, b <- b*s + e - 1 - p; branches take the
+        maximum. None where branches disagree on R (no node is then known to be unneeded)."""
+        windows: dict[fx.Node, tuple[_OutputWindow, _OutputWindow]] = {
+            self.result.node: ((1, 0, 0), (1, 0, 0))}
+        for entry in reversed(self.nodes):
+            mine = windows.get(entry.node)
+            if mine is None or entry.kind not in ("window", "pointwise"):
+                continue
+            theirs = mine
+            if entry.kind == "window":
+                theirs = tuple((ratio * s, a * s + p, b * s + e - 1 - p)  # type: ignore[misc]
+                               for (ratio, a, b), (e, s, p) in zip(mine, entry.axes))
+            for source in entry.sources:
+                known = windows.get(source)
+                if known is None:
+                    windows[source] = theirs
+                    continue
+                if any(k[0] != t[0] for k, t in zip(known, theirs)):
+                    return None
+                windows[source] = tuple((k[0], max(k[1], t[1]), max(k[2], t[2]))  # type: ignore
+                                        for k, t in zip(known, theirs))
+        return windows
+
+    def tiles_needed(self, mask: OutputMask) -> TileNeeds:
+        """Which tiles a forward pass must run for the outputs `mask` selects, and which of
+        them must read their input (the others run on zeros).
+
+        Node v's region in tile (r, c) is needed where it holds a position some selected
+        output depends on (`output_windows`: a rectangle query on the mask per node and
+        tile); a tile runs where any node's region is needed. Exact: a needed value depends
+        only on needed values, each computed in a tile that runs, from real pixels; what a
+        skipped tile would have computed, and every value computed from it, no selected
+        output depends on. Skipped tiles still hand on the halo strips they were given
+        (`HaloRun._pass_through`): a strip can cross a tile whose own regions are not needed.
+        """
+        rows, cols = self.grid
+        windows = self.output_windows()
+        if windows is None:
+            everything = torch.ones((rows, cols), dtype=torch.bool)
+            return TileNeeds(everything, everything)
+        runs = torch.zeros((rows, cols), dtype=torch.bool)
+        reads = runs
+        for entry in self.nodes:
+            if entry.node not in windows:
+                continue
+            (ry, ay, by), (rx, ax, bx) = windows[entry.node]
+            needed = mask.count_in(_output_ranges(entry.rows, ry, ay, by),
+                                   _output_ranges(entry.cols, rx, ax, bx)) > 0
+            runs = runs | needed
+            if entry.kind == "input":
+                reads = needed
+        return TileNeeds(runs, reads)
 
     @staticmethod
     def build(stream: nn.Module, input_shape: Sequence[int], row_edges: list[int],
@@ -680,8 +761,17 @@ class HaloRun:
             return _Block(region, y0, x0)
         hdim, wdim = entry.dims
         yb, xb = max(0, y0 - entry.up), max(0, x0 - entry.left)
-        strip = left[entry.node] if xb < x0 else None
-        above = top[entry.node].narrow(wdim, xb, entry.cols[col + 1] - xb) if yb < y0 else None
+        x1 = entry.cols[col + 1]
+        strip = above = None
+        if xb < x0:  # zeros where no tile to the left ran (`regions` with needs)
+            strip = left.get(entry.node)
+            if strip is None:
+                strip = region.new_zeros(_with_size(region.shape, entry.dims,
+                                                    (region.shape[hdim], x0 - xb)))
+        if yb < y0:
+            line = top.get(entry.node)
+            above = region.new_zeros(_with_size(region.shape, entry.dims, (y0 - yb, x1 - xb))) \
+                if line is None else line.narrow(wdim, xb, x1 - xb)
         if not torch.is_grad_enabled():
             return _Block(_joined(above, strip, region, entry.dims), yb, xb)
 
@@ -701,8 +791,26 @@ class HaloRun:
     # -- forward ---------------------------------------------------------------------------
 
     def forward(self) -> torch.Tensor:
-        rows, cols = self.program.grid
+        """The stream's whole output, assembled from `regions()`."""
+        result = self.program.result
         fmap: torch.Tensor | None = None
+        for (oy0, oy1, ox0, ox1), out in self.regions():
+            if fmap is None:
+                fmap = out.new_empty(_with_size(out.shape, result.dims, result.size))
+            _narrow2(fmap, result.dims, oy0, oy1, ox0, ox1).copy_(out)
+        assert fmap is not None
+        return fmap
+
+    def regions(self, needs: TileNeeds | None = None,
+                blank: Callable[[Box], torch.Tensor] | None = None,
+                ) -> Iterator[tuple[Box, torch.Tensor]]:
+        """(output box, output region) tile by tile in raster order; the regions partition the
+        stream's output (some are empty: deep layers wait for gathered regions). With `needs`
+        (`HaloProgram.tiles_needed`), tiles that need not run only hand on the halo strips
+        they were given, yield nothing and read nothing, and tiles that need not read run on
+        `blank(box)` (zeros) instead. Progress is reported once the consumer has taken a tile.
+        """
+        rows, cols = self.program.grid
         top: dict[fx.Node, torch.Tensor] = {}
         result = self.program.result
         done = 0
@@ -718,17 +826,40 @@ class HaloRun:
                     if self.keep and entry.left and col + 1 < cols:
                         self.saved_left[row, col + 1, entry.node] = left[entry.node]
 
-                out = self._tile(row, col, top, left, hand_on)
-                if fmap is None:
-                    fmap = out.new_empty(_with_size(out.shape, result.dims, result.size))
-                oy0, oy1 = result.rows[row], result.rows[row + 1]
-                ox0, ox1 = result.cols[col], result.cols[col + 1]
-                _narrow2(fmap, result.dims, oy0, oy1, ox0, ox1).copy_(out)
+                if needs is None or needs.runs[row, col]:
+                    box = self._input_box(row, col)
+                    zeros = None if needs is None or needs.reads[row, col] or blank is None \
+                        else blank(box)
+                    out = self._tile(row, col, top, left, hand_on, input_region=zeros)
+                    yield (result.rows[row], result.rows[row + 1], result.cols[col],
+                           result.cols[col + 1]), out
+                else:
+                    self._pass_through(row, col, top, left, hand_on)
                 done += 1
                 self.report("forward", done)
             top = next_top
-        assert fmap is not None
-        return fmap
+
+    def _input_box(self, row: int, col: int) -> Box:
+        entry = next(e for e in self.program.nodes if e.kind == "input")
+        return (entry.rows[row], entry.rows[row + 1], entry.cols[col], entry.cols[col + 1])
+
+    def _pass_through(self, row: int, col: int, top: dict[fx.Node, torch.Tensor],
+                      left: dict[fx.Node, torch.Tensor],
+                      hand_on: Callable[[_Node, _Block], None]) -> None:
+        """A tile that need not run: its regions are zeros (no selected output depends on
+        them), but the strips it was given from above and from the left are handed on as a
+        computed tile would, since a strip can be deeper than one tile's region."""
+        for entry in self.program.nodes:
+            if not entry.stores_halo:
+                continue
+            template = top.get(entry.node, left.get(entry.node))
+            if template is None:  # nothing computed before: the next tiles make zeros
+                continue
+            height = entry.rows[row + 1] - entry.rows[row]
+            width = entry.cols[col + 1] - entry.cols[col]
+            region = template.new_zeros(_with_size(template.shape, entry.dims,
+                                                   (height, width)))
+            hand_on(entry, self._block(entry, region, row, col, top, left, None))
 
     def _hand_on(self, entry: _Node, block: _Block, row: int, col: int,
                  left: dict[fx.Node, torch.Tensor], next_top: dict[fx.Node, torch.Tensor],
@@ -744,7 +875,8 @@ class HaloRun:
             ty0 = max(0, y1 - entry.up)
             if entry.node not in next_top:
                 shape = _with_size(block.tensor.shape, entry.dims, (y1 - ty0, entry.size[1]))
-                next_top[entry.node] = block.tensor.new_empty(shape)
+                # zeros: where a skipped tile (`regions` with needs) leaves columns unwritten
+                next_top[entry.node] = block.tensor.new_zeros(shape)
             _narrow2(next_top[entry.node], entry.dims, 0, y1 - ty0, x0, x1).copy_(
                 block.part(entry.dims, ty0, y1, x0, x1))
 

@@ -17,6 +17,7 @@ Only crops, one at a time, ever go through the stream: no activation of full-ima
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,8 +26,9 @@ from torch import nn
 
 from sstream.engine.geometry import StreamGeometry, analyse, meta_call, training_flags
 from sstream.engine.halo import HaloProgram, HaloRun
+from sstream.engine.pooling import GlobalPool, check_mode, masked_tiles, sparse_plan
 from sstream.engine.saving import AutocastState, GradientSum
-from sstream.engine.tiling import Box, Tile, TilePlan, make_plan
+from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan, make_plan
 
 TileProgress = Callable[[str, int, int], None]
 """Called as (phase, tiles done, tiles in all) after every tile; phase "forward"/"backward"."""
@@ -140,11 +142,13 @@ class StreamingCNN(nn.Module):
             self._output_sizes[key] = _meta_output_size(self.stream, key)
         return self._output_sizes[key]
 
-    def plan(self, input_shape: Sequence[int]) -> TilePlan:
-        """The tile plan for an input of shape (N, C, H, W)."""
+    def plan(self, input_shape: Sequence[int], tile_size: tuple[int, int] | None = None
+             ) -> TilePlan:
+        """The tile plan for an input of shape (N, C, H, W), with `self.tile_size` or another
+        tile (height, width) in input pixels, a multiple of the output stride."""
         height, width = int(input_shape[-2]), int(input_shape[-1])
         return make_plan(self.geometry, (height, width), self.output_size(input_shape),
-                         self.tile_size, self.minimum_size(input_shape))
+                         tile_size or self.tile_size, self.minimum_size(input_shape))
 
     def minimum_size(self, input_shape: Sequence[int]) -> tuple[int, int]:
         """The shortest input height and width the stream accepts, found on the meta device
@@ -194,43 +198,50 @@ class StreamingCNN(nn.Module):
             return run.forward()
         return _StreamFunction.apply(run, image_anchor, sink_anchor, *params)
 
-    def global_pool(self, image: torch.Tensor | ImageSource, mode: str = "max"
+    def global_pool(self, image: torch.Tensor | ImageSource, mode: str = "max",
+                    mask: torch.Tensor | None = None,
+                    input_grad_sink: InputGradSink | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Global max or average pooling of the stream's output, never assembling it.
 
-        Streams the tiles without gradients and reduces each tile's output as it comes, so a
-        gigapixel slide needs no feature-map-sized memory. Returns (values (N, C'), indices
-        (N, C') of the maxima in the flattened H' x W' output, or None for "avg"); maxima tie
-        to the first position in row-major order, as `adaptive_max_pool2d` does.
+        Each tile's output is reduced as it comes (pooling.py), so a gigapixel slide needs no
+        feature-map-sized memory: the forward keeps line buffers as wide as the slide
+        (halo engine) or one crop (crop engine). Returns (values (N, C'), indices (N, C') of
+        the maxima in the flattened H' x W' output, or None for "avg"); maxima tie to the
+        first position in row-major order, as `adaptive_max_pool2d` does.
+
+        Differentiable: with grad enabled and trainable parameters (or an image tensor that
+        requires grad, or `input_grad_sink`), `values` carries autograd and its backward
+        gives exactly the gradients of pooling the whole feature map. The backward re-runs
+        only the output blocks its gradient reaches (the crop engine; with max pooling at
+        most N x C' blocks, sized per image to re-run the fewest pixels) and reads nothing
+        else. `input_grad_sink` receives the input gradient in final blocks, in raster order
+        (see `InputGradSink`), as in `forward`.
+
+        `mask`: bool (H', W') or (N, H', W') at the output's resolution; pooling then runs
+        over True positions only (max as if the others were -inf, avg over the True ones),
+        and tiles no True output depends on are never read, computed or re-run. ValueError
+        for a mask of another shape or one that selects nothing (for some batch element).
         """
-        if mode not in ("max", "avg"):
-            raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+        check_mode(mode)
         self._refuse_current_modes()
         source = _as_source(image)
-        run = _TileRunner(self.stream, self.plan(source.shape), source, None, self.on_tile)
-        out_h, out_w = run.plan.output_size
-        values: torch.Tensor | None = None
-        indices: torch.Tensor | None = None
-        for tile, kept in run.kept_tiles():
-            batch, channels, height, width = kept.shape
-            flat = kept.reshape(batch, channels, height * width)  # (N, C', h*w)
-            if mode == "avg":
-                tile_sum = flat.sum(dim=2, dtype=torch.float64)
-                values = tile_sum if values is None else values + tile_sum
-                continue
-            tile_max, position = flat.max(dim=2)  # first maximum of the tile, row-major
-            oy0, _, ox0, _ = tile.out_box
-            index = (oy0 + position // width) * out_w + ox0 + position % width
-            if values is None or indices is None:
-                values, indices = tile_max, index
-                continue
-            better = (tile_max > values) | ((tile_max == values) & (index < indices))
-            values = torch.where(better, tile_max, values)
-            indices = torch.where(better, index, indices)
-        assert values is not None, "a tile plan always has at least one tile"
-        if mode == "avg":
-            return (values / (out_h * out_w)).to(kept.dtype), None
-        return values, indices
+        plan = self.plan(source.shape)
+        output_mask = None if mask is None else OutputMask(mask, plan.output_size,
+                                                           source.shape[0])
+        program = self._halo_program(source.shape, plan, training=False)
+        run = _TileRunner(self.stream, plan, source, input_grad_sink, self.on_tile, program)
+        pooled = _PooledRun(run, GlobalPool(mode, plan.output_size, output_mask),
+                            functools.partial(self.plan, source.shape), self.geometry.stride)
+        params = [p for p in self.stream.parameters() if p.requires_grad]
+        image_anchor = image if isinstance(image, torch.Tensor) else _NO_TENSOR
+        sink_anchor = torch.empty(0, requires_grad=input_grad_sink is not None)
+        wants_graph = bool(params) or image_anchor.requires_grad or input_grad_sink is not None
+        if wants_graph and torch.is_grad_enabled():
+            values = _PooledFunction.apply(pooled, image_anchor, sink_anchor, *params)
+        else:
+            values = pooled.forward()
+        return values, pooled.pool.indices
 
     def input_gradient(self, image: torch.Tensor | ImageSource,
                        grad_output: torch.Tensor | OutputGradient, sink: InputGradSink) -> None:
@@ -239,13 +250,13 @@ class StreamingCNN(nn.Module):
         The input gradient goes to `sink` in final blocks, in raster order; no parameter
         gradients are formed. `grad_output` may also be a function of an output box giving
         that block's gradient, or None where it is zero: such tiles are not re-run at all.
-        With `global_pool` this explains a prediction (saliency) without a feature map in
-        memory: after global max pooling only the tiles holding a maximum are re-run.
+        (After global pooling, `global_pool(..., input_grad_sink=sink)` does this for the
+        pooled gradient by itself.)
         """
         self._refuse_current_modes()
         source = _as_source(image)
         run = _TileRunner(self.stream, self.plan(source.shape), source, sink, self.on_tile)
-        run.backward(grad_output, None, [])
+        run.crop_backward(grad_output, None, [])
 
     def engine_for(self, input_shape: Sequence[int]) -> str:
         """"halo" or "crop": the engine that streams an input of shape (N, C, H, W) (calls
@@ -373,31 +384,46 @@ class _TileRunner:
                 f"too small for kept range {tile.keep_box}; please report this stream")
         return crop_out[..., ky0:ky1, kx0:kx1]
 
-    def _report(self, phase: str, done: int) -> None:
+    def _report(self, phase: str, done: int, total: int | None = None) -> None:
         if self.on_tile is not None:
-            self.on_tile(phase, done, len(self.plan))
+            self.on_tile(phase, done, len(self.plan) if total is None else total)
+
+    def blank(self, box: Box) -> torch.Tensor:
+        """Zeros in place of an input region no wanted output depends on (never read)."""
+        y0, y1, x0, x1 = box
+        batch, channels = self.source.shape[:2]
+        return torch.zeros((batch, channels, y1 - y0, x1 - x0), device=self.device,
+                           dtype=_module_dtype(self.stream))
 
     def forward(self) -> torch.Tensor:
         if self.halo is not None:
             with torch.no_grad():
                 return self.halo.forward()
         fmap: torch.Tensor | None = None
-        for tile, kept in self.kept_tiles():
+        for (oy0, oy1, ox0, ox1), kept in self.output_regions():
             if fmap is None:
                 batch, channels = kept.shape[:2]
                 fmap = kept.new_empty((batch, channels, *self.plan.output_size))
-            oy0, oy1, ox0, ox1 = tile.out_box
             fmap[..., oy0:oy1, ox0:ox1] = kept
         assert fmap is not None, "a tile plan always has at least one tile"
         return fmap
 
-    def kept_tiles(self) -> Iterator[tuple[Tile, torch.Tensor]]:
-        """(tile, its kept output) for every tile in raster order, computed without grad
-        (crop engine); progress is reported once the consumer has taken a tile."""
-        for done, tile in enumerate(self.plan, start=1):
+    def output_regions(self, mask: OutputMask | None = None
+                       ) -> Iterator[tuple[Box, torch.Tensor]]:
+        """(output box, the stream's output there) without grad, in raster order; the boxes
+        partition the output. With `mask`, tiles that no masked output depends on are
+        skipped (neither read nor computed). Progress is reported once the consumer has
+        taken a tile."""
+        if self.halo is not None:
+            needs = None if mask is None else self.halo.program.tiles_needed(mask)
             with torch.no_grad():
-                kept = self.kept(tile, self.stream(self.crop(tile)))
-            yield tile, kept
+                yield from self.halo.regions(needs, self.blank)
+            return
+        for done, tile in enumerate(self.plan, start=1):
+            if mask is None or mask.any_in(tile.out_box):
+                with torch.no_grad():
+                    kept = self.kept(tile, self.stream(self.crop(tile)))
+                yield tile.out_box, kept
             self._report("forward", done)
 
     def _gradient_receiver(self, image_grad: torch.Tensor | None
@@ -411,24 +437,35 @@ class _TileRunner:
                 image_grad[..., y0:y1, x0:x1] = grad.to(image_grad.device)
         return receive
 
-    def backward(self, grad_fmap: torch.Tensor | OutputGradient,
-                 image_grad: torch.Tensor | None,
+    def backward(self, grad_fmap: torch.Tensor, image_grad: torch.Tensor | None,
                  params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Accumulate parameter gradients (returned) and input gradients (to the blocks)."""
         if self.halo is not None:
-            assert isinstance(grad_fmap, torch.Tensor), "the halo engine runs autograd only"
             write = None if image_grad is None else self._gradient_receiver(image_grad)
             with self.autocast():
                 return self.halo.backward(grad_fmap, params, write)
+        return self.crop_backward(grad_fmap, image_grad, params)
+
+    def crop_backward(self, grad_fmap: torch.Tensor | OutputGradient,
+                      image_grad: torch.Tensor | None, params: list[torch.Tensor],
+                      plan: TilePlan | None = None, tiles: Sequence[Tile] | None = None,
+                      ) -> list[torch.Tensor | None]:
+        """The crop engine's backward: every tile of `plan` (default: the forward's) whose
+        output gradient is not zero re-runs its crop with autograd. `tiles` (raster order)
+        restricts it to those tiles when no input gradient is wanted: the others' output
+        gradient must be zero. Returns the parameter gradients summed over tiles."""
+        plan = plan or self.plan
         grad_of = grad_fmap if callable(grad_fmap) else _block_of(grad_fmap)
         blocks = None
         if image_grad is not None or self.sink is not None:
-            blocks = _InputGradBlocks(self.plan, self.source.shape, self.device,
+            assert tiles is None, "input-gradient blocks are released tile by tile, in order"
+            blocks = _InputGradBlocks(plan, self.source.shape, self.device,
                                       _module_dtype(self.stream),
                                       self._gradient_receiver(image_grad))
+        tiles = list(plan) if tiles is None else tiles
         param_grads = GradientSum(params)
         with param_grads.collecting():  # parameter gradients summed as they come
-            for done, tile in enumerate(self.plan, start=1):
+            for done, tile in enumerate(tiles, start=1):
                 grad_kept = grad_of(tile.out_box)
                 if grad_kept is not None:  # else the tile adds nothing to any gradient
                     crop = self.crop(tile).detach().requires_grad_(blocks is not None)
@@ -442,7 +479,7 @@ class _TileRunner:
                     del crop, kept, grads  # before the next tile's re-run allocates
                 if blocks is not None:
                     blocks.release(tile.row, tile.col)
-                self._report("backward", done)
+                self._report("backward", done, len(tiles))
         return param_grads.sums
 
 
@@ -533,17 +570,83 @@ class _StreamFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_fmap: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        run: _TileRunner = ctx.run
-        needs_image = ctx.needs_input_grad[1]
-        image_grad = None
-        if needs_image:
-            dtype, device, shape = ctx.image_meta
-            image_grad = torch.empty(shape, dtype=dtype, device=device)
-        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[3:]) if needed]
-        params = [ctx.params[i] for i in wanted]
-        grads = run.backward(grad_fmap, image_grad, params)
-        param_grads: list[torch.Tensor | None] = [None] * len(ctx.needs_input_grad[3:])
-        for i, grad in zip(wanted, grads):
-            param_grads[i] = grad
-        return (None, image_grad, None, *param_grads)
+        image_grad = _new_image_grad(ctx)
+        params, wanted = _wanted_params(ctx)
+        grads = ctx.run.backward(grad_fmap, image_grad, params)
+        return (None, image_grad, None, *_param_grads(ctx, wanted, grads))
 
+
+def _new_image_grad(ctx: Any) -> torch.Tensor | None:
+    """The image tensor's gradient, filled block by block by the backward (if wanted)."""
+    if not ctx.needs_input_grad[1]:
+        return None
+    dtype, device, shape = ctx.image_meta
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _wanted_params(ctx: Any) -> tuple[list[torch.Tensor], list[int]]:
+    """The parameters autograd wants gradients for, and their positions among ctx.params
+    (the Function's inputs after (run, image, sink anchor))."""
+    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[3:]) if needed]
+    return [ctx.params[i] for i in wanted], wanted
+
+
+def _param_grads(ctx: Any, wanted: list[int], grads: list[torch.Tensor | None]
+                 ) -> list[torch.Tensor | None]:
+    """One entry per parameter input of the Function: the gradient, or None if unwanted."""
+    out: list[torch.Tensor | None] = [None] * len(ctx.needs_input_grad[3:])
+    for i, grad in zip(wanted, grads):
+        out[i] = grad
+    return out
+
+
+class _PooledRun:
+    """One image's global pooling (`StreamingCNN.global_pool`): the forward reduces the
+    output regions as they come; the backward re-runs only the blocks the gradient reaches."""
+
+    def __init__(self, run: _TileRunner, pool: GlobalPool,
+                 plan_for: Callable[[tuple[int, int]], TilePlan], stride: tuple[int, int],
+                 ) -> None:
+        self.run, self.pool, self.plan_for, self.stride = run, pool, plan_for, stride
+
+    def forward(self) -> torch.Tensor:
+        """The pooled values (N, C'), computed without grad."""
+        for box, region in self.run.output_regions(self.pool.mask):
+            self.pool.add(box, region)
+        return self.pool.values
+
+    def backward(self, grad: torch.Tensor, image_grad: torch.Tensor | None,
+                 params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Parameter gradients (and the input's, to `image_grad` / the sink) for the pooled
+        gradient `grad` (N, C'). Only parameters wanted: the blocks holding a maximum, sized
+        per image (`sparse_plan`), or the masked tiles; an input gradient is handed out
+        block by block in raster order, so its tiles are the forward's plan."""
+        gradient = self.pool.gradient(grad)
+        run = self.run
+        if image_grad is not None or run.sink is not None:
+            return run.crop_backward(gradient, image_grad, params)
+        positions = gradient.positions()
+        if positions is None:
+            tiles = masked_tiles(run.plan, self.pool.mask)
+            return run.crop_backward(gradient, None, params, run.plan, tiles)
+        plan, tiles = sparse_plan(self.plan_for, run.plan.tile_size, self.stride, positions)
+        return run.crop_backward(gradient, None, params, plan, tiles)
+
+
+class _PooledFunction(torch.autograd.Function):
+    """Puts the pooled values (N, C') into the autograd graph; backward: `_PooledRun`."""
+
+    @staticmethod
+    def forward(ctx: Any, pooled: _PooledRun, image: torch.Tensor, sink_anchor: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.pooled, ctx.params = pooled, params
+        ctx.image_meta = (image.dtype, image.device, image.shape)
+        return pooled.forward()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        image_grad = _new_image_grad(ctx)
+        params, wanted = _wanted_params(ctx)
+        grads = ctx.pooled.backward(grad, image_grad, params)
+        return (None, image_grad, None, *_param_grads(ctx, wanted, grads))

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 from sstream.engine.geometry import AxisWindow, StreamGeometry
 
 Box = tuple[int, int, int, int]
@@ -119,3 +121,62 @@ def make_plan(geometry: StreamGeometry, input_size: tuple[int, int],
     cols = axis_spans(input_size[1], output_size[1], geometry.axis(1), out_tiles[1],
                       min_size[1])
     return TilePlan(input_size, output_size, tile_size, tuple(rows), tuple(cols), geometry.stride)
+
+
+class OutputMask:
+    """Which positions of the stream's output count (True), for pooling restricted to tissue.
+
+    `mask` is a bool tensor (H', W') or (N, H', W') at the stream's output resolution; a 2-D
+    mask holds for every batch element. Boxes are output pixels. `any_in(box)` answers in
+    constant time from a summed-area table of the union over the batch, so the engines can ask
+    it for every tile (and the halo engine for every node of every tile) of a gigapixel slide.
+    """
+
+    def __init__(self, mask: torch.Tensor, output_size: tuple[int, int], batch: int) -> None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError("mask must be a bool tensor (H', W') or (N, H', W') at the "
+                             "stream's output resolution")
+        shape = tuple(mask.shape)
+        if shape not in (tuple(output_size), (batch, *output_size)):
+            raise ValueError(f"mask shape {shape} does not match the stream's output: expected "
+                             f"{tuple(output_size)} or {(batch, *output_size)}")
+        self.mask = mask.detach().cpu()
+        self.per_image = self.mask.dim() == 3
+        counts = self.mask.flatten(-2).sum(-1).reshape(-1)  # (1,) or (N,)
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            which = "the mask" if not self.per_image else \
+                f"the mask of batch element{'s' if len(empty) > 1 else ''} {empty}"
+            raise ValueError(f"{which} selects no output position: nothing to pool")
+        self.counts = counts
+        union = self.mask.any(0) if self.per_image else self.mask
+        table = torch.zeros((union.shape[0] + 1, union.shape[1] + 1), dtype=torch.int64)
+        table[1:, 1:] = union.to(torch.int64).cumsum(0).cumsum(1)
+        self._table = table
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.mask.shape[-2]), int(self.mask.shape[-1])
+
+    def count_in(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Masked positions (union over the batch) in every box rows[i] x cols[j]: `rows`
+        (R, 2) and `cols` (C, 2) are half-open ranges, clipped to the output here; (R, C)."""
+        height, width = self.size
+        y0, y1 = rows[:, 0].clamp(0, height), rows[:, 1].clamp(0, height)
+        x0, x1 = cols[:, 0].clamp(0, width), cols[:, 1].clamp(0, width)
+        y1, x1 = torch.maximum(y0, y1), torch.maximum(x0, x1)
+        t = self._table
+        return (t[y1][:, x1] - t[y0][:, x1] - t[y1][:, x0] + t[y0][:, x0])
+
+    def any_in(self, box: Box) -> bool:
+        """Whether the box (y0, y1, x0, x1) holds a masked position of any batch element."""
+        y0, y1, x0, x1 = box
+        rows, cols = torch.tensor([[y0, y1]]), torch.tensor([[x0, x1]])
+        return bool(self.count_in(rows, cols)[0, 0] > 0)
+
+    def block(self, box: Box, device: torch.device) -> torch.Tensor:
+        """The mask over the box as (N or 1, 1, h, w), to broadcast against a block."""
+        y0, y1, x0, x1 = box
+        part = self.mask[..., y0:y1, x0:x1]
+        part = part.unsqueeze(1) if self.per_image else part[None, None]
+        return part.to(device)
