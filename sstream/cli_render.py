@@ -46,6 +46,14 @@ _EPOCH_COLUMNS = [("train_loss", "loss"), ("val_loss", "val loss"), ("val_accura
                   ("peak_memory_mb", "peak MB")]
 
 
+_PATHS = {
+    "whole-slide": "path: whole-slide (the head starts with global pooling: no feature map is "
+                   "kept, and the backward re-runs only the tiles the gradient reaches)",
+    "feature map": "path: feature map (the head runs conv stages: the streamed feature map "
+                   "and its gradient are kept; stream the whole trunk for whole slides)",
+}
+
+
 class RichTrainEvents(TrainEvents):
     """An epoch bar, an image bar (loss, images/s, tiles/s) and a table after each epoch."""
 
@@ -65,6 +73,7 @@ class RichTrainEvents(TrainEvents):
             f"{info['tile_size'][0]}x{info['tile_size'][1]} px, engine {info['engine']}, "
             f"output stride {g.stride[0]}, "
             f"receptive field {g.receptive_field[0]} px; outputs in {info['out']}")
+        self.console.print(_PATHS[info["path"]])
         epoch, index = info["resumed_at"]
         if epoch or index:
             self.console.print(f"resuming at epoch {epoch + 1}, image {index + 1}")

@@ -146,6 +146,42 @@ class Augmentation:
             rgb = rgb[:, ::-1]
         return np.rot90(rgb, self.rotations) if self.rotations else rgb
 
+    def shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of an image of `height` x `width` after the transform."""
+        return (width, height) if self.rotations % 2 else (height, width)
+
+    def source_box(self, box: Box, height: int, width: int) -> Box:
+        """The box (y0, y1, x0, x1) of the untransformed `height` x `width` image whose
+        transform (`apply`) is the transformed image's `box`: a dihedral transform maps
+        rectangles to rectangles, so its corners suffice."""
+        y0, y1, x0, x1 = box
+        corners = [self._source_point(y, x, height, width)
+                   for y in (y0, y1 - 1) for x in (x0, x1 - 1)]
+        ys, xs = [c[0] for c in corners], [c[1] for c in corners]
+        return min(ys), max(ys) + 1, min(xs), max(xs) + 1
+
+    def _source_point(self, y: int, x: int, height: int, width: int) -> tuple[int, int]:
+        """The untransformed pixel that lands at (y, x): np.rot90 undone turn by turn (a
+        quarter turn counter-clockwise puts a (h, w) array's [j, w - 1 - i] at [i, j]), then
+        the flip."""
+        for turn in range(self.rotations, 0, -1):
+            before_width = width if (turn - 1) % 2 == 0 else height
+            y, x = x, before_width - 1 - y
+        return (y, width - 1 - x) if self.flip else (y, x)
+
+    def region_reader(self, read_rgb: RegionReader, height: int, width: int
+                      ) -> RegionReader:
+        """A RegionReader of the transformed image, reading only the matching region of the
+        `height` x `width` image that `read_rgb` reads (regions inside the image)."""
+        if not self.flip and not self.rotations:
+            return read_rgb
+
+        def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            sy0, sy1, sx0, sx1 = self.source_box((y0, y1, x0, x1), height, width)
+            return self.apply(read_rgb(sy0, sy1, sx0, sx1))
+
+        return read
+
     def colour(self) -> torch.Tensor | None:
         """Per-channel multipliers (1, 3, 1, 1), or None for no colour change."""
         factors = [self.brightness * g for g in self.gains]
@@ -163,11 +199,19 @@ class PixelSource:
     """
 
     def __init__(self, read_rgb: RegionReader, height: int, width: int,
-                 colour: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 colour: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 slide: SlideImage | None = None) -> None:
         if height <= 0 or width <= 0:
             raise ValueError(f"image has no pixels ({width} x {height})")
         self._read_rgb, self.height, self.width = read_rgb, int(height), int(width)
         self.colour, self.dtype = colour, dtype
+        self._slide = slide  # closed by `close()`: the source owns it
+
+    def close(self) -> None:
+        """Close the slide this source reads from, if it owns one (`open_lazily`)."""
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -194,7 +238,7 @@ class PixelSource:
 
     @classmethod
     def from_array(cls, rgb: np.ndarray, augmentation: Augmentation | None = None,
-                   fill: int = 255) -> PixelSource:
+                   fill: int = 255, dtype: torch.dtype = torch.float32) -> PixelSource:
         """An in-memory uint8 (H, W, 3) image; regions crossing the border read as `fill`."""
         augmentation = augmentation or Augmentation()
         rgb = augmentation.apply(rgb)
@@ -209,7 +253,7 @@ class PixelSource:
                 out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = rgb[iy0:iy1, ix0:ix1]
             return out
 
-        return cls(read_rgb, height, width, colour=augmentation.colour())
+        return cls(read_rgb, height, width, colour=augmentation.colour(), dtype=dtype)
 
     @classmethod
     def from_slide(cls, slide: SlideImage, level: int = 0,
@@ -227,6 +271,17 @@ class PixelSource:
             return slide.read_region(location, level, (x1 - x0, y1 - y0))
 
         return cls(read_rgb, wy1 - wy0, wx1 - wx0)
+
+    def augmented(self, augmentation: Augmentation | None, dtype: torch.dtype,
+                  slide: SlideImage | None = None) -> PixelSource:
+        """This image under `augmentation`, still read region by region: the geometric part
+        maps each region to the one to read. `slide` (the slide this source reads) passes to
+        the new source, which then closes it in `close()`."""
+        augmentation = augmentation or Augmentation()
+        height, width = augmentation.shape(self.height, self.width)
+        reader = augmentation.region_reader(self._read_rgb, self.height, self.width)
+        return PixelSource(reader, height, width, colour=augmentation.colour(), dtype=dtype,
+                           slide=slide)
 
 
 def fit_window(height: int, width: int, size: tuple[int, int] | None, mode: str,

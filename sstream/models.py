@@ -43,12 +43,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from sstream.engine.geometry import eval_mode, meta_call
+
+if TYPE_CHECKING:
+    from sstream.engine import ImageSource, InputGradSink, StreamingCNN
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -66,6 +69,7 @@ __all__ = [
     "load_checkpoint",
     "minimum_input_size",
     "split_names",
+    "streamed_logits",
 ]
 
 MODEL_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "convnext_tiny", "vgg16")
@@ -418,6 +422,29 @@ def head_global_pool(head: nn.Module) -> str | None:
             first.output_size in (1, (1, 1)):
         return "max" if isinstance(first, nn.AdaptiveMaxPool2d) else "avg"
     return None
+
+
+def streamed_logits(model: Classifier, scnn: StreamingCNN,
+                    source: torch.Tensor | ImageSource, mask: torch.Tensor | None = None,
+                    input_grad_sink: InputGradSink | None = None) -> torch.Tensor:
+    """The model's logits (N, classes) with its stream run by `scnn` (a StreamingCNN wrapping
+    `model.stream`), under autograd if grad is enabled.
+
+    A head that starts with global pooling (`head_global_pool`) gets the pooled (N, C')
+    vector from `scnn.global_pool`: no feature map exists, at any slide size, and the
+    backward re-runs only the tiles the gradient reaches (the whole-slide path). Other heads
+    get the assembled feature map. `mask` (bool at the stream's output resolution: tissue)
+    restricts the pooling and needs a pooling head; `input_grad_sink` receives the input
+    gradient block by block (saliency). ValueError for a mask with another head.
+    """
+    pool = head_global_pool(model.head)
+    if pool is not None:
+        pooled, _ = scnn.global_pool(source, pool, mask=mask, input_grad_sink=input_grad_sink)
+        return model.head[1:](pooled[..., None, None])  # (N, C') -> (N, classes)
+    if mask is not None:
+        raise ValueError("a tissue mask needs a head that starts with global pooling: stream "
+                         "the whole trunk (no --stream-layers)")
+    return model.head(scnn(source, input_grad_sink=input_grad_sink))
 
 
 def minimum_input_size(model: Classifier | nn.Module, channels: int = 3) -> int:

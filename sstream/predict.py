@@ -19,7 +19,7 @@ from sstream.data import PixelSource, choose_level, fit_window, read_label_csv
 from sstream.engine import ImageSource, StreamingCNN
 from sstream.io import atomic_output, open_image
 from sstream.metrics import classification_metrics
-from sstream.models import Classifier, head_global_pool, load_checkpoint
+from sstream.models import Classifier, load_checkpoint, streamed_logits
 from sstream.runtime import amp_dtype, autocast, resolve_device
 
 
@@ -28,15 +28,10 @@ def class_probabilities(model: Classifier, scnn: StreamingCNN, source: ImageSour
     """Softmax probabilities (classes,) of one image, streamed without keeping gradients.
 
     When the head starts with global pooling, the stream's output is pooled tile by tile and
-    never assembled, so the slide's size does not matter."""
+    never assembled, so the slide's size does not matter (`streamed_logits`)."""
     device = next(model.parameters()).device
-    pool = head_global_pool(model.head)
     with torch.no_grad(), autocast(device, amp, dtype):
-        if pool is None:
-            logits = model.head(scnn(source))  # (1, classes)
-        else:
-            pooled, _ = scnn.global_pool(source, pool)  # (1, C')
-            logits = model.head[1:](pooled[..., None, None])
+        logits = streamed_logits(model, scnn, source)  # (1, classes)
     return torch.softmax(logits.float(), dim=-1)[0].cpu().numpy()
 
 

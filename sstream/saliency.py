@@ -20,10 +20,11 @@ pixels", the stream's input pixels; `location`s handed to the slide reader are l
    streams) the engine pools tile by tile (`StreamingCNN.global_pool`): no feature map is
    ever assembled; other heads get the feature map fmap (1, C', H', W'). The head gives the
    logits (1, K); the class is `class_index` or the argmax.
-2. head backward: d logit_k / d fmap. After global pooling it is formed from the pooled
-   (1, C') gradient, block by block: zero except at the C' argmax positions for max pooling
-   (so only the tiles holding a maximum are re-run: the others add nothing), a broadcast
-   view for averaging. Other heads use autograd.
+2. head backward: d logit_k / d fmap. After global pooling the engine forms it from the
+   pooled (1, C') gradient, block by block (`global_pool`'s backward, engine/pooling.py):
+   zero except at the C' argmax positions for max pooling (so only the tiles holding a
+   maximum are re-run: the others add nothing), a broadcast value for averaging. Other
+   heads use autograd.
 3. stream backward: the engine re-runs the tiles and hands out d logit_k / d x in final
    blocks (1, 3, h, w) in raster order; each block is reduced over channels into a row of the
    map (h x W float32), which goes to a tiled pyramidal TIFF (`TiffMapWriter`) as soon as the
@@ -73,12 +74,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from sstream.data import PixelSource, choose_level
-from sstream.engine import OutputGradient, StreamingCNN
+from sstream.engine import StreamingCNN
 from sstream.io import SlideImage, TiffMapWriter, atomic_output, open_image
-from sstream.models import Classifier, head_global_pool, load_checkpoint, minimum_input_size
+from sstream.models import Classifier, load_checkpoint, minimum_input_size, streamed_logits
 from sstream.runtime import resolve_device
 
 __all__ = [
@@ -261,8 +261,8 @@ def compute_saliency(
                           spool=spool)
 
         # 1. forward: tiles -> (pooled) features -> logits (1, K)
-        head = _HeadGradient(model.head, stream, source, bands)
-        logits = head.logits[0].detach().double()
+        all_logits = streamed_logits(model, stream, source, input_grad_sink=bands)
+        logits = all_logits[0].detach().double()
         predicted = int(logits.argmax())
         chosen = predicted if class_index is None else int(class_index)
         probabilities = torch.softmax(logits, 0).tolist()
@@ -279,8 +279,8 @@ def compute_saliency(
                 overwrite=overwrite))
 
         # 2. head backward -> d logit / d fmap; 3. stream backward -> bands -> map
-        head.backward(chosen)
-        del head
+        all_logits[0, chosen].backward()
+        del all_logits
         bands.finish()
         scale = bands.histogram.percentile(percentile)
 
@@ -325,67 +325,6 @@ def _refuse_unwritable(path: Path, overwrite: bool) -> None:
             pass
     except OSError as exc:
         raise PermissionError(f"{path}: cannot write in {parent} ({exc.strerror})") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Head: logits and d logit_k / d fmap
-
-
-class _HeadGradient:
-    """Runs the head on the streamed features and sends d logit_k / d pixels to the bands.
-
-    Heads that start with global max/avg pooling (`Classifier` heads of fully streamed
-    trunks) never see a feature map: the engine pools tile by tile (`global_pool`), only the
-    pooled (1, C') vector goes through the rest of the head, and d logit / d fmap — zero but
-    at the C' maxima, or a broadcast constant for averaging — is back-propagated through the
-    stream by `input_gradient`. Other heads get the assembled feature map and autograd.
-    """
-
-    def __init__(self, head: nn.Module, stream: StreamingCNN, source: PixelSource,
-                 bands: _MapBands) -> None:
-        self.stream, self.source, self.bands = stream, source, bands
-        self.pool = head_global_pool(head)
-        if self.pool is not None:
-            pooled, self.indices = stream.global_pool(source, self.pool)  # (1, C')
-            self.shape = (*pooled.shape, *stream.output_size(source.shape))
-            self.inputs = pooled.view(*pooled.shape, 1, 1).requires_grad_()
-            self.logits = head[1:](self.inputs)  # (1, K)
-        else:
-            self.fmap = stream(source, input_grad_sink=bands)  # (1, C', H', W')
-            self.inputs = self.fmap.detach().requires_grad_()
-            self.logits = head(self.inputs)
-
-    def backward(self, class_index: int) -> None:
-        """Stream d logit[class_index] / d pixels into the bands."""
-        (grad,) = torch.autograd.grad(self.logits[0, class_index], self.inputs)
-        if self.pool is None:
-            torch.autograd.backward(self.fmap, grad)
-            return
-        batch, channels, out_h, out_w = self.shape
-        if self.pool == "avg":  # adaptive_avg_pool2d's backward: grad / area everywhere
-            self.stream.input_gradient(self.source, (grad / (out_h * out_w)).expand(self.shape),
-                                       self.bands)
-            return
-        self.stream.input_gradient(self.source, _maxima_gradient(
-            self.indices, grad.view(batch, channels), out_w), self.bands)
-
-
-def _maxima_gradient(indices: torch.Tensor, grad: torch.Tensor, out_w: int) -> OutputGradient:
-    """d logit / d fmap after global max pooling, block by block: zero but at each channel's
-    maximum (`indices` (N, C') into the flattened H' x W' map) where it is `grad` (N, C').
-    Blocks without a maximum are None, so the engine skips their tiles."""
-    rows, cols = indices // out_w, indices % out_w
-
-    def block(box: tuple[int, int, int, int]) -> torch.Tensor | None:
-        y0, y1, x0, x1 = box
-        n, c = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)).nonzero(as_tuple=True)
-        if not len(n):
-            return None
-        out = grad.new_zeros((*indices.shape, y1 - y0, x1 - x0))
-        out[n, c, rows[n, c] - y0, cols[n, c] - x0] = grad[n, c]
-        return out
-
-    return block
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from sstream.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from sstream.engine import ENGINES, StreamingCNN
 from sstream.engine.memory import estimate_training_memory, largest_fitting_row
 from sstream.estimate import parse_bytes
-from sstream.io import atomic_output, open_image
+from sstream.io import SlideImage, atomic_output, open_image
 from sstream.metrics import classification_metrics
 from sstream.models import (
     Classifier,
@@ -58,7 +58,9 @@ from sstream.models import (
     build_model,
     checkpoint_payload,
     freeze_batchnorm,
+    head_global_pool,
     minimum_input_size,
+    streamed_logits,
 )
 from sstream.plots import Panel, Series, line_plot
 from sstream.predict import class_probabilities
@@ -207,18 +209,44 @@ def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
     return _generator(seed, epoch, 0).permutation(count)
 
 
-def load_training_image(sample: Sample, config: TrainConfig, train: bool, seed_keys: tuple[int, ...]
+# Images up to this many pixels are read whole (uint8, 3 bytes a pixel: 192 MiB) by the
+# prefetch thread while the previous image trains; larger ones (whole slides) are read region
+# by region as the tiles ask, so no image is ever whole in memory.
+IN_MEMORY_PIXELS = 2**26
+
+
+def load_training_image(sample: Sample, config: TrainConfig, train: bool,
+                        seed_keys: tuple[int, ...], dtype: torch.dtype = torch.float32,
                         ) -> PixelSource:
-    """Read one image (level, crop/pad, augmentation) into a uint8-backed PixelSource."""
+    """One image (level, crop/pad, augmentation) as a PixelSource of pixels / 255 in `dtype`:
+    held as uint8 up to IN_MEMORY_PIXELS, else read lazily from the open slide (the source
+    owns it: `close()` it when done)."""
     generator = _generator(config.seed, *seed_keys)
-    with open_image(sample.image) as slide:
+    slide: SlideImage | None = open_image(sample.image)
+    try:
         level = choose_level(slide, config.level, config.mpp)
         width, height = slide.level_dimensions[level]
         window = fit_window(height, width, config.image_size, "random" if train else "center",
                             generator if train else None)
-        rgb = PixelSource.from_slide(slide, level, window).to_rgb_array()
-    augmentation = Augmentation.draw(generator) if (train and config.augment) else None
-    return PixelSource.from_array(rgb, augmentation)
+        augmentation = Augmentation.draw(generator) if (train and config.augment) else None
+        region = PixelSource.from_slide(slide, level, window)
+        if region.height * region.width > IN_MEMORY_PIXELS:
+            lazy = region.augmented(augmentation, dtype, slide)
+            slide = None  # owned by the lazy source now
+            return lazy
+        rgb = region.to_rgb_array()
+    finally:
+        if slide is not None:
+            slide.close()
+    return PixelSource.from_array(rgb, augmentation, dtype=dtype)
+
+
+def training_path(model: Classifier) -> str:
+    """How a training step runs, in a phrase for the start-up line: "whole-slide" where the
+    head starts with global pooling (no feature map: the forward pools tile by tile and the
+    backward re-runs only where the gradient goes), else "feature map" (the head's conv
+    stages need the assembled feature map and its gradient)."""
+    return "whole-slide" if head_global_pool(model.head) is not None else "feature map"
 
 
 def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]
@@ -405,6 +433,7 @@ class _Trainer:
         self.scnn = StreamingCNN(self.model.stream, tile_size, engine)
         self.scnn.on_tile = self.events.on_tile
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dtype = self.params[0].dtype if self.params else torch.get_default_dtype()
         self.optimizer = _make_optimizer(config, self.params)
         self.scheduler = _make_scheduler(config, self.optimizer)
         self.amp_dtype = amp_dtype(self.device, config.amp_dtype)
@@ -467,7 +496,7 @@ class _Trainer:
         index = mine[position]
         sample = self.train_samples[int(order[index])]
         return self.pool.submit(load_training_image, sample, self.config, True,
-                                (epoch, 1, index))
+                                (epoch, 1, index), self.dtype)
 
     def run(self) -> TrainResult:
         config = self.config
@@ -475,7 +504,7 @@ class _Trainer:
                               "train_images": len(self.train_samples),
                               "val_images": len(self.val_samples), "tile_size":
                               self.scnn.tile_size, "engine": self.scnn.engine,
-                              "geometry": self.scnn.geometry,
+                              "geometry": self.scnn.geometry, "path": training_path(self.model),
                               "resumed_at": (self.state.epoch, self.state.image_index),
                               "ranks": self.parallel.world_size})
         rank = self.parallel.rank
@@ -517,7 +546,10 @@ class _Trainer:
                     position += 1
                     pending = self._prefetch(epoch, order, mine, position)
                     label = self.train_samples[int(order[index])].label
-                    loss = self._train_image(source, label, stop - start)
+                    try:
+                        loss = self._train_image(source, label, stop - start)
+                    finally:
+                        source.close()
                     tiles = len(self.scnn.plan(source.shape))
                     group_loss, group_tiles = group_loss + loss, group_tiles + tiles
                     # (rank 0 reports: its group's other images are being done alongside)
@@ -554,8 +586,7 @@ class _Trainer:
     def _train_image(self, source: PixelSource, label: int, group_size: int) -> float:
         """Forward and backward one image; gradients accumulate (loss / group size)."""
         with autocast(self.device, self.config.amp, self.amp_dtype):
-            fmap = self.scnn(source)                       # (1, C', H', W'), streamed
-            logits = self.model.head(fmap)                 # (1, classes)
+            logits = streamed_logits(self.model, self.scnn, source)  # (1, classes)
         # at least float32 for the loss (float64 models stay float64)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits, torch.tensor([label], device=self.device))
@@ -618,10 +649,13 @@ class _Trainer:
         with self.parallel.agreement("during validation"):
             for done, index in enumerate(mine, start=1):
                 sample = self.val_samples[index]
-                source = load_training_image(sample, self.config, False, ())
-                predicted.append((index, class_probabilities(
-                    self.model, self.scnn, source, self.config.amp, self.amp_dtype),
-                    sample.label))
+                source = load_training_image(sample, self.config, False, (), self.dtype)
+                try:
+                    probabilities = class_probabilities(self.model, self.scnn, source,
+                                                        self.config.amp, self.amp_dtype)
+                finally:
+                    source.close()
+                predicted.append((index, probabilities, sample.label))
                 self.events.on_validation(done, len(mine))
         self.model.train()
         gathered = self.parallel.gather_objects(predicted, "gathering validation results")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 from hypothesis import settings
@@ -18,3 +20,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     scale = expected.abs().max().item()
     diff = (actual - expected).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+@contextlib.contextmanager
+def float64_training() -> Iterator[None]:
+    """Train in float64: models built inside are float64 (the default dtype), and training
+    reads pixels in the model's dtype. One thread, like spawned ranks. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+        torch.set_num_threads(threads)

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import socket
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 
 import sstream.train
 from sstream.train import TrainConfig, train
+from tests.conftest import float64_training
 from tests.test_train_predict import write_dataset
 
 JOIN_TIMEOUT_S = 120
@@ -30,30 +30,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def float64_training() -> Iterator[None]:
-    """Train in float64: the model (built with float64 as the default dtype) and the pixels.
-
-    One thread, like the spawned ranks. Everything is restored afterwards.
-    """
-    load, threads = sstream.train.load_training_image, torch.get_num_threads()
-
-    def load_float64(*args, **kwargs):
-        source = load(*args, **kwargs)
-        source.dtype = torch.float64
-        return source
-
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    sstream.train.load_training_image = load_float64
-    try:
-        yield
-    finally:
-        sstream.train.load_training_image = load
-        torch.set_default_dtype(torch.float32)
-        torch.set_num_threads(threads)
 
 
 def relative_errors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]

@@ -14,7 +14,8 @@ from PIL import Image
 from sstream.data import PixelSource
 from sstream.models import ModelConfig, build_model, freeze_batchnorm, load_checkpoint
 from sstream.predict import PredictConfig, predict
-from sstream.train import TrainConfig, TrainingError, train
+from sstream.train import TrainConfig, TrainEvents, TrainingError, train
+from tests.conftest import float64_training
 
 
 def write_dataset(root: Path, count: int = 4, size: tuple[int, int] = (72, 88),
@@ -68,6 +69,35 @@ def test_one_step_equals_conventional_training(tmp_path):
     trained = result.model.state_dict()
     for name, value in reference.state_dict().items():
         assert torch.allclose(trained[name], value, rtol=1e-4, atol=1e-6), name
+
+
+class StartInfo(TrainEvents):
+    def on_start(self, info):
+        self.info = info
+
+
+def test_the_whole_slide_path_trains_as_the_feature_map_path(tmp_path, monkeypatch):
+    """A pooling head trains on the whole-slide path (said at start-up): after two SGD steps
+    (four images, accumulate 2, augmentation and dropout on) its weights equal those of the
+    feature-map path, float64."""
+    import sstream.models
+    import sstream.train
+
+    settings = config(tmp_path, epochs=1, optimizer="sgd", weight_decay=0.0)
+    runs = {}
+    with float64_training():
+        for path in ("whole-slide", "feature map"):
+            if path == "feature map":  # as for a head with conv stages
+                for module in (sstream.models, sstream.train):
+                    monkeypatch.setattr(module, "head_global_pool", lambda head: None)
+            events = StartInfo()
+            settings.out = str(tmp_path / path.replace(" ", "_"))
+            result = train(settings, events)
+            assert events.info["path"] == path and result.state.step == 2
+            runs[path] = result.model.state_dict()
+    for name, value in runs["feature map"].items():
+        error = (runs["whole-slide"][name] - value).abs().max() / (value.abs().max() or 1)
+        assert error < 1e-9, name
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
