@@ -20,9 +20,10 @@ def run(quick: bool = False) -> dict:
     """Rows: configuration, predicted, measured, error; then the ResNet-34 8192^2 rows."""
     cases = CASES[:1] if quick else CASES
     rows = []
-    for (side, tile, split), measured in zip(cases, measure_peaks(cases)):
-        predicted = predict_peak(side, tile, split)
-        label = "conventional" if not tile else f"streaming tile {tile}"
+    for (side, tile, split, pooling), measured in zip(cases, measure_peaks(cases)):
+        predicted = predict_peak(side, tile, split, pooling)
+        path = f"whole-slide ({pooling} pooling)" if pooling else "feature map, crops"
+        label = "conventional" if not tile else f"streaming tile {tile}, {path}"
         rows.append([f"resnet18 {side}x{side}", f"{label}, stream {split or 'whole trunk'}",
                      format_bytes(predicted), format_bytes(measured),
                      f"{(predicted - measured) / measured:+.1%}"])
@@ -33,8 +34,8 @@ def run(quick: bool = False) -> dict:
     seconds = time.monotonic() - start
     for row in estimate.rows:
         label = ("conventional" if row.mode == "conventional"
-                 else f"streaming tile {row.tile_size[0]} ({row.saving:.0%} less, "
-                      f"{row.compute_overhead:.1f}x compute)")
+                 else f"streaming tile {row.tile_size[0]}, {row.path} ({row.saving:.0%} "
+                      f"less, {row.compute_overhead:.1f}x compute)")
         rows.append(["resnet34 8192x8192", label, format_bytes(row.peak_bytes), "-",
                      f"estimated in {seconds:.1f} s"])
     return {"title": "Peak training memory: predicted (meta device) vs measured (CPU RSS)",

@@ -86,6 +86,7 @@ def _row_dict(estimate: MemoryEstimate, row: MemoryRow) -> dict[str, Any]:
         "optimizer_bytes": row.optimizer_bytes, "activations_bytes": row.activations_bytes,
         "feature_map_bytes": row.feature_map_bytes, "tile_peak_bytes": row.tile_peak_bytes,
         "saving": row.saving, "num_tiles": row.num_tiles, "engine": row.engine,
+        "path": row.path,
         "largest_crop": list(row.largest_crop) if row.largest_crop else None,
         "compute_overhead": row.compute_overhead,
     }
@@ -213,7 +214,10 @@ def memory_table(result: dict[str, Any]):  # -> rich.table.Table
     caption = (f"every row also holds parameters {format_bytes(first['parameters_bytes'])}, "
                f"gradients {format_bytes(first['gradients_bytes'])}, optimizer state "
                f"{format_bytes(first['optimizer_bytes'])}; compute = training FLOPs relative "
-               "to conventional")
+               "to conventional. Streaming rows: feature map = the streamed feature map and "
+               "its gradient are kept; whole-slide = a pooling head, pooled tile by tile "
+               "(no feature map; the backward re-runs only where the gradient goes: compute "
+               "and peak are upper bounds with max pooling)")
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for name in ("image", "mode", "tile", "activations", "fmap+grad", "tile peak", "peak",
                  "vs conv.", "tiles", "compute"):
@@ -226,7 +230,7 @@ def memory_table(result: dict[str, Any]):  # -> rich.table.Table
                   else f"{-saving:.0%} more")
         table.add_row(
             f"{row['image_width']}x{row['image_height']}",
-            f"{row['mode']} ({row['engine']})" if streaming else row["mode"],
+            f"{row['path']} ({row['engine']})" if streaming else row["mode"],
             str(row["tile_size"]) if streaming else "-", format_bytes(row["activations_bytes"]),
             format_bytes(row["feature_map_bytes"]) if streaming else "-",
             format_bytes(row["tile_peak_bytes"]) if streaming else "-",

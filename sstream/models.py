@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from sstream.engine.geometry import eval_mode, meta_call
+from sstream.engine.pooling import head_global_pool
 
 if TYPE_CHECKING:
     from sstream.engine import ImageSource, InputGradSink, StreamingCNN
@@ -411,17 +412,6 @@ def _load_pretrained(backbone: _Backbone, name: str) -> None:
             f"download them elsewhere and pass --weights PATH") from None
     state = {k: v for k, v in state.items() if not k.startswith(backbone.ignored_prefixes)}
     backbone.module.load_state_dict(state, strict=False)
-
-
-def head_global_pool(head: nn.Module) -> str | None:
-    """"max" or "avg" when `head` starts with global pooling (every Classifier whose whole
-    trunk streams), else None: then the stream's output can be pooled tile by tile
-    (`StreamingCNN.global_pool`) and the rest of the head applied to the pooled vector."""
-    first = head[0] if isinstance(head, nn.Sequential) and len(head) else None
-    if isinstance(first, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)) and \
-            first.output_size in (1, (1, 1)):
-        return "max" if isinstance(first, nn.AdaptiveMaxPool2d) else "avg"
-    return None
 
 
 def streamed_logits(model: Classifier, scnn: StreamingCNN,

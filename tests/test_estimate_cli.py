@@ -42,6 +42,17 @@ def test_json_output():
     assert [r["mode"] for r in payload["rows"]] == ["conventional", "streaming"]
     assert payload["rows"][1]["tile_size"] == 128 and payload["rows"][0]["tile_size"] is None
     assert payload["engine"] == "auto" and payload["rows"][1]["engine"] == "halo"
+    assert payload["rows"][1]["path"] == "whole-slide"  # tiny's head starts with pooling
+
+
+def test_rows_say_which_path_they_model():
+    """A split point that leaves conv stages in the head keeps the feature map; the whole
+    trunk streamed (the default) takes the whole-slide path, whose peak does not hold it."""
+    split = estimate_memory("tiny", ["1024"], stream_layers="stage3", tile_sizes=[256])
+    whole = estimate_memory("tiny", ["1024"], tile_sizes=[256])
+    assert split["rows"][1]["path"] == "feature map" and split["rows"][1]["feature_map_bytes"]
+    assert whole["rows"][1]["path"] == "whole-slide"
+    assert whole["rows"][1]["feature_map_bytes"] == 0
 
 
 def test_engine_option_models_the_crop_engine():
@@ -58,7 +69,7 @@ def test_table_and_budget_message():
                                "--tile-size", "256", "--tile-size", "512", "--budget", "8GiB"],
                          env={"COLUMNS": "160"})
     assert done.exit_code == 0, done.output
-    assert "conventional" in done.stdout and "streaming" in done.stdout
+    assert "conventional" in done.stdout and "whole-slide (halo)" in done.stdout
     assert "tile 512 fits the budget 8 GiB" in done.stdout
 
 

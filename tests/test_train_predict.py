@@ -200,15 +200,16 @@ def test_memory_budget_picks_the_largest_fitting_tile(tmp_path):
 
 
 def test_memory_budget_falls_back_to_the_crop_engine_where_no_halo_tile_fits():
-    """Small tiles on a large image: the halo engine's kept strips outgrow the crop engine's
-    whole step, so a budget between the two picks crops (with engine "auto" only)."""
+    """Small tiles on a very wide image: the halo engine's line buffers (as wide as the
+    image) outgrow the crop engine's whole step, so a budget between the two picks crops
+    (with engine "auto" only)."""
     from sstream.engine.memory import estimate_training_memory
     from sstream.train import TILE_CANDIDATES, tile_for_budget
 
     model = build_model(ModelConfig("tiny"))
-    size = (2048, 2048)
+    size = (1024, 65536)
     smallest = {engine: min(row.peak_bytes for row in estimate_training_memory(
-        model.stream, model.head, size, [t for t in TILE_CANDIDATES if t <= 2048],
+        model.stream, model.head, size, [t for t in TILE_CANDIDATES if t <= 1024],
         engine=engine).rows
         if row.mode == "streaming") for engine in ("halo", "crop")}
     assert smallest["crop"] < smallest["halo"]

@@ -156,16 +156,19 @@ def _window_schedule(avail: int, full_in: int, full_out: int, axis: tuple[int, i
     return max(0, min(full_out, (avail + pad - extent) // stride + 1))
 
 
-# Outputs per axis a gathered region spans. Predict: ResNet-18 with tile 256 took 1.14x /
-# 1.13x plain at 1024 / 2048 px with 32, 1.11x / 1.08x with 64, 1.05x / 1.04x with 96 (from
-# layer1 on, regions then span 2 x 2 tiles). Its peak grows with the line buffers (2048 px:
-# 59, 120, 159 MiB) and stays below a training step's at the same tile (204 MiB) and a third
-# of plain PyTorch's forward (512 MiB). Training keeps every line-buffer row for the
-# backward, once per tile row, so gathering costs memory there: 16 halves the kept strips
-# of ResNet-18 at 2048 px, tile 256 (201 -> 106 MiB) and ResNet-34 at 8192 px, tile 512
-# (1751 -> 1154 MiB); a step took 2% longer at tile 512 and 8% at 1024 px, tile 256.
-MIN_REGION_PREDICT = 96
-MIN_REGION_TRAINING = 16
+# Outputs a gathered region spans, (rows, columns). Predict: ResNet-18 with tile 256 took
+# 1.14x / 1.13x plain at 1024 / 2048 px with 32, 1.11x / 1.08x with 64, 1.05x / 1.04x with 96
+# on both axes (from layer1 on, regions then span 2 x 2 tiles). Rows cost memory, columns do
+# not: every gathered row waits in a line buffer as wide as the image (ResNet-18, tile 512,
+# at 100,000 px: 2.5 GiB a buffer with 96 rows, 250 MiB with 16), the columns only in the
+# left strips, one tile high. 16 rows by 96 columns ran the pooling forward as fast as 96 by
+# 96 (2048 px, tile 256: 2.61 s against 2.67-2.90 s; 16 by 16: 2.95-3.02 s). Training keeps
+# every line-buffer row for the backward, once per tile row, so gathering costs memory there
+# twice over: 16 halves the kept strips of ResNet-18 at 2048 px, tile 256 (201 -> 106 MiB) and
+# ResNet-34 at 8192 px, tile 512 (1751 -> 1154 MiB); a step took 2% longer at tile 512 and 8%
+# at 1024 px, tile 256.
+MIN_REGION_PREDICT = (16, 96)
+MIN_REGION_TRAINING = (16, 16)
 
 
 def _gathered(schedule: list[int], source: list[int], min_region: int) -> list[int]:
@@ -351,7 +354,7 @@ class HaloProgram:
                     src_sched, src_full = (src.rows, src.cols)[axis], src.size[axis]
                     sched = _gathered([_window_schedule(a, src_full, entry.size[axis],
                                                         entry.axes[axis]) for a in src_sched],
-                                      src_sched, self.min_region)
+                                      src_sched, self.min_region[axis])
                 else:
                     scheds = [(self.by_fx[s].rows, self.by_fx[s].cols)[axis]
                               for s in entry.sources]

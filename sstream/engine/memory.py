@@ -26,6 +26,21 @@ One training step (`optimizer.zero_grad(set_to_none=True)`, forward, loss, backw
     step            W + gradients + optimizer state + step temporaries (AdamW: one W, the
                     multi-tensor sqrt buffer of CUDA's default implementation)
 
+Where the head starts with global pooling (`whole_slide`, as training then runs), no feature
+map exists (`StreamingCNN.global_pool`), and a step has two phases beyond the model state:
+
+    forward         the pooling forward without grad: one crop (crop engine), or the halo
+                    engine's line buffers and one tile's values (traced on a proxy of at
+                    most PROXY_TILES x PROXY_TILES tiles; the line buffers, two of them alive
+                    while one tile row hands on to the next, grown to the full width)
+    backward        + one crop re-run with grad and back-propagated (the tile plan's largest:
+                      the blocks re-run are never larger) and its output block's gradient
+                    + head grads + accumulated stream grads + the previous crop's
+
+Neither grows with the image's height, and only the line buffers with its width. With max
+pooling the crops re-run may be smaller than the tile's (`sparse_plan`): the row is then an
+upper bound.
+
 That is the crop engine. The halo engine (StreamingCNN's choice wherever the stream allows
 it) keeps thin strips of every layer between tiles, line buffers and recipes, too intricate
 to model by phases: its step is traced by running the engine itself, StreamingCNN on a meta
@@ -68,8 +83,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sstream.engine.geometry import eval_mode, meta_shortcut
 from sstream.engine.halo import HaloProgram
+from sstream.engine.pooling import head_global_pool
 from sstream.engine.saving import storage_key
 from sstream.engine.streaming import StreamingCNN, check_engine
+from sstream.engine.tiling import TilePlan
 
 __all__ = ["OPTIMIZERS", "MemoryEstimate", "MemoryRow", "estimate_training_memory",
            "largest_fitting_row"]
@@ -110,6 +127,10 @@ class MemoryRow:
         compute_overhead: training FLOPs relative to conventional (1.0 for conventional).
         saving: 1 - peak / conventional peak (0.0 for conventional).
         engine: the streaming engine modelled, "crop" or "halo"; None for conventional.
+            On the whole-slide path it is the forward's (the backward re-runs crops).
+        path: "feature map" (the streamed feature map and its gradient are kept) or
+            "whole-slide" (pooled tile by tile: `StreamingCNN.global_pool`); None for
+            conventional.
     """
 
     mode: str
@@ -126,6 +147,7 @@ class MemoryRow:
     compute_overhead: float = 1.0
     saving: float = 0.0
     engine: str | None = None
+    path: str | None = None
 
 
 @dataclass
@@ -361,6 +383,7 @@ def estimate_training_memory(
     channels: int = 3,
     batch: int = 1,
     engine: str = "auto",
+    whole_slide: bool = True,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step, conventional and streaming per tile.
 
@@ -375,6 +398,8 @@ def estimate_training_memory(
         channels, batch: input channels and images per step.
         engine: StreamingCNN's `engine` to model: "auto" (the halo engine where the stream
             allows it, as StreamingCNN chooses), "crop" or "halo".
+        whole_slide: model the whole-slide path where the head starts with global pooling,
+            as training runs it (False: the feature-map path).
 
     Returns:
         A MemoryEstimate: a conventional row, then one streaming row per tile size, ascending.
@@ -428,9 +453,12 @@ def estimate_training_memory(
         common = _Common(meta_stream, meta_head, fmap.detach(), dtype, base, step_phase,
                          conv_peak, (param_bytes, grad_bytes, optimizer_bytes), stream_flops,
                          head_flops)
+        pooling = head_global_pool(head) if whole_slide else None
         for tile in tiles:
             scnn = StreamingCNN(stream, tile, engine)
-            if scnn.engine_for(shape) == "halo":
+            if pooling is not None:
+                rows.append(_whole_slide_row(common, scnn, shape, pooling))
+            elif scnn.engine_for(shape) == "halo":
                 rows.append(_halo_row(common, scnn, shape))
             else:
                 rows.append(_crop_row(common, scnn, shape))
@@ -481,13 +509,14 @@ class _Common:
 
     def row(self, scnn: StreamingCNN, engine: str, activations: int, tile_peak: int,
             step_peak: int, num_tiles: int, largest_crop: tuple[int, int] | None,
-            stream_passes: float) -> MemoryRow:
+            stream_passes: float, path: str = "feature map") -> MemoryRow:
         peak = max(self.base + step_peak, self.step_phase)
-        return MemoryRow("streaming", scnn.tile_size, *self.state, activations,
-                         2 * self.fmap.numel() * self.itemsize, tile_peak, peak,
-                         num_tiles=num_tiles, largest_crop=largest_crop,
+        feature_map = 2 * self.fmap.numel() * self.itemsize if path == "feature map" else 0
+        return MemoryRow("streaming", scnn.tile_size, *self.state, activations, feature_map,
+                         tile_peak, peak, num_tiles=num_tiles, largest_crop=largest_crop,
                          compute_overhead=self.overhead(stream_passes),
-                         saving=round(1 - peak / self.conv_peak, 4), engine=engine)
+                         saving=round(1 - peak / self.conv_peak, 4), engine=engine,
+                         path=path)
 
 
 def _crop_row(common: _Common, scnn: StreamingCNN, shape: tuple[int, ...]) -> MemoryRow:
@@ -567,8 +596,7 @@ def _halo_row(common: _Common, scnn: StreamingCNN, shape: tuple[int, ...]) -> Me
     keeps what is under 1/16 of the feature map): the trace then misses at most that much,
     against a peak that holds the feature map twice."""
     plan = scnn.plan(shape)
-    proxy = (*shape[:2], *(side if len(spans) <= PROXY_TILES else PROXY_TILES * side // len(spans)
-                           for side, spans in zip(shape[-2:], (plan.rows, plan.cols))))
+    proxy = _proxy_shape(plan, shape)
     proxy_peak, proxy_growing = _halo_step_trace(common, scnn.tile_size, proxy)
     program = scnn.halo_program(shape)
     assert program is not None
@@ -579,6 +607,74 @@ def _halo_row(common: _Common, scnn: StreamingCNN, shape: tuple[int, ...]) -> Me
     return common.row(scnn, "halo", kept + common.head_trace.saved,
                       step_peak - kept - 2 * fmap_numel * common.itemsize, step_peak,
                       len(plan), None, 4)
+
+
+def _whole_slide_row(common: _Common, scnn: StreamingCNN, shape: tuple[int, ...],
+                     pooling: str) -> MemoryRow:
+    """The whole-slide path (module docstring): the larger of the pooling forward's peak and
+    one crop's re-run in the backward, above the model state."""
+    plan = scnn.plan(shape)
+    engine = scnn.engine_for(shape)
+    crop_shape = (*shape[:2], *plan.largest_crop)
+    forward = (_pooled_forward_peak(common, scnn, shape, pooling) if engine == "halo"
+               else _tile_forward_trace(common.stream, crop_shape, common.dtype).peak)
+    out_tile = [max(span.out1 - span.out0 for span in spans) for spans in (plan.rows, plan.cols)]
+    grad_block = torch.empty((*common.fmap.shape[:2], *out_tile), dtype=common.dtype,
+                             device="meta")
+    backward = _tile_backward_trace(common.stream, crop_shape, common.dtype, grad_block)
+    # GradientSum adds each gradient to one sum per parameter as autograd makes it
+    backward_phase = (backward.peak + grad_block.numel() * common.itemsize
+                      + common.head.grads_bytes(4) + common.stream.grad_fix(common.itemsize)
+                      + common.stream.grads_bytes(4))
+    height, width = shape[-2:]
+    area = (sum(s.in1 - s.in0 for s in plan.rows)
+            * sum(s.in1 - s.in0 for s in plan.cols)) / (height * width)
+    forward_passes = 1 if engine == "halo" else area  # the halo forward computes no margins
+    return common.row(scnn, engine, backward.saved, backward.peak, max(forward, backward_phase),
+                      len(plan), plan.largest_crop, forward_passes + 3 * area,
+                      path="whole-slide")
+
+
+def _pooled_forward_peak(common: _Common, scnn: StreamingCNN, shape: tuple[int, ...],
+                         pooling: str) -> int:
+    """Live peak of the halo engine's pooling forward (no grad) for the whole image: traced
+    on a proxy grid that holds the first region of every layer (deep layers gather regions
+    of MIN_REGION_PREDICT outputs over several tiles; at least PROXY_TILES tiles per axis),
+    plus the line buffers (two: the one read and the one written) for the rest of the
+    width."""
+    meta = StreamingCNN(common.stream.module, scnn.tile_size)
+    whole = meta.halo_program(shape, training=False)  # planned outside the trace: planning
+    assert whole is not None                          # on meta tensors holds no memory
+    proxy = _proxy_shape(scnn.plan(shape), shape, _first_regions(whole))
+    meta.halo_program(proxy, training=False)
+
+    def forward() -> None:
+        with torch.no_grad():
+            meta.global_pool(_MetaSource(proxy, common.dtype), pooling)
+
+    peak = _trace(forward, common.stream.tensors).peak
+    small = meta.halo_program(proxy, training=False)
+    assert small is not None
+    return peak + 2 * (whole.line_buffer_elements() - small.line_buffer_elements()) \
+        * common.itemsize
+
+
+def _first_regions(program: HaloProgram) -> tuple[int, int]:
+    """Tiles per axis until every node has computed a region (rows, columns)."""
+    return tuple(max(next(k for k, edge in enumerate(schedule) if edge > 0)  # type: ignore
+                     for schedule in (getattr(n, axis) for n in program.nodes if n.rows))
+                 for axis in ("rows", "cols"))
+
+
+def _proxy_shape(plan: TilePlan, shape: tuple[int, ...], least: tuple[int, int] = (0, 0)
+                 ) -> tuple[int, ...]:
+    """An image of max(PROXY_TILES, least) tiles of the plan's per axis, or the image where
+    it has fewer (the halo engine costs about a millisecond per op and tile on meta)."""
+    sides = []
+    for side, spans, wanted in zip(shape[-2:], (plan.rows, plan.cols), least):
+        tiles = max(PROXY_TILES, wanted)
+        sides.append(side if len(spans) <= tiles else tiles * side // len(spans))
+    return (*shape[:2], *sides)
 
 
 def largest_fitting_row(estimate: MemoryEstimate, budget_bytes: int) -> MemoryRow | None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan
 
@@ -46,6 +47,18 @@ def check_mode(mode: str) -> str:
     if mode not in POOLING_MODES:
         raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
     return mode
+
+
+def head_global_pool(head: nn.Module) -> str | None:
+    """"max" or "avg" when `head` (an nn.Sequential) starts with global pooling (every
+    model zoo head whose whole trunk streams), else None: then the stream's output can be
+    pooled tile by tile (`StreamingCNN.global_pool`) and the rest of the head applied to the
+    pooled vector."""
+    first = head[0] if isinstance(head, nn.Sequential) and len(head) else None
+    if isinstance(first, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)) and \
+            first.output_size in (1, (1, 1)):
+        return "max" if isinstance(first, nn.AdaptiveMaxPool2d) else "avg"
+    return None
 
 
 class GlobalPool:
