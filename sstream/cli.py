@@ -171,6 +171,12 @@ def train(
     engine: str = typer.Option("auto", help="Streaming engine: auto (halos carried between "
                                "tiles where the stream allows it: fastest), halo or crop (keeps "
                                "no halo strips: less memory for small tiles on huge images)."),
+    whole_slide: bool = typer.Option(True, help="With a pooling head (the whole trunk "
+                                     "streamed), pool tile by tile: no feature map is kept and "
+                                     "the backward re-runs only the tiles the gradient reaches, "
+                                     "so memory does not grow with the slide. "
+                                     "--no-whole-slide keeps the feature map (can be faster on "
+                                     "small images whose maxima reach most tiles)."),
     dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a rank waits for "
                                        "the others before the job stops."),
     quiet: bool = typer.Option(False, help="No progress output."),

@@ -416,24 +416,26 @@ def _load_pretrained(backbone: _Backbone, name: str) -> None:
 
 def streamed_logits(model: Classifier, scnn: StreamingCNN,
                     source: torch.Tensor | ImageSource, mask: torch.Tensor | None = None,
-                    input_grad_sink: InputGradSink | None = None) -> torch.Tensor:
+                    input_grad_sink: InputGradSink | None = None, whole_slide: bool = True,
+                    ) -> torch.Tensor:
     """The model's logits (N, classes) with its stream run by `scnn` (a StreamingCNN wrapping
     `model.stream`), under autograd if grad is enabled.
 
     A head that starts with global pooling (`head_global_pool`) gets the pooled (N, C')
     vector from `scnn.global_pool`: no feature map exists, at any slide size, and the
-    backward re-runs only the tiles the gradient reaches (the whole-slide path). Other heads
-    get the assembled feature map. `mask` (bool at the stream's output resolution: tissue)
-    restricts the pooling and needs a pooling head; `input_grad_sink` receives the input
-    gradient block by block (saliency). ValueError for a mask with another head.
+    backward re-runs only the tiles the gradient reaches (the whole-slide path; with
+    `whole_slide=False`, the feature-map path, as for other heads). Other heads get the
+    assembled feature map. `mask` (bool at the stream's output resolution: tissue)
+    restricts the pooling and needs the whole-slide path; `input_grad_sink` receives the
+    input gradient block by block (saliency). ValueError for a mask without it.
     """
-    pool = head_global_pool(model.head)
+    pool = head_global_pool(model.head) if whole_slide else None
     if pool is not None:
         pooled, _ = scnn.global_pool(source, pool, mask=mask, input_grad_sink=input_grad_sink)
         return model.head[1:](pooled[..., None, None])  # (N, C') -> (N, classes)
     if mask is not None:
-        raise ValueError("a tissue mask needs a head that starts with global pooling: stream "
-                         "the whole trunk (no --stream-layers)")
+        raise ValueError("a tissue mask needs the whole-slide path: a head that starts with "
+                         "global pooling (stream the whole trunk: no --stream-layers)")
     return model.head(scnn(source, input_grad_sink=input_grad_sink))
 
 

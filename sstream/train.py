@@ -111,6 +111,7 @@ class TrainConfig:
     tile_size: int = 512
     memory_budget: str | None = None    # e.g. "8GiB": the tile is chosen by the estimator
     engine: str = "auto"                # StreamingCNN's engine: auto, halo or crop
+    whole_slide: bool = True            # pooling heads pool tile by tile (no feature map)
     dist_timeout: float = DEFAULT_TIMEOUT_S   # seconds a rank waits for the others
 
     def validate(self) -> None:
@@ -241,12 +242,13 @@ def load_training_image(sample: Sample, config: TrainConfig, train: bool,
     return PixelSource.from_array(rgb, augmentation, dtype=dtype)
 
 
-def training_path(model: Classifier) -> str:
-    """How a training step runs, in a phrase for the start-up line: "whole-slide" where the
-    head starts with global pooling (no feature map: the forward pools tile by tile and the
-    backward re-runs only where the gradient goes), else "feature map" (the head's conv
-    stages need the assembled feature map and its gradient)."""
-    return "whole-slide" if head_global_pool(model.head) is not None else "feature map"
+def training_path(model: Classifier, whole_slide: bool = True) -> str:
+    """How a training step runs, for the start-up line: "whole-slide" where the head starts
+    with global pooling (no feature map: the forward pools tile by tile and the backward
+    re-runs only where the gradient goes) unless `whole_slide` is off, else "feature map"
+    (the streamed feature map and its gradient are kept, as the head's conv stages need)."""
+    pooled = whole_slide and head_global_pool(model.head) is not None
+    return "whole-slide" if pooled else "feature map"
 
 
 def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]
@@ -311,7 +313,7 @@ def tile_for_budget(model: Classifier, image_size: tuple[int, int], budget: str,
     for engine in ("auto", "crop") if config.engine == "auto" else (config.engine,):
         estimate = estimate_training_memory(model.stream, model.head, image_size, candidates,
                                             dtype=dtype, optimizer=config.optimizer,
-                                            engine=engine)
+                                            engine=engine, whole_slide=config.whole_slide)
         row = largest_fitting_row(estimate, parse_bytes(budget))
         if row is not None:
             return int(row.tile_size[0]), engine
@@ -504,7 +506,8 @@ class _Trainer:
                               "train_images": len(self.train_samples),
                               "val_images": len(self.val_samples), "tile_size":
                               self.scnn.tile_size, "engine": self.scnn.engine,
-                              "geometry": self.scnn.geometry, "path": training_path(self.model),
+                              "geometry": self.scnn.geometry,
+                              "path": training_path(self.model, config.whole_slide),
                               "resumed_at": (self.state.epoch, self.state.image_index),
                               "ranks": self.parallel.world_size})
         rank = self.parallel.rank
@@ -586,7 +589,8 @@ class _Trainer:
     def _train_image(self, source: PixelSource, label: int, group_size: int) -> float:
         """Forward and backward one image; gradients accumulate (loss / group size)."""
         with autocast(self.device, self.config.amp, self.amp_dtype):
-            logits = streamed_logits(self.model, self.scnn, source)  # (1, classes)
+            logits = streamed_logits(self.model, self.scnn, source,  # (1, classes)
+                                     whole_slide=self.config.whole_slide)
         # at least float32 for the loss (float64 models stay float64)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits, torch.tensor([label], device=self.device))

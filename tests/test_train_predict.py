@@ -76,20 +76,15 @@ class StartInfo(TrainEvents):
         self.info = info
 
 
-def test_the_whole_slide_path_trains_as_the_feature_map_path(tmp_path, monkeypatch):
-    """A pooling head trains on the whole-slide path (said at start-up): after two SGD steps
-    (four images, accumulate 2, augmentation and dropout on) its weights equal those of the
-    feature-map path, float64."""
-    import sstream.models
-    import sstream.train
-
+def test_the_whole_slide_path_trains_as_the_feature_map_path(tmp_path):
+    """A pooling head trains on the whole-slide path by default (said at start-up): after two
+    SGD steps (four images, accumulate 2, augmentation and dropout on) its weights equal
+    those of the feature-map path (--no-whole-slide), float64."""
     settings = config(tmp_path, epochs=1, optimizer="sgd", weight_decay=0.0)
     runs = {}
     with float64_training():
         for path in ("whole-slide", "feature map"):
-            if path == "feature map":  # as for a head with conv stages
-                for module in (sstream.models, sstream.train):
-                    monkeypatch.setattr(module, "head_global_pool", lambda head: None)
+            settings.whole_slide = path == "whole-slide"
             events = StartInfo()
             settings.out = str(tmp_path / path.replace(" ", "_"))
             result = train(settings, events)
