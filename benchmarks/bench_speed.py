@@ -92,11 +92,11 @@ def paired(plain: Callable[[], None], streamed: Callable[[], None], reps: int,
             statistics.median(s / p for p, s in times))
 
 
-def _in_subprocess(call: str) -> list[float]:
-    """The numbers `benchmarks.bench_speed.<call>` prints on its last line, run in a fresh
-    process: the heap a long benchmark leaves behind changes how fast steps run (the
-    per-tile ratios came out twice as high after the big rows as alone)."""
-    out = subprocess.run([sys.executable, "-c", f"import benchmarks.bench_speed as b; b.{call}"],
+def _in_subprocess(call: str, module: str = "benchmarks.bench_speed") -> list[float]:
+    """The numbers `<module>.<call>` prints on its last line, run in a fresh process: the
+    heap a long benchmark leaves behind changes how fast steps run (the per-tile ratios
+    came out twice as high after the big rows as alone)."""
+    out = subprocess.run([sys.executable, "-c", f"import {module} as b; b.{call}"],
                          capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent, check=True)
     return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
