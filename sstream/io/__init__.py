@@ -9,7 +9,14 @@ Depends on numpy, tifffile, zarr, imagecodecs and Pillow only; knows nothing of 
 """
 
 from sstream.io.atomic import atomic_output
-from sstream.io.reader import PIL_MAX_PIXELS, ImageReadError, SlideImage, open_image, to_rgb8
+from sstream.io.reader import (
+    PIL_MAX_PIXELS,
+    ImageReadError,
+    SlideImage,
+    open_image,
+    read_downsampled,
+    to_rgb8,
+)
 from sstream.io.synthetic import make_sample_data, write_synthetic_slide
 from sstream.io.writer import TiffMapWriter, downsample_2x2, pyramid_shapes
 
@@ -23,6 +30,7 @@ __all__ = [
     "make_sample_data",
     "open_image",
     "pyramid_shapes",
+    "read_downsampled",
     "to_rgb8",
     "write_synthetic_slide",
 ]

@@ -405,6 +405,29 @@ class _TiffLevel(_Level):
         self._store.close()
 
 
+def read_downsampled(slide: SlideImage, level: int, shape: tuple[int, int]) -> np.ndarray:
+    """Level `level` of the slide as RGB uint8 of `shape` (h, w), smaller than the level:
+    read from the coarsest pyramid level still finer than `shape`, box-filtered, in bands
+    (never a whole level in memory). For thumbnails, overviews and tissue detection."""
+    from PIL import Image
+
+    out_h, out_w = shape
+    level_w, level_h = slide.level_dimensions[level]
+    target_downsample = slide.level_downsamples[level] * max(level_w / out_w, level_h / out_h)
+    read_level = slide.get_best_level_for_downsample(target_downsample)
+    read_w, read_h = slide.level_dimensions[read_level]
+    factor = max(1, int(target_downsample / slide.level_downsamples[read_level]))
+    scale_y = slide.dimensions[1] / read_h
+    rows_per_band = factor * max(1, (1 << 20) // (factor * factor * read_w))
+    reduced = np.empty((-(-read_h // factor), -(-read_w // factor), 3), np.uint8)
+    for y0 in range(0, read_h, rows_per_band):  # bands of whole factor x factor boxes
+        rows = min(rows_per_band, read_h - y0)
+        band = slide.read_region((0, math.ceil(y0 * scale_y)), read_level, (read_w, rows))
+        small = np.asarray(Image.fromarray(band).reduce(factor))
+        reduced[y0 // factor:y0 // factor + small.shape[0]] = small
+    return np.asarray(Image.fromarray(reduced).resize((out_w, out_h), Image.Resampling.BOX))
+
+
 def to_rgb8(raw: np.ndarray, float_scale: float = 255.0) -> np.ndarray:
     """Convert (h, w, c) pixels of any dtype to (h, w, 3) uint8 by the module's rule.
 
