@@ -4,11 +4,12 @@ Each slide is a tiled, JPEG-compressed pyramidal TIFF rendered tile by tile (nev
 array of the slide) from pure functions of the pixel coordinates and the seed:
 
 - glass (near white) and tissue: tissue where a sum of random low-frequency sinusoids is
-  above a threshold; tissue is pink (eosin) modulated by a mid-frequency field and noise;
+  above a threshold (about 70% of the slide, or the `tissue_fraction` asked for); tissue is
+  pink (eosin) modulated by a mid-frequency field and noise;
 - nuclei: small purple discs (radius 2-4.5 px) on a jittered 16 px grid, from an integer hash
   of (seed, cell), so a tile never needs its neighbours;
 - blobs of radius 8-12 px (diameter 16-24 px), 3 or more per slide, in two kinds with the
-  same mean colour (115, 115, 172):
+  same mean colour (115, 115, 172), centred on tissue (as lesions are):
   *lesions* are a checkerboard of 2 x 2 px navy (30, 30, 110) and pale (200, 200, 235)
   squares; *decoys* are flat discs of the mean colour.
 
@@ -64,9 +65,24 @@ class _Slide:
     seed: int
     waves: np.ndarray  # (k, 4): fx, fy, phase, amplitude of the tissue field
     blobs: tuple[Blob, ...]
+    offset: float = 0.8  # tissue cover (field + offset) * 3: half at 1/6, full from 1/3
 
 
-def _plan_slide(width: int, height: int, label: int, seed: int) -> _Slide:
+def _field(waves: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """The tissue field: a sum of low-frequency sinusoids at level-0 points (x, y)."""
+    field = np.zeros(np.broadcast_shapes(np.shape(xs), np.shape(ys)))
+    for fx, fy, phase, amp in waves:
+        field = field + amp * np.sin(2 * np.pi * (fx * xs + fy * ys) + phase)
+    return field
+
+
+def _tissue(field: np.ndarray, offset: float) -> np.ndarray:
+    """Tissue cover in [0, 1] from the field: a soft glass/tissue edge."""
+    return np.clip((field + offset) * 3, 0, 1)
+
+
+def _plan_slide(width: int, height: int, label: int, seed: int,
+                tissue_fraction: float | None = None) -> _Slide:
     rng = np.random.default_rng([seed, 1])
     k = 6
     period = rng.uniform(0.4, 1.2, k) * max(width, height)
@@ -80,6 +96,10 @@ def _plan_slide(width: int, height: int, label: int, seed: int) -> _Slide:
         ],
         axis=1,
     )
+    offset = 0.8
+    if tissue_fraction is not None:  # the field's quantile on a coarse grid
+        ys, xs = np.mgrid[0:height:max(1, height // 256), 0:width:max(1, width // 256)]
+        offset = 1 / 6 - float(np.quantile(_field(waves, xs, ys), 1 - tissue_fraction))
     area_units = width * height / 768**2
     n_blobs = int(rng.integers(3, 6)) + int(round(4 * max(area_units - 1, 0)))
     n_lesions = int(rng.integers(1, 4)) if label else 0
@@ -89,15 +109,13 @@ def _plan_slide(width: int, height: int, label: int, seed: int) -> _Slide:
     margin = 24
     blobs = []
     for lesion in kinds:
-        blobs.append(
-            Blob(
-                x=float(rng.uniform(margin, max(width - margin, margin + 1))),
-                y=float(rng.uniform(margin, max(height - margin, margin + 1))),
-                radius=float(rng.uniform(8, 12)),
-                lesion=bool(lesion),
-            )
-        )
-    return _Slide(width, height, seed, waves, tuple(blobs))
+        for _ in range(200):  # a centre on full tissue (the last draw if none is found)
+            x = float(rng.uniform(margin, max(width - margin, margin + 1)))
+            y = float(rng.uniform(margin, max(height - margin, margin + 1)))
+            if _tissue(_field(waves, x, y), offset) >= 1:
+                break
+        blobs.append(Blob(x=x, y=y, radius=float(rng.uniform(8, 12)), lesion=bool(lesion)))
+    return _Slide(width, height, seed, waves, tuple(blobs), offset)
 
 
 def _hash01(seed: int, a: np.ndarray, b: np.ndarray, salt: int) -> np.ndarray:
@@ -120,10 +138,8 @@ def render_tile(slide: _Slide, x0: int, y0: int, w: int, h: int) -> np.ndarray:
     """RGB uint8 (h, w, 3) of the slide at level-0 pixels [y0, y0 + h) x [x0, x0 + w)."""
     ys = np.arange(y0, y0 + h, dtype=np.float64)[:, None]  # (h, 1)
     xs = np.arange(x0, x0 + w, dtype=np.float64)[None, :]  # (1, w)
-    field = np.zeros((h, w))
-    for fx, fy, phase, amp in slide.waves:
-        field += amp * np.sin(2 * np.pi * (fx * xs + fy * ys) + phase)
-    tissue = np.clip((field + 0.8) * 3, 0, 1)[..., None]  # soft tissue/glass edge (h, w, 1)
+    field = np.broadcast_to(_field(slide.waves, xs, ys), (h, w))
+    tissue = _tissue(field, slide.offset)[..., None]  # soft tissue/glass edge (h, w, 1)
     texture = np.sin(xs / 23.0 + np.sin(ys / 37.0) * 2) * np.cos(ys / 29.0 - xs / 61.0)
     yi, xi = np.meshgrid(np.arange(y0, y0 + h), np.arange(x0, x0 + w), indexing="ij")
     noise = _hash01(slide.seed, yi, xi, salt=7) - 0.5  # per pixel, (h, w)
@@ -168,6 +184,7 @@ def write_synthetic_slide(
     mpp: float = 0.5,
     quality: int = 90,
     overwrite: bool = False,
+    tissue_fraction: float | None = None,
 ) -> tuple[Blob, ...]:
     """Write one synthetic slide as a tiled JPEG pyramidal BigTIFF; return its blobs.
 
@@ -180,17 +197,20 @@ def write_synthetic_slide(
         mpp: microns per pixel stored in the file.
         quality: JPEG quality.
         overwrite: replace an existing file.
+        tissue_fraction: the share of the slide that is tissue, in (0, 1]; None: about 70%.
 
     Raises:
         FileExistsError: `path` exists and not `overwrite`.
-        ValueError: label not 0/1 or non-positive size.
+        ValueError: label not 0/1, non-positive size, tissue fraction outside (0, 1].
     """
     width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if label not in (0, 1):
         raise ValueError(f"label must be 0 or 1, got {label}")
     if width <= 0 or height <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    slide = _plan_slide(width, height, int(label), int(seed))
+    if tissue_fraction is not None and not 0 < tissue_fraction <= 1:
+        raise ValueError(f"tissue_fraction must be in (0, 1], got {tissue_fraction}")
+    slide = _plan_slide(width, height, int(label), int(seed), tissue_fraction)
     with TiffMapWriter(
         path,
         shape=(height, width, 3),

@@ -55,3 +55,21 @@ def test_make_sample_data(tmp_path):
     for image, _ in rows["train.csv"]:
         with open_image(train.parent / image) as slide:  # paths are relative to the CSV
             assert 128 <= slide.dimensions[0] <= 256
+
+
+def test_blobs_lie_on_tissue_and_the_tissue_fraction_is_honoured(tmp_path):
+    """Lesions and decoys are centred on tissue (a tissue mask never hides them), and a
+    slide asked for 20% tissue is about 20% tissue to the detector."""
+    from sstream.io.tissue import detect_tissue
+
+    for seed in range(6):
+        blobs = write_synthetic_slide(tmp_path / f"{seed}.tif", 768, seed % 2, seed=seed,
+                                      overwrite=True)
+        with open_image(tmp_path / f"{seed}.tif") as slide:
+            for blob in blobs:
+                pixel = slide.read_region((int(blob.x) - 13, int(blob.y)), 0, (1, 1))[0, 0]
+                assert pixel.min() < 225, f"seed {seed}: blob at {blob} borders glass"
+    write_synthetic_slide(tmp_path / "sparse.tif", (2048, 1536), 1, seed=3,
+                          tissue_fraction=0.2)
+    with open_image(tmp_path / "sparse.tif") as slide:
+        assert abs(detect_tissue(slide).fraction - 0.2) < 0.05
