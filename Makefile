@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_EPOCHS ?= 6
+DEMO_EPOCHS ?= 8
 
 .PHONY: install test lint demo bench bench-quick clean
 

@@ -14,7 +14,8 @@ steps do not fit this machine at the larger sizes, or take hours).
 
 Speed rows: the step against plain PyTorch's training step where that fits, else against a
 plain no-grad forward; max pooling and average pooling; how many blocks the backward re-ran
-(of the forward's tiles). Standalone: `python -m benchmarks.bench_whole_slide [--quick]`.
+(beside the forward's tiles: blocks may be smaller than a tile).
+Standalone: `python -m benchmarks.bench_whole_slide [--quick]`.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def run(quick: bool = False) -> dict:
                      f"{live:.0f} ({live / first_live:.2f}x)",
                      f"{rss:.0f} ({rss / first_rss:.2f}x)", f"{estimated:.0f}",
                      f"{feature_map:.0f}", f"{conventional:.0f}",
-                     f"{reran:.0f} of {tiles:.0f}", f"{seconds:.1f}", "-"])
+                     f"{reran:.0f} ({tiles:.0f} tiles)", f"{seconds:.1f}", "-"])
     for name, size, tile, against in SPEED[kind]:
         baseline = _in_subprocess_here(f"_measure('plain', {name!r}, {size}, {against!r}, "
                                        f"{reps if name == 'tiny' else 1})")[0]
@@ -190,7 +191,7 @@ def run(quick: bool = False) -> dict:
                     f"_measure('whole_slide', {name!r}, {size}, {tile}, {pooling!r}, "
                     f"{steps})")
             rows.append([f"{name} {size} px, tile {tile}, {pooling}", "speed", f"{live:.0f}",
-                         f"{rss:.0f}", "-", "-", "-", f"{reran:.0f} of {tiles:.0f}",
+                         f"{rss:.0f}", "-", "-", "-", f"{reran:.0f} ({tiles:.0f} tiles)",
                          f"{seconds:.1f}",
                          f"{seconds / baseline:.2f}x plain {against} ({baseline:.1f} s)"])
     return {"title": "Whole-slide training (pooling head: no feature map, backward only where "
@@ -208,8 +209,9 @@ def run(quick: bool = False) -> dict:
                 "estimate MiB and (est.): sstream's memory estimate of a whole training "
                 "step with the model's parameters and AdamW state (ResNet-18: 43 MiB each), "
                 "on the whole-slide path, the feature-map path and plain PyTorch.",
-                f"blocks re-run: crops the backward re-ran for the pooled gradient, of the "
-                f"forward's tiles; step s: the first step at full size (tiny: median of "
+                f"blocks re-run: crops the backward re-ran for the pooled gradient (blocks "
+                f"of one to a tile's outputs, sized per image), beside the forward's tiles; "
+                f"step s: the first step at full size (tiny: median of "
                 f"{reps}) after a warm-up on a small image; torch threads: "
                 f"{torch.get_num_threads()}"]}
 

@@ -171,6 +171,11 @@ def train(
     engine: str = typer.Option("auto", help="Streaming engine: auto (halos carried between "
                                "tiles where the stream allows it: fastest), halo or crop (keeps "
                                "no halo strips: less memory for small tiles on huge images)."),
+    tissue: str = typer.Option(None, help="auto: pool over tissue only, found on each "
+                               "slide's thumbnail (glass is neither read nor computed); none: "
+                               "every position. A CSV's mask column gives slides their own "
+                               "mask images. Check masks first with `sstream tissue`.",
+                               show_default="auto with a pooling head, else none"),
     whole_slide: bool = typer.Option(True, help="With a pooling head (the whole trunk "
                                      "streamed), pool tile by tile: no feature map is kept and "
                                      "the backward re-runs only the tiles the gradient reaches, "
@@ -272,6 +277,9 @@ def predict(
     tile_size: int = typer.Option(512, help="Tile side in input pixels."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: bool = typer.Option(False, help="Mixed precision inference."),
+    tissue: str = typer.Option(None, help="auto, none, or a mask image (one slide); a CSV's "
+                               "mask column gives slides their own masks.",
+                               show_default="as the model was trained"),
     quiet: bool = typer.Option(False, help="Print only errors."),
 ) -> None:
     """Predict class probabilities for slides with a trained checkpoint (streaming forward)."""
@@ -288,7 +296,7 @@ def predict(
             checkpoint=str(checkpoint), images=[str(i) for i in images or []],
             csv=str(csv) if csv else None, out=str(out) if out else None, level=level,
             mpp=mpp, image_size=_parse_size(image_size, "--image-size"), tile_size=tile_size,
-            device=device, amp=amp, overwrite=overwrite)
+            device=device, amp=amp, overwrite=overwrite, tissue=tissue)
         events = PredictEvents() if quiet else RichPredictEvents(err_console)
         try:
             result = run_prediction(config, events)
@@ -344,6 +352,9 @@ def saliency(
         256, "--tile-size", help="Streaming tile side in pixels. Memory grows with it: a "
         "20000 x 20000 slide takes 234 MiB at 256, 394 MiB (and 25 % less time) at 512."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    tissue: str | None = typer.Option(
+        None, "--tissue", help="auto, none or a mask image: the prediction pools over tissue "
+        "and the map is zero on glass.", show_default="as the model was trained"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
 ) -> None:
     """Write a full-resolution saliency map of a slide as a pyramidal TIFF and a PNG overview."""
@@ -393,7 +404,8 @@ def saliency(
             result = compute_saliency(
                 slide, checkpoint, out_path, overview=overview_path, class_index=class_index,
                 level=level, mpp=mpp, method=method, uint8=uint8, percentile=percentile,
-                tile_size=tile_size, device=device, overwrite=overwrite, progress=progress)
+                tile_size=tile_size, device=device, overwrite=overwrite, progress=progress,
+                tissue=tissue)
         except SaliencyOptionError as exc:
             raise UsageError(str(exc)) from None
         finally:
@@ -409,6 +421,44 @@ def saliency(
         console.print(f"values {result.min:.3g} .. {result.max:.3g}, scale {result.scale:.3g} "
                       f"(p{result.percentile:g} of |non-zero|), {result.tiles} tiles in "
                       f"{result.seconds:.1f} s", highlight=False, soft_wrap=True)
+
+
+# ---- tissue -------------------------------------------------------------------------------
+
+
+@app.command("tissue")
+def tissue_command(
+    slide: Path = typer.Argument(..., help="Slide or image whose tissue to find."),
+    out: Path = typer.Option(None, "--out", "-o", help="Preview PNG: the slide with glass "
+                             "dimmed and the tissue outlined.",
+                             show_default="<slide>.tissue.png"),
+    tissue: str = typer.Option("auto", "--tissue", help="auto (detect) or a mask image to "
+                               "check against the slide."),
+    mask: Path = typer.Option(None, "--mask", help="Also write the mask as a PNG (255 = "
+                              "tissue) to edit and pass back as --tissue PATH."),
+    max_side: int = typer.Option(1024, "--max-side", help="Longer side of the preview (px)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+) -> None:
+    """Preview the tissue mask of a slide before a long run: what --tissue auto pools over."""
+    from sstream.tissue import preview_tissue
+
+    with user_errors():
+        if max_side < 16:
+            raise UsageError("--max-side must be at least 16")
+        if tissue == "none":
+            raise UsageError("--tissue none has no mask to preview: use auto or a mask file")
+        target = out if out is not None else slide.with_name(slide.name + ".tissue.png")
+        result = preview_tissue(slide, target, tissue, mask, max_side, overwrite)
+        console.print(f"{result.slide.name}: tissue {result.fraction:.1%} of the slide "
+                      f"({result.source}); preview: {result.preview}", highlight=False)
+        if result.mask is not None:
+            console.print(f"mask ({result.mask_size[0]} x {result.mask_size[1]} px): "
+                          f"{result.mask}", highlight=False)
+        if result.fraction == 0:
+            err_console.print("[yellow]no tissue found: with --tissue auto the jobs use the "
+                              "whole image (a grayscale, fluorescence or empty slide?); give a "
+                              "mask file to restrict it[/yellow]")
+            raise typer.Exit(EXIT_FAILURE)
 
 
 # ---- estimate-memory ------------------------------------------------------------------------

@@ -74,6 +74,11 @@ class RichTrainEvents(TrainEvents):
             f"output stride {g.stride[0]}, "
             f"receptive field {g.receptive_field[0]} px; outputs in {info['out']}")
         self.console.print(_PATHS[info["path"]])
+        tissue = {"auto": "auto (found on each slide's thumbnail)",
+                  "none": "none (every position counts)"}[info["tissue"]]
+        previews = info.get("tissue_previews")
+        self.console.print(f"tissue: {tissue}" + (f"; check the masks in {previews}"
+                                                   if previews else ""))
         epoch, index = info["resumed_at"]
         if epoch or index:
             self.console.print(f"resuming at epoch {epoch + 1}, image {index + 1}")

@@ -19,15 +19,24 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from sstream.io import SlideImage, open_image
+from sstream.io.tissue import TissueMask
 
 Box = tuple[int, int, int, int]
 RegionReader = Callable[[int, int, int, int], np.ndarray]
 """(y0, y1, x0, x1) -> uint8 RGB array (y1 - y0, x1 - x0, 3); regions may cross the border."""
+PointMap = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""(y, x) image coordinates (float arrays that broadcast; pixel (i, j) spans [i, i + 1) x
+[j, j + 1)) -> the same points as (y, x) in level-0 pixels of the slide they were read from."""
+
+
+def _identity(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return y, x
 
 
 class DatasetError(ValueError):
@@ -36,20 +45,23 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One CSV row: an image path (resolved against the CSV's folder) and its class."""
+    """One CSV row: an image path (resolved against the CSV's folder), its class, and its
+    tissue mask file (an optional `mask` column; None where empty or absent)."""
 
     image: Path
     label: int | None
     row: int  # 1-based line number in the CSV (the header is line 1)
+    mask: Path | None = None
 
 
 def read_label_csv(path: str | Path, num_classes: int | None = None,
                    require_labels: bool = True) -> list[Sample]:
-    """Read a CSV with header `image,label` (paths relative to the CSV's folder).
+    """Read a CSV with header `image,label` (paths relative to the CSV's folder) and an
+    optional `mask` column: a tissue mask image per slide (see `sstream.io.tissue`).
 
     Every problem is collected and raised at once as DatasetError, with line numbers: missing
     or empty file, wrong header, a label that is not an integer (or not in [0, num_classes)),
-    duplicate rows, image paths that do not exist.
+    duplicate rows, image or mask paths that do not exist.
     """
     path = Path(path)
     if not path.is_file():
@@ -66,6 +78,7 @@ def read_label_csv(path: str | Path, num_classes: int | None = None,
         raise DatasetError(f"{path}: header is {','.join(rows[0])!r}, expected 'image,label'")
     image_col = header.index("image")
     label_col = header.index("label") if "label" in header else None
+    mask_col = header.index("mask") if "mask" in header else None
     samples, problems, seen = [], [], {}
     for line, row in enumerate(rows[1:], start=2):
         image_text = row[image_col].strip() if image_col < len(row) else ""
@@ -93,7 +106,13 @@ def read_label_csv(path: str | Path, num_classes: int | None = None,
         if not image.is_file():
             problems.append(f"line {line}: image not found: {image}")
             continue
-        samples.append(Sample(image, label, line))
+        mask_text = row[mask_col].strip() if mask_col is not None and mask_col < len(row) \
+            else ""
+        mask = (path.parent / mask_text).resolve() if mask_text else None
+        if mask is not None and not mask.is_file():
+            problems.append(f"line {line}: mask not found: {mask}")
+            continue
+        samples.append(Sample(image, label, line, mask))
     if not samples and not problems:
         problems.append("no data rows after the header")
     if problems:
@@ -160,14 +179,27 @@ class Augmentation:
         ys, xs = [c[0] for c in corners], [c[1] for c in corners]
         return min(ys), max(ys) + 1, min(xs), max(xs) + 1
 
-    def _source_point(self, y: int, x: int, height: int, width: int) -> tuple[int, int]:
-        """The untransformed pixel that lands at (y, x): np.rot90 undone turn by turn (a
+    def _source_point(self, y: Any, x: Any, height: int, width: int, pixel: int = 1
+                      ) -> tuple[Any, Any]:
+        """The untransformed point that lands at (y, x): np.rot90 undone turn by turn (a
         quarter turn counter-clockwise puts a (h, w) array's [j, w - 1 - i] at [i, j]), then
-        the flip."""
+        the flip. Pixel indices with `pixel` 1; continuous coordinates (a pixel (i, j)
+        spans [i, i + 1)) with `pixel` 0. Numbers or arrays that broadcast."""
         for turn in range(self.rotations, 0, -1):
             before_width = width if (turn - 1) % 2 == 0 else height
-            y, x = x, before_width - 1 - y
-        return (y, width - 1 - x) if self.flip else (y, x)
+            y, x = x, before_width - pixel - y
+        return (y, width - pixel - x) if self.flip else (y, x)
+
+    def point_map(self, inner: PointMap, height: int, width: int) -> PointMap:
+        """`inner` (the untransformed `height` x `width` image's PointMap) for the
+        transformed image's points."""
+        if not self.flip and not self.rotations:
+            return inner
+
+        def points(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return inner(*self._source_point(y, x, height, width, pixel=0))
+
+        return points
 
     def region_reader(self, read_rgb: RegionReader, height: int, width: int
                       ) -> RegionReader:
@@ -200,12 +232,14 @@ class PixelSource:
 
     def __init__(self, read_rgb: RegionReader, height: int, width: int,
                  colour: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 slide: SlideImage | None = None) -> None:
+                 slide: SlideImage | None = None, level0: PointMap = _identity) -> None:
         if height <= 0 or width <= 0:
             raise ValueError(f"image has no pixels ({width} x {height})")
         self._read_rgb, self.height, self.width = read_rgb, int(height), int(width)
         self.colour, self.dtype = colour, dtype
         self._slide = slide  # closed by `close()`: the source owns it
+        self.level0 = level0  # where this image's points lie on the slide
+        self.tissue: TissueMask | None = None  # the slide's tissue, when the job wants it
 
     def close(self) -> None:
         """Close the slide this source reads from, if it owns one (`open_lazily`)."""
@@ -238,9 +272,12 @@ class PixelSource:
 
     @classmethod
     def from_array(cls, rgb: np.ndarray, augmentation: Augmentation | None = None,
-                   fill: int = 255, dtype: torch.dtype = torch.float32) -> PixelSource:
-        """An in-memory uint8 (H, W, 3) image; regions crossing the border read as `fill`."""
+                   fill: int = 255, dtype: torch.dtype = torch.float32,
+                   level0: PointMap = _identity) -> PixelSource:
+        """An in-memory uint8 (H, W, 3) image; regions crossing the border read as `fill`.
+        `level0` places the (untransformed) array's points on a slide."""
         augmentation = augmentation or Augmentation()
+        level0 = augmentation.point_map(level0, *rgb.shape[:2])
         rgb = augmentation.apply(rgb)
         height, width = rgb.shape[:2]
 
@@ -253,7 +290,8 @@ class PixelSource:
                 out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = rgb[iy0:iy1, ix0:ix1]
             return out
 
-        return cls(read_rgb, height, width, colour=augmentation.colour(), dtype=dtype)
+        return cls(read_rgb, height, width, colour=augmentation.colour(), dtype=dtype,
+                   level0=level0)
 
     @classmethod
     def from_slide(cls, slide: SlideImage, level: int = 0,
@@ -270,7 +308,10 @@ class PixelSource:
             location = (math.ceil((wx0 + x0) * scale_x), math.ceil((wy0 + y0) * scale_y))
             return slide.read_region(location, level, (x1 - x0, y1 - y0))
 
-        return cls(read_rgb, wy1 - wy0, wx1 - wx0)
+        def level0(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return (wy0 + y) * scale_y, (wx0 + x) * scale_x
+
+        return cls(read_rgb, wy1 - wy0, wx1 - wx0, level0=level0)
 
     def augmented(self, augmentation: Augmentation | None, dtype: torch.dtype,
                   slide: SlideImage | None = None) -> PixelSource:
@@ -281,22 +322,28 @@ class PixelSource:
         height, width = augmentation.shape(self.height, self.width)
         reader = augmentation.region_reader(self._read_rgb, self.height, self.width)
         return PixelSource(reader, height, width, colour=augmentation.colour(), dtype=dtype,
-                           slide=slide)
+                           slide=slide,
+                           level0=augmentation.point_map(self.level0, self.height, self.width))
 
 
 def fit_window(height: int, width: int, size: tuple[int, int] | None, mode: str,
-               generator: np.random.Generator | None = None) -> Box:
+               generator: np.random.Generator | None = None,
+               around: tuple[float, float] | None = None) -> Box:
     """The (y0, y1, x0, x1) window of an image cropped or padded to `size` (h, w).
 
-    mode "center" centres the window; "random" draws its offset (training). Padding (a
-    window larger than the image) is centred in either mode; outside pixels read as white.
+    mode "center" centres the window; "random" draws its offset (training), or centres it
+    on `around` (y, x) where given (a random tissue point: crops of slides then hold tissue),
+    kept inside the image. Padding (a window larger than the image) is centred in either
+    mode; outside pixels read as white.
     """
     if size is None:
         return (0, height, 0, width)
     starts = []
-    for extent, want in ((height, size[0]), (width, size[1])):
+    for axis, (extent, want) in enumerate(((height, size[0]), (width, size[1]))):
         if want >= extent or mode == "center" or generator is None:
             starts.append((extent - want) // 2)
+        elif around is not None:
+            starts.append(min(max(0, round(around[axis] - want / 2)), extent - want))
         else:
             starts.append(int(generator.integers(0, extent - want + 1)))
     return (starts[0], starts[0] + size[0], starts[1], starts[1] + size[1])

@@ -92,6 +92,9 @@ class ModelConfig:
         pooling: global pooling of the head, "max" or "avg".
         dropout: dropout probability before the final linear layer (in the head, so it may be
             random: the head is not re-run per tile).
+        tissue: what the global pooling ran over in training: "auto" (detected tissue, see
+            `sstream.tissue`) or "none" (every position; checkpoints from before tissue
+            masks); predict and saliency do the same unless told otherwise.
     """
 
     name: str = "tiny"
@@ -99,6 +102,7 @@ class ModelConfig:
     stream_layers: str | None = None
     pooling: str = "max"
     dropout: float = 0.0
+    tissue: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (JSON- and weights_only-safe)."""
@@ -130,6 +134,8 @@ class ModelConfig:
             raise ValueError(f"num_classes must be a positive integer, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.tissue not in ("auto", "none"):
+            raise ValueError(f"tissue must be 'auto' or 'none', got {self.tissue!r}")
 
 
 class Normalize(nn.Module):

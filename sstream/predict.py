@@ -15,23 +15,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sstream.data import PixelSource, choose_level, fit_window, read_label_csv
+from sstream.data import PixelSource, Sample, choose_level, fit_window, read_label_csv
 from sstream.engine import ImageSource, StreamingCNN
 from sstream.io import atomic_output, open_image
 from sstream.metrics import classification_metrics
-from sstream.models import Classifier, load_checkpoint, streamed_logits
+from sstream.models import Classifier, head_global_pool, load_checkpoint, streamed_logits
 from sstream.runtime import amp_dtype, autocast, resolve_device
+from sstream.tissue import Tissue, output_mask
 
 
 def class_probabilities(model: Classifier, scnn: StreamingCNN, source: ImageSource | torch.Tensor,
-                        amp: bool = False, dtype: torch.dtype = torch.bfloat16) -> np.ndarray:
+                        amp: bool = False, dtype: torch.dtype = torch.bfloat16,
+                        mask: torch.Tensor | None = None) -> np.ndarray:
     """Softmax probabilities (classes,) of one image, streamed without keeping gradients.
 
     When the head starts with global pooling, the stream's output is pooled tile by tile and
-    never assembled, so the slide's size does not matter (`streamed_logits`)."""
+    never assembled, so the slide's size does not matter (`streamed_logits`); `mask` (bool at
+    the stream's output resolution, `sstream.tissue.output_mask`) pools over tissue only."""
     device = next(model.parameters()).device
     with torch.no_grad(), autocast(device, amp, dtype):
-        logits = streamed_logits(model, scnn, source)  # (1, classes)
+        logits = streamed_logits(model, scnn, source, mask)  # (1, classes)
     return torch.softmax(logits.float(), dim=-1)[0].cpu().numpy()
 
 
@@ -50,6 +53,7 @@ class PredictConfig:
     device: str = "auto"
     amp: bool = False
     overwrite: bool = False
+    tissue: str | None = None   # auto, none or a mask file; None: as the model was trained
 
 
 @dataclass
@@ -79,18 +83,19 @@ class PredictEvents:
                      ) -> None: ...
 
 
-def _inputs(config: PredictConfig, num_classes: int) -> list[tuple[str, Path, int | None]]:
-    """(name as given, resolved path, label or None) for every image to predict."""
+def _inputs(config: PredictConfig, num_classes: int) -> list[tuple[str, Sample]]:
+    """(name as given, sample: resolved path, label or None, mask file or None) for every
+    image to predict."""
     if config.csv and config.images:
         raise ValueError("give images or --csv, not both")
     if config.csv:
         samples = read_label_csv(config.csv, num_classes, require_labels=False)
         root = Path(config.csv).parent.resolve()  # names as written, relative to the CSV
         return [(str(s.image.relative_to(root) if s.image.is_relative_to(root) else s.image),
-                 s.image, s.label) for s in samples]
+                 s) for s in samples]
     if not config.images:
         raise ValueError("no images given: pass image paths or --csv list.csv")
-    return [(name, Path(name), None) for name in config.images]
+    return [(name, Sample(Path(name), None, 0)) for name in config.images]
 
 
 def predict(config: PredictConfig, events: PredictEvents | None = None) -> PredictResult:
@@ -111,18 +116,30 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
     scnn.on_tile = events.on_tile
     num_classes = model.config.num_classes
     inputs = _inputs(config, num_classes)
+    tissue = Tissue.parse(config.tissue, model.config.tissue)
+    if tissue.is_file and len(inputs) > 1:
+        raise ValueError("--tissue PATH is the mask of one slide; give each slide its mask "
+                         "in the CSV's mask column")
+    if head_global_pool(model.head) is None and (tissue.choice != "none" or any(
+            sample.mask for _, sample in inputs)):
+        raise ValueError("tissue masks need a model whose head starts with global pooling "
+                         "(trained without --stream-layers); use --tissue none")
     events.on_start(len(inputs))
     predictions, failures = [], []
     dtype = amp_dtype(device, None)
-    for name, path, label in inputs:
+    for name, sample in inputs:
+        label = sample.label
         try:
-            with open_image(path) as slide:
+            with open_image(sample.image) as slide:
                 level = choose_level(slide, config.level, config.mpp)
                 width, height = slide.level_dimensions[level]
                 window = fit_window(height, width, config.image_size, "center")
                 source = PixelSource.from_slide(slide, level, window)
+                source.tissue = tissue.mask_for(slide, sample.mask)
+                mask = output_mask(source, scnn)
                 events.on_slide_start(name, len(scnn.plan(source.shape)))
-                probabilities = class_probabilities(model, scnn, source, config.amp, dtype)
+                probabilities = class_probabilities(model, scnn, source, config.amp, dtype,
+                                                    mask)
         except (ValueError, OSError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             failures.append((name, reason))

@@ -77,9 +77,10 @@ import torch
 
 from sstream.data import PixelSource, choose_level
 from sstream.engine import StreamingCNN
-from sstream.io import SlideImage, TiffMapWriter, atomic_output, open_image
+from sstream.io import TiffMapWriter, atomic_output, open_image, read_downsampled
 from sstream.models import Classifier, load_checkpoint, minimum_input_size, streamed_logits
 from sstream.runtime import resolve_device
+from sstream.tissue import Tissue, output_mask, pixel_mask
 
 __all__ = [
     "METHODS",
@@ -175,6 +176,7 @@ def compute_saliency(
     device: str | torch.device = "auto",
     overwrite: bool = False,
     progress: SaliencyProgress | None = None,
+    tissue: str | None = None,
 ) -> SaliencyResult:
     """Write the saliency map of a slide (pyramidal TIFF) and optionally a PNG overview.
 
@@ -196,6 +198,9 @@ def compute_saliency(
             or a torch.device.
         overwrite: replace existing output files.
         progress: called as (phase, done, total); see `SaliencyProgress`.
+        tissue: "auto", "none" or a mask file (`sstream.tissue`); None: as the model was
+            trained (its checkpoint's record). The prediction pools over tissue only, and
+            the map is zero on glass.
 
     Returns:
         a SaliencyResult.
@@ -242,12 +247,14 @@ def compute_saliency(
         level = choose_level(slide, level, mpp)
         source = PixelSource.from_slide(slide, level)
         height, width = source.height, source.width
+        source.tissue = Tissue.parse(tissue, model.config.tissue).mask_for(slide)
         smallest = minimum_input_size(model)
         if min(height, width) < smallest:
             raise ValueError(f"{slide.path}: level {level} is {width} x {height} pixels, "
                              f"smaller than the {smallest} x {smallest} the model accepts")
         stream = StreamingCNN(model.stream, tile_size)
         tiles = len(stream.plan(source.shape))
+        mask = output_mask(source, stream)
         if progress is not None:
             stream.on_tile = progress
 
@@ -261,7 +268,7 @@ def compute_saliency(
                           spool=spool)
 
         # 1. forward: tiles -> (pooled) features -> logits (1, K)
-        all_logits = streamed_logits(model, stream, source, input_grad_sink=bands)
+        all_logits = streamed_logits(model, stream, source, mask, input_grad_sink=bands)
         logits = all_logits[0].detach().double()
         predicted = int(logits.argmax())
         chosen = predicted if class_index is None else int(class_index)
@@ -297,7 +304,7 @@ def compute_saliency(
             _quantise(spool, writer, height, width, scale, signed, progress)
 
         if overview_tmp is not None:
-            background = _read_background(slide, level, bands.overview.shape)
+            background = read_downsampled(slide, level, bands.overview.shape)
             image = render_overview(background, bands.overview.image, scale,
                                     _colour_bar_title(method, chosen))
             image.save(overview_tmp, format="PNG")
@@ -366,7 +373,10 @@ class _MapBands:
             else:
                 pixels = self.source.read((r0, r1, x0, x1))[0].to(g)  # (3, h, w)
                 values = (pixels * g).sum(0)
-            self.row[r0 - y0:r1 - y0, x0:x1] = values.float().cpu().numpy()
+            values = values.float().cpu().numpy()
+            on_tissue = pixel_mask(self.source, (r0, r1, x0, x1))
+            self.row[r0 - y0:r1 - y0, x0:x1] = values if on_tissue is None else \
+                np.where(on_tissue, values, 0.0)  # zero on glass
         self.cols_done = x1
         if x1 == self.width:  # the row of blocks is complete: pass it on, in row chunks
             chunk = max(1, CHUNK_ELEMENTS // self.width)
@@ -536,28 +546,6 @@ def inferno(t: np.ndarray) -> np.ndarray:
     for coefficients in _INFERNO[::-1]:  # Horner
         rgb = rgb * t + coefficients
     return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
-
-
-def _read_background(slide: SlideImage, level: int, shape: tuple[int, int]) -> np.ndarray:
-    """The slide level `level` as RGB uint8 of `shape` (h, w), read from the coarsest pyramid
-    level that is still finer than the overview, in bands (never a full level in memory)."""
-    from PIL import Image
-
-    out_h, out_w = shape
-    level_w, level_h = slide.level_dimensions[level]
-    target_downsample = slide.level_downsamples[level] * max(level_w / out_w, level_h / out_h)
-    read_level = slide.get_best_level_for_downsample(target_downsample)
-    read_w, read_h = slide.level_dimensions[read_level]
-    factor = max(1, int(target_downsample / slide.level_downsamples[read_level]))
-    scale_y = slide.dimensions[1] / read_h
-    rows_per_band = factor * max(1, (1 << 20) // (factor * factor * read_w))
-    reduced = np.empty((-(-read_h // factor), -(-read_w // factor), 3), np.uint8)
-    for y0 in range(0, read_h, rows_per_band):  # bands of whole factor x factor boxes
-        rows = min(rows_per_band, read_h - y0)
-        band = slide.read_region((0, math.ceil(y0 * scale_y)), read_level, (read_w, rows))
-        small = np.asarray(Image.fromarray(band).reduce(factor))
-        reduced[y0 // factor:y0 // factor + small.shape[0]] = small
-    return np.asarray(Image.fromarray(reduced).resize((out_w, out_h), Image.Resampling.BOX))
 
 
 def _colour_bar_title(method: str, class_index: int) -> str:

@@ -65,6 +65,7 @@ from sstream.models import (
 from sstream.plots import Panel, Series, line_plot
 from sstream.predict import class_probabilities
 from sstream.runtime import amp_dtype, autocast, peak_memory_mb, reset_peak_memory
+from sstream.tissue import TISSUE_CHOICES, Tissue, output_mask, write_preview
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
@@ -112,6 +113,7 @@ class TrainConfig:
     memory_budget: str | None = None    # e.g. "8GiB": the tile is chosen by the estimator
     engine: str = "auto"                # StreamingCNN's engine: auto, halo or crop
     whole_slide: bool = True            # pooling heads pool tile by tile (no feature map)
+    tissue: str | None = None           # auto, none; None: auto on the whole-slide path
     dist_timeout: float = DEFAULT_TIMEOUT_S   # seconds a rank waits for the others
 
     def validate(self) -> None:
@@ -135,6 +137,9 @@ class TrainConfig:
              "--image-size must be positive"),
             (self.mpp is None or self.mpp > 0, "--mpp must be positive"),
             (self.level is None or self.level >= 0, "--level must be >= 0"),
+            (self.tissue in (None, *TISSUE_CHOICES), "--tissue must be auto or none for "
+             "training (a mask file belongs to one slide: give each slide its mask in the "
+             "CSV's mask column)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -218,28 +223,35 @@ IN_MEMORY_PIXELS = 2**26
 
 def load_training_image(sample: Sample, config: TrainConfig, train: bool,
                         seed_keys: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                        ) -> PixelSource:
+                        tissue: Tissue | None = None) -> PixelSource:
     """One image (level, crop/pad, augmentation) as a PixelSource of pixels / 255 in `dtype`:
     held as uint8 up to IN_MEMORY_PIXELS, else read lazily from the open slide (the source
-    owns it: `close()` it when done)."""
+    owns it: `close()` it when done). With `tissue`, the source carries the slide's tissue
+    mask, and random crops are centred on a random tissue point."""
     generator = _generator(config.seed, *seed_keys)
     slide: SlideImage | None = open_image(sample.image)
     try:
         level = choose_level(slide, config.level, config.mpp)
         width, height = slide.level_dimensions[level]
+        mask = None if tissue is None else tissue.mask_for(slide, sample.mask)
+        point = None if mask is None or not train else mask.random_point(generator)
+        around = None if point is None else (point[1] * height / slide.dimensions[1],
+                                             point[0] * width / slide.dimensions[0])
         window = fit_window(height, width, config.image_size, "random" if train else "center",
-                            generator if train else None)
+                            generator if train else None, around)
         augmentation = Augmentation.draw(generator) if (train and config.augment) else None
         region = PixelSource.from_slide(slide, level, window)
         if region.height * region.width > IN_MEMORY_PIXELS:
-            lazy = region.augmented(augmentation, dtype, slide)
+            source = region.augmented(augmentation, dtype, slide)
             slide = None  # owned by the lazy source now
-            return lazy
-        rgb = region.to_rgb_array()
+        else:
+            source = PixelSource.from_array(region.to_rgb_array(), augmentation, dtype=dtype,
+                                            level0=region.level0)
     finally:
         if slide is not None:
             slide.close()
-    return PixelSource.from_array(rgb, augmentation, dtype=dtype)
+    source.tissue = mask
+    return source
 
 
 def training_path(model: Classifier, whole_slide: bool = True) -> str:
@@ -249,6 +261,30 @@ def training_path(model: Classifier, whole_slide: bool = True) -> str:
     (the streamed feature map and its gradient are kept, as the head's conv stages need)."""
     pooled = whole_slide and head_global_pool(model.head) is not None
     return "whole-slide" if pooled else "feature map"
+
+
+def training_tissue(config: TrainConfig, model: Classifier, samples: list[Sample]) -> Tissue:
+    """What pooling runs over in training: `config.tissue`, or by default "auto" where it
+    can (the whole-slide path) and "none" on the feature-map path, whose head pools its own
+    output, not the stream's. ValueError where tissue masks and the path disagree."""
+    whole_slide = training_path(model, config.whole_slide) == "whole-slide"
+    with_files = [s for s in samples if s.mask is not None]
+    if not whole_slide and (config.tissue == "auto" or with_files):
+        what = "--tissue auto" if config.tissue == "auto" else \
+            f"the mask column (line {with_files[0].row})"
+        raise ValueError(f"{what} needs the whole-slide path: a head that starts with global "
+                         "pooling (no --stream-layers) and --whole-slide; or --tissue none "
+                         "without masks")
+    return Tissue(config.tissue or ("auto" if whole_slide else "none"))
+
+
+def _output_mask(source: PixelSource, scnn: StreamingCNN, sample: Sample
+                 ) -> torch.Tensor | None:
+    """`output_mask`, its errors naming the image and CSV line."""
+    try:
+        return output_mask(source, scnn)
+    except ValueError as exc:
+        raise ValueError(f"line {sample.row}: {sample.image.name}: {exc}") from None
 
 
 def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]
@@ -297,6 +333,7 @@ def _check_images(samples: list[Sample], config: TrainConfig, minimum: int, what
 
 
 TILE_CANDIDATES = (128, 256, 512, 1024, 2048, 4096, 8192)
+PREVIEW_SLIDES = 4  # training slides whose tissue masks are drawn into out/tissue/
 
 
 def tile_for_budget(model: Classifier, image_size: tuple[int, int], budget: str,
@@ -413,6 +450,8 @@ class _Trainer:
             with parallel.agreement("while resuming"):
                 self._restore(self.out / "last.pt", saved)
         parallel.broadcast_module(self.model)  # identical parameters on every rank
+        with parallel.agreement("while writing tissue previews"):
+            self.previews = self._write_tissue_previews() if parallel.is_main else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sstream-prefetch")
 
     def _build(self, config: TrainConfig) -> None:
@@ -424,6 +463,9 @@ class _Trainer:
         self.model = build_model(
             ModelConfig(config.model, num_classes, config.stream_layers, config.pooling,
                         config.dropout), weights=config.weights, pretrained=config.pretrained)
+        self.tissue = training_tissue(config, self.model,
+                                      self.train_samples + self.val_samples)
+        self.model.config.tissue = self.tissue.record  # predict and saliency do the same
         freeze_batchnorm(self.model.stream, train_affine=config.train_bn_affine)
         minimum = minimum_input_size(self.model)
         largest = _check_images(self.train_samples, config, minimum, str(config.train_csv))
@@ -441,6 +483,22 @@ class _Trainer:
         self.amp_dtype = amp_dtype(self.device, config.amp_dtype)
         use_scaler = config.amp and self.device.type == "cuda" and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def _write_tissue_previews(self) -> Path | None:
+        """The tissue masks of the first PREVIEW_SLIDES training slides drawn over them
+        (PNG) in `out/tissue/`, for a person to check before a long run; None without
+        masks."""
+        folder = self.out / "tissue"
+        written = None
+        for sample in self.train_samples[:PREVIEW_SLIDES]:
+            with open_image(sample.image) as slide:
+                mask = self.tissue.mask_for(slide, sample.mask)
+                if mask is None:
+                    continue
+                folder.mkdir(exist_ok=True)
+                write_preview(slide, mask, folder / f"line{sample.row}_{sample.image.stem}.png")
+                written = folder
+        return written
 
     def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
         if resume:
@@ -498,7 +556,7 @@ class _Trainer:
         index = mine[position]
         sample = self.train_samples[int(order[index])]
         return self.pool.submit(load_training_image, sample, self.config, True,
-                                (epoch, 1, index), self.dtype)
+                                (epoch, 1, index), self.dtype, self.tissue)
 
     def run(self) -> TrainResult:
         config = self.config
@@ -508,6 +566,8 @@ class _Trainer:
                               self.scnn.tile_size, "engine": self.scnn.engine,
                               "geometry": self.scnn.geometry,
                               "path": training_path(self.model, config.whole_slide),
+                              "tissue": self.tissue.choice,
+                              "tissue_previews": self.previews and str(self.previews),
                               "resumed_at": (self.state.epoch, self.state.image_index),
                               "ranks": self.parallel.world_size})
         rank = self.parallel.rank
@@ -548,9 +608,9 @@ class _Trainer:
                     source = pending.result()
                     position += 1
                     pending = self._prefetch(epoch, order, mine, position)
-                    label = self.train_samples[int(order[index])].label
+                    sample = self.train_samples[int(order[index])]
                     try:
-                        loss = self._train_image(source, label, stop - start)
+                        loss = self._train_image(source, sample, stop - start)
                     finally:
                         source.close()
                     tiles = len(self.scnn.plan(source.shape))
@@ -586,14 +646,15 @@ class _Trainer:
                 return False
         return True
 
-    def _train_image(self, source: PixelSource, label: int, group_size: int) -> float:
+    def _train_image(self, source: PixelSource, sample: Sample, group_size: int) -> float:
         """Forward and backward one image; gradients accumulate (loss / group size)."""
+        mask = _output_mask(source, self.scnn, sample)
         with autocast(self.device, self.config.amp, self.amp_dtype):
-            logits = streamed_logits(self.model, self.scnn, source,  # (1, classes)
+            logits = streamed_logits(self.model, self.scnn, source, mask,  # (1, classes)
                                      whole_slide=self.config.whole_slide)
         # at least float32 for the loss (float64 models stay float64)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss = F.cross_entropy(logits, torch.tensor([label], device=self.device))
+        loss = F.cross_entropy(logits, torch.tensor([sample.label], device=self.device))
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at optimizer step "
                                 f"{self.state.step}; stopped, keeping the last good checkpoint "
@@ -653,10 +714,12 @@ class _Trainer:
         with self.parallel.agreement("during validation"):
             for done, index in enumerate(mine, start=1):
                 sample = self.val_samples[index]
-                source = load_training_image(sample, self.config, False, (), self.dtype)
+                source = load_training_image(sample, self.config, False, (), self.dtype,
+                                             self.tissue)
                 try:
-                    probabilities = class_probabilities(self.model, self.scnn, source,
-                                                        self.config.amp, self.amp_dtype)
+                    probabilities = class_probabilities(
+                        self.model, self.scnn, source, self.config.amp, self.amp_dtype,
+                        _output_mask(source, self.scnn, sample))
                 finally:
                     source.close()
                 predicted.append((index, probabilities, sample.label))

@@ -13,6 +13,13 @@ The algorithm (Pinckaers et al., TPAMI 2020, with the window arithmetic of ENGIN
    block is handed out (to `image.grad`, or to a sink) as soon as no later tile can touch it.
 
 Only crops, one at a time, ever go through the stream: no activation of full-image size exists.
+(The halo engine, halo.py, runs steps 1 and 3 without recomputing the crops' margins.)
+
+With a head that starts with global pooling (`global_pool`, pooling.py), step 1 reduces each
+output region into the pooled values (N, C') as it comes, and those enter the graph instead of
+the feature map; step 3 re-runs only the blocks whose share of the feature-map gradient is not
+zero (at most N x C' with max pooling), sized per image. Nothing of the feature map's size
+exists then: the memory does not grow with the image's area.
 """
 
 from __future__ import annotations
@@ -238,7 +245,7 @@ class StreamingCNN(nn.Module):
         sink_anchor = torch.empty(0, requires_grad=input_grad_sink is not None)
         wants_graph = bool(params) or image_anchor.requires_grad or input_grad_sink is not None
         if wants_graph and torch.is_grad_enabled():
-            values = _PooledFunction.apply(pooled, image_anchor, sink_anchor, *params)
+            values = _StreamFunction.apply(pooled, image_anchor, sink_anchor, *params)
         else:
             values = pooled.forward()
         return values, pooled.pool.indices
@@ -558,46 +565,29 @@ def _cuts(starts: Sequence[int], length: int) -> list[int]:
 
 
 class _StreamFunction(torch.autograd.Function):
-    """Puts the streamed feature map into the autograd graph; backward streams the tiles."""
+    """Puts what a streamed run computes into the autograd graph: the feature map
+    (`_TileRunner`) or the pooled values (`_PooledRun`); backward streams the tiles."""
 
     @staticmethod
-    def forward(ctx: Any, run: _TileRunner, image: torch.Tensor, sink_anchor: torch.Tensor,
-                *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, run: _TileRunner | _PooledRun, image: torch.Tensor,
+                sink_anchor: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.run, ctx.params = run, params
         ctx.image_meta = (image.dtype, image.device, image.shape)
         return run.forward()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_fmap: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        image_grad = _new_image_grad(ctx)
-        params, wanted = _wanted_params(ctx)
-        grads = ctx.run.backward(grad_fmap, image_grad, params)
-        return (None, image_grad, None, *_param_grads(ctx, wanted, grads))
-
-
-def _new_image_grad(ctx: Any) -> torch.Tensor | None:
-    """The image tensor's gradient, filled block by block by the backward (if wanted)."""
-    if not ctx.needs_input_grad[1]:
-        return None
-    dtype, device, shape = ctx.image_meta
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _wanted_params(ctx: Any) -> tuple[list[torch.Tensor], list[int]]:
-    """The parameters autograd wants gradients for, and their positions among ctx.params
-    (the Function's inputs after (run, image, sink anchor))."""
-    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[3:]) if needed]
-    return [ctx.params[i] for i in wanted], wanted
-
-
-def _param_grads(ctx: Any, wanted: list[int], grads: list[torch.Tensor | None]
-                 ) -> list[torch.Tensor | None]:
-    """One entry per parameter input of the Function: the gradient, or None if unwanted."""
-    out: list[torch.Tensor | None] = [None] * len(ctx.needs_input_grad[3:])
-    for i, grad in zip(wanted, grads):
-        out[i] = grad
-    return out
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        image_grad = None
+        if ctx.needs_input_grad[1]:
+            dtype, device, shape = ctx.image_meta
+            image_grad = torch.empty(shape, dtype=dtype, device=device)
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[3:]) if needed]
+        grads = ctx.run.backward(grad, image_grad, [ctx.params[i] for i in wanted])
+        param_grads: list[torch.Tensor | None] = [None] * len(ctx.needs_input_grad[3:])
+        for i, param_grad in zip(wanted, grads):
+            param_grads[i] = param_grad
+        return (None, image_grad, None, *param_grads)
 
 
 class _PooledRun:
@@ -631,22 +621,3 @@ class _PooledRun:
             return run.crop_backward(gradient, None, params, run.plan, tiles)
         plan, tiles = sparse_plan(self.plan_for, run.plan.tile_size, self.stride, positions)
         return run.crop_backward(gradient, None, params, plan, tiles)
-
-
-class _PooledFunction(torch.autograd.Function):
-    """Puts the pooled values (N, C') into the autograd graph; backward: `_PooledRun`."""
-
-    @staticmethod
-    def forward(ctx: Any, pooled: _PooledRun, image: torch.Tensor, sink_anchor: torch.Tensor,
-                *params: torch.Tensor) -> torch.Tensor:
-        ctx.pooled, ctx.params = pooled, params
-        ctx.image_meta = (image.dtype, image.device, image.shape)
-        return pooled.forward()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        image_grad = _new_image_grad(ctx)
-        params, wanted = _wanted_params(ctx)
-        grads = ctx.pooled.backward(grad, image_grad, params)
-        return (None, image_grad, None, *_param_grads(ctx, wanted, grads))
