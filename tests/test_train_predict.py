@@ -95,6 +95,18 @@ def test_the_whole_slide_path_trains_as_the_feature_map_path(tmp_path):
         assert error < 1e-9, name
 
 
+def test_amp_trains_on_the_whole_slide_path(tmp_path):
+    """--amp (bf16 autocast on the CPU) on the whole-slide path: two steps land near the
+    float32 run's weights (bf16 keeps about 3 significant digits)."""
+    runs = {}
+    for amp in (False, True):
+        settings = config(tmp_path / str(amp), epochs=1, optimizer="sgd", dropout=0.0,
+                          amp=amp)
+        runs[amp] = train(settings).model.state_dict()
+    for name, value in runs[False].items():
+        assert torch.allclose(runs[True][name], value, rtol=5e-2, atol=5e-3), name
+
+
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     full = train(config(tmp_path / "a"))
     polls = {"count": 0}

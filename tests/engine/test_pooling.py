@@ -270,3 +270,32 @@ def test_masks_that_cannot_work_are_refused_in_one_line():
         scnn.global_pool(image, "max", mask=torch.ones(size))
     with pytest.raises(ValueError, match="mode must be 'max' or 'avg'"):
         scnn.global_pool(image, "mean")
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_cpu_autocast_pools_and_trains_as_plain_autocast(mode):
+    """bf16 autocast on the CPU (`--amp`): the pooled values keep the autocast dtype and the
+    gradients match plain autograd under the same autocast, also when backward() runs
+    outside the autocast region."""
+    torch.manual_seed(8)
+    stream = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                           nn.Conv2d(4, 6, 3, 2, 1), nn.ReLU()).eval()
+    image = torch.randn(1, 3, 64, 56)
+    weights = torch.randn(1, 6)
+    results = []
+    for streamed_run in (False, True):
+        stream.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            if streamed_run:
+                values, _ = sstream.StreamingCNN(stream, 16).global_pool(image, mode)
+            else:
+                fmap = stream(image)
+                values = (F.adaptive_max_pool2d(fmap, 1) if mode == "max"
+                          else F.adaptive_avg_pool2d(fmap, 1)).flatten(1)
+        (values.float() * weights).sum().backward()
+        results.append((values, [p.grad.clone() for p in stream.parameters()]))
+    (plain, plain_grads), (pooled, pooled_grads) = results
+    assert plain.dtype == pooled.dtype == torch.bfloat16
+    assert torch.allclose(pooled.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    for grad, want in zip(pooled_grads, plain_grads, strict=True):
+        assert torch.allclose(grad, want, rtol=5e-2, atol=5e-2)
