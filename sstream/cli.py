@@ -197,7 +197,7 @@ def train(
     from dataclasses import fields
 
     from sstream.cli_render import JsonTrainEvents, RichTrainEvents
-    from sstream.train import RESUMABLE_CHANGES, TrainConfig, TrainEvents, resume_config
+    from sstream.train import ResumeMismatch, TrainConfig, TrainEvents, resume_config
     from sstream.train import train as run_training
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
@@ -207,25 +207,21 @@ def train(
         given["image_size"] = _parse_size(image_size, "--image-size")
         for key in ("train_csv", "val_csv", "out", "weights"):
             given[key] = str(given[key]) if given[key] is not None else None
-        if resume is not None:
-            resumable = [n for n in RESUMABLE_CHANGES if n != "out"]
-            changed = [n for n in names if _explicit(ctx, n) and n not in resumable]
-            if changed or config is not None:
-                raise UsageError("--resume continues with the run's saved config.json; only "
-                                 "--epochs, --device, --accumulate and --dist-timeout may "
-                                 f"change (got {', '.join(changed)})")
-            settings = resume_config(resume, **{n: given[n] for n in resumable
-                                                if _explicit(ctx, n)})
-            settings.out = str(resume)
+        from_file = _load_config_file(config) if config is not None else {}
+        unknown = sorted(set(from_file) - set(names))
+        if unknown:
+            raise UsageError(f"--config {config}: unknown options {', '.join(unknown)}")
+        for name, value in from_file.items():
+            if not _explicit(ctx, name):
+                given[name] = _parse_size(str(value), "image_size") if (
+                    name == "image_size" and value is not None) else value
+        if resume is not None:  # the original command, run again, continues its run
+            chosen = {n: given[n] for n in names if _explicit(ctx, n) or n in from_file}
+            try:
+                settings = resume_config(resume, chosen)
+            except ResumeMismatch as exc:
+                raise UsageError(str(exc)) from None
         else:
-            from_file = _load_config_file(config) if config is not None else {}
-            unknown = sorted(set(from_file) - set(names))
-            if unknown:
-                raise UsageError(f"--config {config}: unknown options {', '.join(unknown)}")
-            for name, value in from_file.items():
-                if not _explicit(ctx, name):
-                    given[name] = _parse_size(str(value), "image_size") if (
-                        name == "image_size" and value is not None) else value
             settings = TrainConfig.from_dict(given)
             if not settings.train_csv:
                 raise UsageError("--train-csv is required (or --resume DIR)")
@@ -423,6 +419,55 @@ def saliency(
                       f"{result.seconds:.1f} s", highlight=False, soft_wrap=True)
 
 
+# ---- verify -------------------------------------------------------------------------------
+
+
+@app.command("verify")
+def verify_command(
+    model: str = typer.Option("resnet18", "--model", help="Model name (see train --model)."),
+    size: str = typer.Option("1024", "--size", help="Input size: N (square) or WxH."),
+    tile_size: int = typer.Option(512, "--tile-size", help="Streaming tile side in pixels."),
+    stream_layers: str | None = typer.Option(
+        None, "--stream-layers", help="Stream up to this stage (as for train).",
+        show_default="the whole trunk"),
+    dtype: str = typer.Option("float64", "--dtype", help="float64 (exactness, tolerance "
+                              "1e-9) or float32 (tolerance 1e-4)."),
+    weights: Path = typer.Option(None, "--weights", help="torchvision-format backbone "
+                                 "weights, as for train."),
+    image: Path = typer.Option(None, "--image", help="A slide or image (its centre at "
+                               "--size) instead of random pixels."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random pixels."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Check that streaming trains exactly as conventional backprop, for your model and size.
+
+    Runs one training step both ways on the same input and prints the largest relative
+    difference of the logits, the input gradient and every parameter gradient, with the
+    time and peak memory of each. Exit code 1 if a difference exceeds the tolerance.
+    """
+    import json
+
+    from sstream.cli_render import verification_table
+    from sstream.verify import verify
+
+    with user_errors():
+        parsed = _parse_size(size, "--size")
+        assert parsed is not None
+        with err_console.status("one training step conventionally, then streamed"):
+            result = verify(model, parsed, tile_size, stream_layers, dtype,
+                            str(weights) if weights else None, str(image) if image else None,
+                            device, seed)
+        if json_output:
+            print(json.dumps(result.to_dict(), default=str, indent=2))
+        else:
+            console.print(verification_table(result))
+            if result.cropped_because:
+                console.print(f"[yellow]{result.cropped_because}[/yellow]", highlight=False)
+        if not result.passed:
+            raise typer.Exit(EXIT_FAILURE)
+
+
 # ---- tissue -------------------------------------------------------------------------------
 
 
@@ -527,7 +572,7 @@ def estimate_memory(
         if json_output:
             print(json.dumps(result, indent=2))
         else:
-            console.print(memory_table(result))
+            console.print(memory_table(result, console.width))
             for advice in result["advice"]:
                 style = "green" if advice["fits"] else "bold red"
                 console.print(f"[{style}]{advice['message']}[/{style}]", highlight=False)

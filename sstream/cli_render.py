@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -44,6 +45,8 @@ _EPOCH_COLUMNS = [("train_loss", "loss"), ("val_loss", "val loss"), ("val_accura
                   ("val_auc", "val AUC"), ("lr", "lr"), ("seconds", "s"),
                   ("images_per_s", "img/s"), ("tiles_per_s", "tiles/s"),
                   ("peak_memory_mb", "peak MB")]
+_EPOCH_CAPTION = ("s: seconds of training; peak MB: peak memory of the process (CUDA: "
+                  "allocated)")
 
 
 _PATHS = {
@@ -107,12 +110,7 @@ class RichTrainEvents(TrainEvents):
     def on_epoch_end(self, metrics: dict[str, Any]) -> None:
         self.tiles_done = 0
         self.progress.advance(self.epoch_task)
-        table = Table(title=f"epoch {metrics['epoch']}", show_header=True, padding=(0, 1))
-        shown = [(key, header) for key, header in _EPOCH_COLUMNS if key in metrics]
-        for _, header in shown:
-            table.add_column(header, justify="right")
-        table.add_row(*[_fmt(metrics[key]) for key, _ in shown])
-        self.progress.console.print(table)
+        self.progress.console.print(epoch_table(metrics))
 
     def close(self) -> None:
         self.progress.stop()
@@ -177,9 +175,28 @@ class RichPredictEvents(PredictEvents):
         self.progress.stop()
 
 
+def epoch_table(metrics: dict[str, Any]) -> Table:
+    """One epoch's row of metrics.csv; readable in 80 columns (no vertical rules)."""
+    table = Table(title=f"epoch {metrics['epoch']}", caption=_EPOCH_CAPTION,
+                  box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left",
+                  collapse_padding=True, pad_edge=False)
+    shown = [(key, header) for key, header in _EPOCH_COLUMNS if key in metrics]
+    for _, header in shown:
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_row(*[_short(metrics[key]) for key, _ in shown])
+    return table
+
+
+def _short(value: Any) -> str:
+    """A number in at most about 7 characters: 3 significant digits."""
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3g}"
+    return str(value)
+
+
 def predictions_table(predictions: list[Prediction], num_classes: int) -> Table:
-    table = Table(title="predictions")
-    table.add_column("image")
+    table = Table(title="predictions", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("image", overflow="fold")
     for k in range(num_classes):
         table.add_column(f"prob_{k}", justify="right")
     table.add_column("pred", justify="right")
@@ -194,3 +211,37 @@ def predictions_table(predictions: list[Prediction], num_classes: int) -> Table:
 
 def metrics_line(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+
+
+def verification_table(result: Any) -> Table:
+    """`sstream verify`'s comparison (a `sstream.verify.Verification`), within 80 columns:
+    the errors against the tolerance, then time and peak memory side by side."""
+    height, width = result.verified_size
+    title = (f"{result.model} ({result.path} path, stream "
+             f"{result.stream_layers or 'whole trunk'}), {width}x{height} px, tile "
+             f"{result.tile_size[0]}, {result.dtype}, {result.device}")
+    caption = ("error: max |streamed - plain| / max |plain|; memory: peak of live tensor "
+               "bytes of the step")
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    for name in ("", "error", "conventional", "streamed"):
+        table.add_column(name, justify="left" if not name else "right")
+    verdict = "[green]ok[/green]" if result.passed else "[bold red]over tolerance[/bold red]"
+    worst, worst_error = result.worst_param
+    table.add_row("logits", f"{result.output_error:.2g}", "", "")
+    table.add_row("input gradient", f"{result.input_grad_error:.2g}", "", "")
+    table.add_row(f"{len(result.param_errors)} parameter gradients",
+                  f"{max(result.param_errors.values()):.2g}", "", "")
+    table.add_row(f"  worst: {worst}", f"{worst_error:.2g}", "", "")
+    table.add_row("tolerance", f"{result.tolerance:.0e}", "", "")
+    plain_s, streamed_s = result.seconds
+    table.add_row("time", "", f"{plain_s:.2f} s",
+                  f"{streamed_s:.2f} s ({streamed_s / max(plain_s, 1e-9):.2f}x)")
+    plain_b, streamed_b = result.peak_bytes
+    table.add_row("peak memory", "", _mib(plain_b),
+                  f"{_mib(streamed_b)} ({plain_b / max(streamed_b, 1):.1f}x less)")
+    table.add_row("verdict", verdict, "", "")
+    return table
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 10 * 2**30 else f"{n / 2**30:.1f} GiB"

@@ -25,6 +25,7 @@ __all__ = ["DEFAULT_TILE_SIZES", "estimate_memory", "format_bytes", "parse_bytes
            "parse_size", "parse_tile_size", "write_memory_plot"]
 
 DEFAULT_TILE_SIZES = (512, 1024, 2048, 4096)
+WIDE_TABLE = 110  # columns from which estimate-memory's table shows every component
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -201,13 +202,18 @@ def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192"
     return result
 
 
-def memory_table(result: dict[str, Any]):  # -> rich.table.Table
-    """The rows as a rich Table (the CLI prints it). Model state (parameters, gradients,
-    optimizer state) is the same in every row, so it goes in the caption."""
+def memory_table(result: dict[str, Any], width: int = 200):  # -> rich.table.Table
+    """The rows as a rich Table (the CLI prints it) for a terminal `width` columns wide.
+    Model state (parameters, gradients, optimizer state) is the same in every row, so it goes
+    in the caption; below WIDE_TABLE columns the table keeps the peak and leaves the
+    components (activations, feature map, tile peak) to `--json`, so that it stays readable
+    in 80 columns."""
+    from rich import box
     from rich.table import Table
 
     rows = result["rows"]
     first = rows[0]
+    wide = width >= WIDE_TABLE
     title = (f"Predicted peak memory of one training step: {result['model']}, "
              f"stream {result['stream_layers'] or 'whole trunk'}, {result['dtype']}, "
              f"{result['optimizer']}, batch 1")
@@ -217,23 +223,28 @@ def memory_table(result: dict[str, Any]):  # -> rich.table.Table
                "to conventional. Streaming rows: feature map = the streamed feature map and "
                "its gradient are kept; whole-slide = a pooling head, pooled tile by tile "
                "(no feature map; the backward re-runs only where the gradient goes: compute "
-               "and peak are upper bounds with max pooling)")
-    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
-    for name in ("image", "mode", "tile", "activations", "fmap+grad", "tile peak", "peak",
-                 "vs conv.", "tiles", "compute"):
+               "and peak are upper bounds with max pooling)"
+               + ("" if wide else "; the components of each peak: --json or a terminal of "
+                  f"{WIDE_TABLE}+ columns"))
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
+                  box=box.SIMPLE_HEAD)
+    details = ("activations", "fmap+grad", "tile peak") if wide else ()
+    for name in ("image", "mode", "tile", *details, "peak", "vs conv.", "tiles", "compute"):
         left = name in ("image", "mode")
-        table.add_column(name, justify="left" if left else "right", no_wrap=left)
+        table.add_column(name, justify="left" if left else "right",
+                         no_wrap=name != "mode", overflow="fold")
     for row in rows:
         streaming = row["mode"] == "streaming"
         saving = row["saving"]
         versus = ("" if not streaming else f"{saving:.0%} less" if saving >= 0
                   else f"{-saving:.0%} more")
+        components = [format_bytes(row["activations_bytes"]),
+                      format_bytes(row["feature_map_bytes"]) if streaming else "-",
+                      format_bytes(row["tile_peak_bytes"]) if streaming else "-"]
         table.add_row(
             f"{row['image_width']}x{row['image_height']}",
             f"{row['path']} ({row['engine']})" if streaming else row["mode"],
-            str(row["tile_size"]) if streaming else "-", format_bytes(row["activations_bytes"]),
-            format_bytes(row["feature_map_bytes"]) if streaming else "-",
-            format_bytes(row["tile_peak_bytes"]) if streaming else "-",
+            str(row["tile_size"]) if streaming else "-", *(components if wide else []),
             f"[bold]{format_bytes(row['peak_bytes'])}[/bold]", versus,
             str(row["num_tiles"]), f"{row['compute_overhead']:.2f}x")
     return table

@@ -26,18 +26,21 @@ BatchNorm must use frozen running statistics (eval mode). `freeze_batchnorm(mode
 every BatchNorm in eval mode and marks it; `Classifier.train()` keeps marked BatchNorms in eval
 mode, so the usual `model.train()` / `model.eval()` calls of a training loop are safe.
 
-Checkpoints (`checkpoint_payload` / `load_checkpoint`) are torch.save'd dicts
+Checkpoints (`checkpoint_payload`, `seal` / `read_checkpoint`, `load_checkpoint`) are
+torch.save'd dicts
 
     {"format": "sstream-checkpoint/1", "model_config": ModelConfig.to_dict(),
-     "model": Classifier.state_dict(), ...any training keys, ignored when loading...}
+     "model": Classifier.state_dict(), ...any training keys, ignored when loading...,
+     "integrity": {"blake2b": digest of everything else}}
 
-and load with `torch.load(..., weights_only=True)`.
+and load with `torch.load(..., weights_only=True)` (no code runs); a file whose contents do
+not match its digest is refused.
 """
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import hashlib
+import io
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -69,6 +72,9 @@ __all__ = [
     "load_backbone_weights",
     "load_checkpoint",
     "minimum_input_size",
+    "payload_digest",
+    "read_checkpoint",
+    "seal",
     "split_names",
     "streamed_logits",
 ]
@@ -76,6 +82,7 @@ __all__ = [
 MODEL_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "convnext_tiny", "vgg16")
 POOLINGS = ("max", "avg")
 CHECKPOINT_FORMAT = "sstream-checkpoint/1"
+INTEGRITY_KEY = "integrity"  # {"blake2b": payload_digest of everything else}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -357,15 +364,26 @@ def _summarise(keys: list[str], limit: int = 4) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _torch_load(path: Path, what: str, advice: str, map_location: str | torch.device = "cpu",
+                data: bytes | None = None) -> Any:
+    """torch.load of `path` (or of `data`, its bytes) with weights_only (no code runs),
+    every failure one ValueError ending in `advice`: the unpickler raises anything
+    (IndexError on a text file, KeyError, zip errors...) on what is not a torch file, and a
+    truncated or corrupted one."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path if data is None else io.BytesIO(data),
+                          map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            TypeError, AttributeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a readable torch weights file ({first})") from None
+    except Exception as exc:  # noqa: BLE001 - the unpickler's errors are anybody's
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() \
+            else type(exc).__name__
+        raise ValueError(f"{path}: not a readable {what} (not a torch file, or a truncated or "
+                         f"corrupted one: {first}); {advice}") from None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    loaded = _torch_load(path, "torch weights file", "give a state dict saved with torch.save")
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(
@@ -462,37 +480,107 @@ def minimum_input_size(model: Classifier | nn.Module, channels: int = 3) -> int:
 
 
 def checkpoint_payload(model: Classifier) -> dict[str, Any]:
-    """The model part of a checkpoint; add training keys (optimizer, epoch...) and torch.save."""
+    """The model part of a checkpoint; add training keys (optimizer, epoch...), then
+    `seal` it before torch.save."""
     return {"format": CHECKPOINT_FORMAT, "model_config": model.config.to_dict(),
             "model": model.state_dict()}
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
-    """The trained Classifier of a checkpoint written from `checkpoint_payload` (eval mode).
+def seal(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` with its integrity digest (`payload_digest`), checked by every load."""
+    sealed = {k: v for k, v in payload.items() if k != INTEGRITY_KEY}
+    sealed[INTEGRITY_KEY] = {"blake2b": payload_digest(sealed)}
+    return sealed
+
+
+def payload_digest(payload: Any) -> str:
+    """A BLAKE2b digest of everything a checkpoint holds, in a fixed order: tensors by their
+    dtype, shape and bytes, other values by their repr. A flipped bit in any tensor or value
+    changes it (a torch file has no checksum of its own: its zip entries are stored, and a
+    changed byte in a tensor loads silently)."""
+    digest = hashlib.blake2b(digest_size=32)
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)}".encode())
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                visit(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    visit(payload)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    data: bytes | None = None) -> dict[str, Any]:
+    """A checkpoint's payload, verified: an sstream checkpoint whose digest matches its
+    contents (files written before digests are read unchecked). `data`: the file's bytes,
+    read already (`path` then names it in messages).
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError (naming the file): not a torch file, corrupt or truncated, not an sstream
-            checkpoint, an unknown format version, or weights that do not fit the config.
+        ValueError (one line naming the file, what it is not and what to do): not a torch
+            file, truncated or corrupted (unreadable, or its digest does not match), a plain
+            state dict or a Lightning checkpoint or another pickle, an unknown format.
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            TypeError, AttributeError, KeyError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a readable checkpoint (corrupt or truncated? {first})"
-                         ) from None
+    payload = _torch_load(path, "checkpoint", _CHECKPOINT_ADVICE, map_location, data)
     if not isinstance(payload, dict) or "format" not in payload:
-        raise ValueError(f"{path}: not an sstream checkpoint (no 'format' key)")
+        raise ValueError(f"{path}: {_what_it_is(payload)}, not an sstream checkpoint; "
+                         f"{_CHECKPOINT_ADVICE}")
     if payload["format"] != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {payload['format']!r} "
                          f"(this version reads {CHECKPOINT_FORMAT!r})")
+    seal_record = payload.get(INTEGRITY_KEY)
+    if seal_record is not None:
+        body = {k: v for k, v in payload.items() if k != INTEGRITY_KEY}
+        if not isinstance(seal_record, dict) or seal_record.get("blake2b") != \
+                payload_digest(body):
+            raise ValueError(f"{path}: corrupted: its contents do not match the checksum "
+                             "written with it (a damaged copy?); use another copy, or "
+                             "best.pt / last.pt of the run")
     for key in ("model_config", "model"):
         if not isinstance(payload.get(key), dict):
             raise ValueError(f"{path}: sstream checkpoint without a valid {key!r} entry")
+    return payload
+
+
+_CHECKPOINT_ADVICE = "use a last.pt or best.pt written by `sstream train`"
+
+
+def _what_it_is(payload: Any) -> str:
+    """What a torch file that is not an sstream checkpoint holds, in a phrase."""
+    if isinstance(payload, dict) and "pytorch-lightning_version" in payload:
+        return "a PyTorch Lightning checkpoint"
+    if isinstance(payload, dict) and payload and all(
+            isinstance(v, torch.Tensor) for v in payload.values()):
+        return ("a plain state dict (parameter name -> tensor: for a backbone, give it to "
+                "`sstream train --weights`)")
+    return f"a pickled {type(payload).__name__}"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    """The trained Classifier of a checkpoint written by `sstream train` (eval mode).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError (one line naming the file): see `read_checkpoint`; or a model config or
+            weights that do not fit each other.
+    """
+    path = Path(path)
+    payload = read_checkpoint(path, map_location)
     try:
         config = ModelConfig.from_dict(payload["model_config"])
         model = build_model(config)

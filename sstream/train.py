@@ -60,6 +60,8 @@ from sstream.models import (
     freeze_batchnorm,
     head_global_pool,
     minimum_input_size,
+    read_checkpoint,
+    seal,
     streamed_logits,
 )
 from sstream.plots import Panel, Series, line_plot
@@ -75,6 +77,10 @@ METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the last good checkpoint is kept."""
+
+
+class ResumeMismatch(ValueError):
+    """A resumed run was given an option whose value differs from the saved one."""
 
 
 @dataclass
@@ -384,7 +390,7 @@ def save_checkpoint(path: Path, model: Classifier, optimizer: torch.optim.Optimi
     if rank_rng_states is not None:
         payload["torch_rng_states"] = rank_rng_states
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(seal(payload), buffer)  # checked by every load: a damaged copy is refused
     with atomic_output(path, overwrite=True) as tmp:
         tmp.write_bytes(buffer.getvalue())
 
@@ -513,7 +519,7 @@ class _Trainer:
             tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
 
     def _restore(self, path: Path, saved: bytes) -> None:
-        payload = torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)
+        payload = read_checkpoint(path, data=saved)
         previous = TrainConfig.from_dict(payload["train_config"])
         differing = [f.name for f in fields(TrainConfig)
                      if f.name not in RESUMABLE_CHANGES
@@ -761,11 +767,45 @@ def train(config: TrainConfig, events: TrainEvents | None = None, resume: bool =
         parallel.close()
 
 
-def resume_config(out: str | Path, **overrides: Any) -> TrainConfig:
-    """The saved configuration of a run directory, with `overrides` (e.g. epochs) applied."""
+PATH_SETTINGS = ("train_csv", "val_csv", "out", "weights")
+
+
+def resume_config(out: str | Path, given: dict[str, Any] | None = None) -> TrainConfig:
+    """The saved configuration of the run in `out`, continued with the options a command
+    gives (`given`: TrainConfig field -> value).
+
+    The same command run again with `--resume` is accepted: options in RESUMABLE_CHANGES
+    (epochs, device, accumulate, dist_timeout) replace the saved values; every other option
+    given must be the saved one (paths compared resolved), and `out`, if given, the run
+    directory itself. ResumeMismatch (a ValueError) listing each option that differs, with
+    the saved value and the given one; ValueError where `out` holds no run.
+    """
     path = Path(out) / "config.json"
     if not path.is_file():
         raise ValueError(f"{out}: not a training directory (no config.json)")
-    values = json.loads(path.read_text())
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(values)
+    saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    changes, differing = {}, []
+    for name, value in (given or {}).items():
+        kept = str(out) if name == "out" else getattr(saved, name)
+        if name in RESUMABLE_CHANGES and name != "out":
+            changes[name] = value
+        elif not _same_setting(name, kept, value):
+            differing.append(f"--{name.replace('_', '-')} was {_shown(kept)}, now "
+                             f"{_shown(value)}")
+    if differing:
+        raise ResumeMismatch(f"--resume {out}: the run was started with other settings: "
+                         f"{'; '.join(differing)} (only --epochs, --device, --accumulate and "
+                         "--dist-timeout may change)")
+    return TrainConfig.from_dict({**saved.to_dict(), **changes, "out": str(out)})
+
+
+def _same_setting(name: str, saved: Any, given: Any) -> bool:
+    if name in PATH_SETTINGS and saved is not None and given is not None:
+        return Path(saved).resolve() == Path(given).resolve()
+    if isinstance(saved, (tuple, list)) and isinstance(given, (tuple, list)):
+        return tuple(saved) == tuple(given)
+    return saved == given
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is None else str(value)

@@ -8,6 +8,7 @@ print no traceback, and leave no partial or clobbered output behind.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,6 +165,15 @@ def _saliency_output_exists(root):
     return args
 
 
+def _resumed_with_another_lr(root):
+    from sstream.train import TrainConfig
+
+    (root / "run").mkdir()
+    saved = TrainConfig(train_csv=str(dataset(root)), out=str(root / "run"))
+    (root / "run" / "config.json").write_text(json.dumps(saved.to_dict()))
+    return ["train", "--resume", str(root / "run"), "--lr", "0.1"]
+
+
 def _resume_without_checkpoint(root):
     (root / "run").mkdir()
     return ["train", "--resume", str(root / "run")]
@@ -222,8 +232,8 @@ CASES: dict[str, Case] = {
     "predict output exists": Case(_predict_output_exists, FAILURE, "--overwrite"),
     "resume without checkpoint": Case(_resume_without_checkpoint, FAILURE,
                                       "not a training directory"),
-    "resume with other options": Case(lambda r: ["train", "--resume", str(r), "--lr", "0.1"],
-                                      USAGE, "only --epochs, --device"),
+    "resume with other options": Case(_resumed_with_another_lr, USAGE,
+                                      "--lr was 0.001, now 0.1 (only --epochs, --device"),
     # saliency and estimate-memory (their own modules test more cases)
     "saliency slide unreadable": Case(lambda r: ["saliency", str(r / "none.tif"),
                                                  "--checkpoint", str(checkpoint(r))],

@@ -302,3 +302,44 @@ def test_bad_checkpoint_raises_value_error_naming_the_file(tmp_path, damage):
 def test_missing_checkpoint_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_checkpoint(tmp_path / "nothing.pt")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text", "not a readable checkpoint .*use a last.pt or best.pt"),
+    ("state dict", "a plain state dict .*sstream train --weights"),
+    ("lightning", "a PyTorch Lightning checkpoint, not an sstream checkpoint"),
+    ("list", "a pickled list, not an sstream checkpoint"),
+])
+def test_what_a_file_that_is_not_a_checkpoint_is_in_one_line(tmp_path, content, message):
+    path = tmp_path / "notes.pt"
+    model = build_model(ModelConfig("tiny"))
+    if content == "text":
+        path.write_text("my notes about the run\n")
+    else:
+        torch.save({"state dict": model.state_dict(),
+                    "lightning": {"state_dict": model.state_dict(),
+                                  "pytorch-lightning_version": "2.4.0"},
+                    "list": [1, 2, 3]}[content], path)
+    with pytest.raises(ValueError, match=message) as error:
+        load_checkpoint(path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_sealed_checkpoint_with_a_changed_byte_is_refused(tmp_path):
+    """torch files carry no checksum: a changed byte in a tensor would load silently. The
+    digest written at save refuses it; the same file untouched loads."""
+    from sstream.models import seal
+
+    model = build_model(ModelConfig("tiny")).eval()
+    with torch.no_grad():
+        model.head.fc.weight.fill_(0.25)  # a pattern to find in the file's bytes
+    path = tmp_path / "last.pt"
+    torch.save(seal(checkpoint_payload(model)), path)
+    assert torch.equal(load_checkpoint(path).head.fc.weight, model.head.fc.weight)
+    data = bytearray(path.read_bytes())
+    pattern = torch.full((4,), 0.25).numpy().tobytes()
+    position = bytes(data).index(pattern)
+    data[position] ^= 0x01  # 0.25 -> 0.25000003: a plausible weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted: its contents do not match the checksum"):
+        load_checkpoint(path)

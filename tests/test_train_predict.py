@@ -107,6 +107,37 @@ def test_amp_trains_on_the_whole_slide_path(tmp_path):
         assert torch.allclose(runs[True][name], value, rtol=5e-2, atol=5e-3), name
 
 
+def test_the_original_command_with_resume_continues_its_run(tmp_path):
+    """Re-running the same `sstream train ...` with `--resume DIR` appended (and more
+    epochs) continues the run; `--out DIR` is the same run; a changed value is refused,
+    naming the option with its saved and new values."""
+    from typer.testing import CliRunner
+
+    from sstream.cli import app
+
+    csv_path = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    command = ["train", "--train-csv", str(csv_path), "--out", str(out), "--model", "tiny",
+               "--tile-size", "32", "--device", "cpu", "--seed", "3", "--quiet"]
+    runner = CliRunner()
+    first = runner.invoke(app, [*command, "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    relative = [str(Path(a).relative_to(Path.cwd())) if a.startswith(str(Path.cwd())) else a
+                for a in command]  # paths written another way resolve the same
+    again = runner.invoke(app, [*relative, "--epochs", "2", "--resume", str(out)])
+    assert again.exit_code == 0, again.output
+    state = torch.load(out / "last.pt", weights_only=True)["train_state"]
+    assert state["epoch"] == 2
+    changed = runner.invoke(app, [*command, "--epochs", "3", "--seed", "4", "--model",
+                                  "resnet18", "--resume", str(out)])
+    assert changed.exit_code == 2
+    message = " ".join(changed.output.split())
+    assert "--model was tiny, now resnet18; --seed was 3, now 4" in message, message
+    elsewhere = runner.invoke(app, [*command[:3], "--out", str(tmp_path / "other"),
+                                    "--resume", str(out)])
+    assert elsewhere.exit_code == 2 and "--out was" in " ".join(elsewhere.output.split())
+
+
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     full = train(config(tmp_path / "a"))
     polls = {"count": 0}

@@ -1,0 +1,57 @@
+"""Every table the CLI prints stays readable in an 80-column terminal (nothing cut to "…")
+and shows everything in a wide one."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from sstream.cli import app
+from sstream.cli_render import epoch_table, predictions_table
+from sstream.predict import Prediction
+
+runner = CliRunner()
+METRICS = {"epoch": 3, "train_loss": 0.68271234, "val_loss": 0.6434, "val_accuracy": 0.5,
+           "val_auc": 1.0, "lr": 0.00211, "seconds": 3.58, "images_per_s": 6.705,
+           "tiles_per_s": 51.96, "peak_memory_mb": 8712.2}
+
+
+def rendered(table, width: int) -> str:
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(table)
+    return console.export_text()
+
+
+def assert_readable(text: str, width: int) -> None:
+    assert "…" not in text, text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= width, text
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_epoch_and_prediction_tables(width):
+    epoch = rendered(epoch_table(METRICS), width)
+    assert_readable(epoch, width)
+    for header in ("val loss", "val acc", "val AUC", "img/s", "tiles/s", "peak MB"):
+        assert header in epoch
+    assert "0.683" in epoch and "0.00211" in epoch and "8.71e+03" in epoch
+    long_name = "images/a/very/long/folder/name/to/the/slide_with_a_long_name_024.tif"
+    predictions = rendered(predictions_table([Prediction(long_name, [0.478, 0.522], 1, 0)],
+                                             2), width)
+    assert_readable(predictions, width)
+    lines = predictions.splitlines()
+    header = next(line for line in lines if "prob_0" in line)
+    body = lines[lines.index(header) + 2:]  # below the rule
+    column = "".join(line[:header.index("prob_0")].strip() for line in body)
+    assert long_name in column  # folded onto several lines, never cut
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_memory_table(width):
+    done = runner.invoke(app, ["estimate-memory", "--size", "1024", "--model", "tiny",
+                               "--tile-size", "256", "--tile-size", "512", "--budget",
+                               "1GiB"], env={"COLUMNS": str(width)})
+    assert done.exit_code == 0, done.output
+    assert_readable(done.output, width)
+    assert "whole-slide" in done.output and "compute" in done.output
+    assert ("activations" in done.output) == (width >= 110)
