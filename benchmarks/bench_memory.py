@@ -1,9 +1,11 @@
 """Predicted vs measured peak training memory (ResNet-18, CPU), and the paper-scale figure.
 
 Measured: peak RSS of one AdamW training step in a subprocess (see tests/engine/test_memory.py
-for the method); predicted: `sstream.engine.memory.estimate_training_memory` on the meta
-device. Then ResNet-34 at 8192 x 8192 (64 megapixels), conventional vs streaming, predicted
-only. Run standalone: `python -m benchmarks.bench_memory [--quick]`.
+for the method; glibc told to unmap everything above 64 KiB at once, so that RSS follows the
+tensors; bench_allocator shows RSS with the default allocator); predicted:
+`sstream.engine.memory.estimate_training_memory` on the meta device. Then ResNet-34 at
+8192 x 8192 (64 megapixels), conventional vs streaming, predicted only.
+Run standalone: `python -m benchmarks.bench_memory [--quick]`.
 """
 
 from __future__ import annotations

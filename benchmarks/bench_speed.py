@@ -10,9 +10,8 @@ against plain `torch.no_grad()`, and the peak memory of one step of each (CPU: p
 of live tensors, CUDA: max_memory_allocated). Notes give the per-tile overhead of a 1x1-conv
 stream (many small tiles against the same work in one tile).
 
-Every measurement runs in a fresh subprocess (`_in_subprocess`): what a process ran before
-changes the numbers (the heap it leaves), so one row's result must not depend on the rows
-before it, and neither memory peak may inflate the other.
+Every measurement runs in a fresh process (`fresh_process.measure`): one row's result must
+not depend on the rows before it, and neither memory peak may inflate the other.
 
 Standalone: `python benchmarks/bench_speed.py [--quick]` (prints JSON).
 """
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +30,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.fresh_process import device as fresh_device  # noqa: E402
+from benchmarks.fresh_process import measure  # noqa: E402
 from sstream import StreamingCNN  # noqa: E402
 from sstream.engine.memory import LiveBytes  # noqa: E402
 from sstream.models import ModelConfig, build_model, freeze_batchnorm  # noqa: E402
@@ -39,6 +39,7 @@ from sstream.models import ModelConfig, build_model, freeze_batchnorm  # noqa: E
 FULL = [("resnet18", 2048, (512, 1024)), ("resnet18", 1024, (256, 512)),
         ("tiny", 2048, (256, 512, 1024)), ("tiny", 1024, (256, 512))]
 QUICK = [("resnet18", 1024, (512,)), ("tiny", 1024, (256,))]
+MODULE = "benchmarks.bench_speed"
 
 
 def build(name: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -90,16 +91,6 @@ def paired(plain: Callable[[], None], streamed: Callable[[], None], reps: int,
         times.append((p, s))
     return (statistics.median(p for p, _ in times), statistics.median(s for _, s in times),
             statistics.median(s / p for p, s in times))
-
-
-def _in_subprocess(call: str, module: str = "benchmarks.bench_speed") -> list[float]:
-    """The numbers `<module>.<call>` prints on its last line, run in a fresh process: the
-    heap a long benchmark leaves behind changes how fast steps run (the per-tile ratios
-    came out twice as high after the big rows as alone)."""
-    out = subprocess.run([sys.executable, "-c", f"import {module} as b; b.{call}"],
-                         capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent, check=True)
-    return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
 
 
 def step_peak_mb(name: str, size: int, tile: int | None, device: torch.device) -> float:
@@ -193,38 +184,27 @@ def predict_ratio(name: str, size: int, tile: int, reps: int, device: torch.devi
     return paired(lambda: predict(stream, image), lambda: predict(scnn, image), reps, device)[2]
 
 
-def _measure(what: str, *args: object) -> None:
-    """(In the subprocess.) Print the numbers of `what` (a function of this module) for
-    `args` and the device."""
-    result = globals()[what](*args, _device())
-    print(*(result if isinstance(result, tuple) else (result,)))
-
-
 def _row(name: str, size: int, tile: int, reps: int) -> list:
     """One table row, each measurement in a fresh process."""
-    call = f"_measure({{!r}}, {name!r}, {size}, {tile}, {reps})"
-    plain_s, stream_s, ratio, planning = _in_subprocess(call.format("training_steps"))
-    predicted = _in_subprocess(call.format("predict_ratio"))[0]
-    plain_mb, stream_mb = (_in_subprocess(f"_measure('step_peak_mb', {name!r}, {size}, {t})")[0]
+    plain_s, stream_s, ratio, planning = measure(MODULE, "training_steps", name, size, tile,
+                                                 reps)
+    predicted = measure(MODULE, "predict_ratio", name, size, tile, reps)[0]
+    plain_mb, stream_mb = (measure(MODULE, "step_peak_mb", name, size, t)[0]
                            for t in (None, tile))
     return [name, size, tile, round(plain_s, 3), round(stream_s, 3), round(ratio, 2),
             round(plain_mb), round(stream_mb), round(plain_mb / max(stream_mb, 1e-9), 1),
             round(predicted, 2), round(planning, 2)]
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run(quick: bool = False) -> dict:
-    device = _device()
+    device = fresh_device()
     reps = 3 if quick else 5
     rows, notes = [], []
     for name, size, tiles in QUICK if quick else FULL:
         rows += [_row(name, size, tile, reps) for tile in tiles]
     overheads = []
     for tile in (64,) if quick else (32, 64, 128):  # quick: the size of the target
-        overhead, floor, tiles = _in_subprocess(f"_measure('per_tile_overhead', {tile}, {reps})")
+        overhead, floor, tiles = measure(MODULE, "per_tile_overhead", tile, reps)
         overheads.append(f"{tiles:.0f} tiles of {tile} px: {overhead:.2f}x (hand-written tile "
                          f"loop: {floor:.2f}x)")
     notes.append("per-tile overhead (training step of a 1x1-conv stream on a 1024 px image, "

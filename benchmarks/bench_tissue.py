@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_speed import _in_subprocess  # noqa: E402
+from benchmarks.fresh_process import measure as in_fresh_process  # noqa: E402
 from sstream import StreamingCNN  # noqa: E402
 from sstream.data import PixelSource  # noqa: E402
 from sstream.io import open_image, write_synthetic_slide  # noqa: E402
@@ -32,7 +32,7 @@ from sstream.models import (  # noqa: E402
     freeze_batchnorm,
     streamed_logits,
 )
-from sstream.predict import class_probabilities  # noqa: E402
+from sstream.predict import model_outputs  # noqa: E402
 from sstream.tissue import Tissue, output_mask  # noqa: E402
 
 CASES = {"full": [("tiny", 8192, 256), ("resnet18", 4096, 512)],
@@ -74,7 +74,7 @@ def measure(name: str, path: str, tile: int, tissue: str, what: str, reps: int,
             mask = output_mask(source, scnn)
             counted = _Counting(source)
             if what == "predict":
-                class_probabilities(model, scnn, counted, mask=mask)
+                model_outputs(model, scnn, counted, mask=mask)
             else:
                 logits = streamed_logits(model, scnn, counted, mask)
                 F.cross_entropy(logits, torch.tensor([1])).backward()
@@ -83,13 +83,6 @@ def measure(name: str, path: str, tile: int, tissue: str, what: str, reps: int,
             times.append(time.perf_counter() - began)
         share = counted.pixels / (source.height * source.width)
     return statistics.median(times), share
-
-
-def _measure(what: str, *args: object) -> None:
-    """(In the subprocess.) Print the numbers of `what` for `args` on the device."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = globals()[what](*args, device)
-    print(*(result if isinstance(result, tuple) else (result,)))
 
 
 def run(quick: bool = False) -> dict:
@@ -106,9 +99,8 @@ def run(quick: bool = False) -> dict:
             for what in ("predict", "step"):
                 timed = {}
                 for tissue in ("none", "auto"):
-                    timed[tissue] = _in_subprocess(
-                        f"_measure('measure', {name!r}, {path!r}, {tile}, {tissue!r}, "
-                        f"{what!r}, {reps})", module="benchmarks.bench_tissue")
+                    timed[tissue] = in_fresh_process("benchmarks.bench_tissue", "measure",
+                                                     name, path, tile, tissue, what, reps)
                 (none_s, none_read), (auto_s, auto_read) = timed["none"], timed["auto"]
                 rows.append([f"{name} {size} px, tile {tile}", what, f"{found:.0%}",
                              round(none_s, 2), round(auto_s, 2), f"{auto_s / none_s:.2f}x",

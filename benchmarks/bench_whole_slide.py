@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_speed import _in_subprocess  # noqa: E402
+from benchmarks.fresh_process import measure  # noqa: E402
 from sstream import StreamingCNN  # noqa: E402
 from sstream.engine.memory import LiveBytes, estimate_training_memory  # noqa: E402
 from sstream.models import (  # noqa: E402
@@ -50,6 +50,7 @@ SPEED = {"full": [("tiny", 4096, 256, "step"), ("resnet18", 8192, 512, "forward"
                   ("resnet18", 20000, 512, "forward")],
          "quick": [("tiny", 2048, 256, "step"), ("resnet18", 2048, 512, "forward")]}
 PLAIN_LIMIT = 8192
+MODULE = "benchmarks.bench_whole_slide"
 
 
 class NoiseImage:
@@ -160,13 +161,6 @@ def _estimates(name: str, size: int, tile: int) -> tuple[float, float, float]:
             rows[True][0].peak_bytes / 2**20)
 
 
-def _measure(what: str, *args: object) -> None:
-    """(In the subprocess.) Print the numbers of `what` for `args` on the device."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = globals()[what](*args, device)
-    print(*(result if isinstance(result, tuple) else (result,)))
-
-
 def run(quick: bool = False) -> dict:
     kind = "quick" if quick else "full"
     reps = 1 if quick else 2
@@ -174,8 +168,8 @@ def run(quick: bool = False) -> dict:
     first_live = first_rss = None
     measured = {}
     for size in MEMORY_SIZES[kind]:
-        measured[size] = seconds, live, rss, reran, tiles = _in_subprocess_here(
-            f"_measure('whole_slide', 'resnet18', {size}, {MEMORY_TILE}, 'max', 1)")
+        measured[size] = seconds, live, rss, reran, tiles = measure(
+            MODULE, "whole_slide", "resnet18", size, MEMORY_TILE, "max", 1)
         estimated, feature_map, conventional = _estimates("resnet18", size, MEMORY_TILE)
         first_live, first_rss = first_live or live, first_rss or rss
         rows.append([f"resnet18 {size} px, tile {MEMORY_TILE}, max", "memory",
@@ -188,9 +182,8 @@ def run(quick: bool = False) -> dict:
         plain_size = min(size, PLAIN_LIMIT)
         key = (name, plain_size, against)
         if key not in baselines:
-            baselines[key] = _in_subprocess_here(
-                f"_measure('plain', {name!r}, {plain_size}, {against!r}, "
-                f"{reps if name == 'tiny' else 1})")[0]
+            baselines[key] = measure(MODULE, "plain", name, plain_size, against,
+                                     reps if name == "tiny" else 1)[0]
         baseline = baselines[key] * (size / plain_size) ** 2
         how = f"plain {against}" + ("" if size == plain_size else
                                     f", {plain_size} px's x area")
@@ -199,9 +192,8 @@ def run(quick: bool = False) -> dict:
             if (name, tile, pooling) == ("resnet18", MEMORY_TILE, "max") and size in measured:
                 seconds, live, rss, reran, tiles = measured[size]  # a memory row's step
             else:
-                seconds, live, rss, reran, tiles = _in_subprocess_here(
-                    f"_measure('whole_slide', {name!r}, {size}, {tile}, {pooling!r}, "
-                    f"{steps})")
+                seconds, live, rss, reran, tiles = measure(
+                    MODULE, "whole_slide", name, size, tile, pooling, steps)
             rows.append([f"{name} {size} px, tile {tile}, {pooling}", "speed", f"{live:.0f}",
                          f"{rss:.0f}", "-", "-", "-", f"{reran:.0f} ({tiles:.0f} tiles)",
                          f"{seconds:.1f}", f"{seconds / baseline:.2f}x {how} "
@@ -227,11 +219,6 @@ def run(quick: bool = False) -> dict:
                 f"warm-up on a small image; above {PLAIN_LIMIT} px plain PyTorch's forward "
                 f"does not fit this machine: its time at {PLAIN_LIMIT} px is scaled by the "
                 f"area; torch threads: {torch.get_num_threads()}"]}
-
-
-def _in_subprocess_here(call: str) -> list[float]:
-    """`benchmarks.bench_whole_slide.<call>` in a fresh process (bench_speed's runner)."""
-    return _in_subprocess(call, module="benchmarks.bench_whole_slide")
 
 
 if __name__ == "__main__":

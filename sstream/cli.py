@@ -38,9 +38,18 @@ class UsageError(ValueError):
 @app.callback()
 def _options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    compact_memory: bool = typer.Option(
+        False, "--compact-memory", envvar="SSTREAM_COMPACT_MEMORY",
+        help="CPU: keep the process's resident memory close to its live tensors (glibc "
+             "returns every block above 1 MiB when freed) at ~1.7x the time of a step."),
 ) -> None:
     """Exact streaming training of CNNs on multi-megapixel and gigapixel images."""
     _state["debug"] = debug
+    if compact_memory:
+        from sstream.runtime import compact_cpu_memory
+
+        if not compact_cpu_memory():
+            err_console.print("[yellow]--compact-memory needs glibc (Linux); ignored[/yellow]")
 
 
 @contextmanager
@@ -120,7 +129,7 @@ def _explicit(ctx: typer.Context, name: str) -> bool:
 def train(
     ctx: typer.Context,
     train_csv: Path = typer.Option(None, help="CSV with header image,label (paths relative "
-                                   "to the CSV)."),
+                                   "to the CSV; regression: label or label_<name> columns)."),
     val_csv: Path = typer.Option(None, help="Validation CSV (same format)."),
     out: Path = typer.Option(Path("runs/sstream"), help="Output directory."),
     config: Path = typer.Option(None, help="TOML or YAML file with any of these options; the "
@@ -130,7 +139,13 @@ def train(
                                    "holds a run."),
     model: str = typer.Option("tiny", help="tiny, resnet18, resnet34, resnet50, "
                               "convnext_tiny or vgg16."),
+    task: str = typer.Option("classification", help="classification (integer labels) or "
+                             "regression (numbers; one target per label_<name> column)."),
     num_classes: int = typer.Option(None, help="Classes (default: 1 + largest label)."),
+    loss: str = typer.Option("mse", help="Regression loss: mse, l1 or huber."),
+    standardise: bool = typer.Option(True, help="Regression: the loss sees targets scaled "
+                                     "by the training labels' mean and standard deviation "
+                                     "(predictions stay in the label's units)."),
     stream_layers: str = typer.Option(None, help="Stream up to this stage (e.g. layer3); "
                                       "the rest runs normally. Default: the whole trunk."),
     pooling: str = typer.Option("max", help="Global pooling of the head: max or avg."),
@@ -278,7 +293,8 @@ def predict(
                                show_default="as the model was trained"),
     quiet: bool = typer.Option(False, help="Print only errors."),
 ) -> None:
-    """Predict class probabilities for slides with a trained checkpoint (streaming forward)."""
+    """Predict class probabilities (or regression values) for slides with a trained
+    checkpoint (streaming forward)."""
     from sstream.cli_render import RichPredictEvents, metrics_line, predictions_table
     from sstream.predict import PredictConfig, PredictEvents
     from sstream.predict import predict as run_prediction
@@ -300,7 +316,7 @@ def predict(
             if hasattr(events, "close"):
                 events.close()
         if not quiet:
-            console.print(predictions_table(result.predictions, result.num_classes))
+            console.print(predictions_table(result.predictions, result.task))
             if result.metrics:
                 console.print(metrics_line(result.metrics))
             if result.out:
@@ -323,6 +339,9 @@ def saliency(
     class_index: int | None = typer.Option(
         None, "--class", help="Class whose logit is explained.",
         show_default="the predicted class"),
+    target: int | None = typer.Option(
+        None, "--target", help="Regression models: the target (0-based) whose predicted "
+        "value is explained.", show_default="the first"),
     level: int | None = typer.Option(
         None, "--level", help="Slide pyramid level to read (the model's input).",
         show_default="0"),
@@ -396,9 +415,12 @@ def saliency(
                 tasks[phase] = bar.add_task(phase, total=total, unit=unit)
             bar.update(tasks[phase], completed=done)
 
+        if class_index is not None and target is not None:
+            raise UsageError("give --class (classification) or --target (regression), not both")
         try:
             result = compute_saliency(
-                slide, checkpoint, out_path, overview=overview_path, class_index=class_index,
+                slide, checkpoint, out_path, overview=overview_path,
+                index=class_index if target is None else target,
                 level=level, mpp=mpp, method=method, uint8=uint8, percentile=percentile,
                 tile_size=tile_size, device=device, overwrite=overwrite, progress=progress,
                 tissue=tissue)
@@ -407,9 +429,7 @@ def saliency(
         finally:
             if tasks:
                 bar.stop()
-        probabilities = ", ".join(f"{p:.3f}" for p in result.probabilities)
-        console.print(f"class {result.class_index} (predicted {result.predicted_class}; "
-                      f"probabilities {probabilities})", highlight=False)
+        console.print(result.summary, highlight=False)
         console.print(f"map {result.size[0]} x {result.size[1]} ({result.encoding}, level "
                       f"{result.level}, {result.method}): {result.out}", highlight=False)
         if result.overview is not None:
@@ -595,6 +615,8 @@ def make_sample_data(
     val_fraction: float = typer.Option(0.25, help="Share of slides in val.csv."),
     tile: int = typer.Option(256, help="TIFF tile size (multiple of 16)."),
     overwrite: bool = typer.Option(False, help="Replace existing files."),
+    max_lesions: int = typer.Option(None, help="Regression data: each slide's label is its "
+                                    "number of lesions, drawn from 0..N."),
 ) -> None:
     """Generate synthetic slides whose label is visible only at full resolution.
 
@@ -611,12 +633,15 @@ def make_sample_data(
             raise UsageError("need --count >= 2 and 0 < --min-size <= --size")
         if not 0 <= val_fraction < 1:
             raise UsageError("--val-fraction must be in [0, 1)")
+        if max_lesions is not None and max_lesions < 1:
+            raise UsageError("--max-lesions must be at least 1")
         sides = size if min_size is None else (min_size, size)
         with Progress(console=err_console) as progress:
             task = progress.add_task("slides", total=count)
             train_csv, val_csv = generate(
                 out, count, sides, seed, val_fraction, tile, overwrite,
-                on_slide=lambda done, total: progress.update(task, completed=done))
+                on_slide=lambda done, total: progress.update(task, completed=done),
+                max_lesions=max_lesions)
         console.print(f"wrote {count} slides, {train_csv} and {val_csv}")
 
 

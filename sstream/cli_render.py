@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,6 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from sstream.predict import PredictEvents, Prediction
+from sstream.task import Task
 from sstream.train import TrainEvents
 
 
@@ -42,11 +44,13 @@ def _fmt(value: Any) -> str:
 
 
 _EPOCH_COLUMNS = [("train_loss", "loss"), ("val_loss", "val loss"), ("val_accuracy", "val acc"),
-                  ("val_auc", "val AUC"), ("lr", "lr"), ("seconds", "s"),
-                  ("images_per_s", "img/s"), ("tiles_per_s", "tiles/s"),
-                  ("peak_memory_mb", "peak MB")]
+                  ("val_auc", "val AUC"), ("val_spearman", "Spearman"),
+                  ("val_pearson", "Pearson"), ("val_mae", "MAE"), ("val_rmse", "RMSE"),
+                  ("lr", "lr"), ("seconds", "s"), ("images_per_s", "img/s"),
+                  ("tiles_per_s", "tiles/s"), ("peak_memory_mb", "peak MB")]
 _EPOCH_CAPTION = ("s: seconds of training; peak MB: peak memory of the process (CUDA: "
                   "allocated)")
+_REGRESSION_CAPTION = "Spearman, Pearson, MAE, RMSE: of the validation set"
 
 
 _PATHS = {
@@ -175,16 +179,22 @@ class RichPredictEvents(PredictEvents):
         self.progress.stop()
 
 
-def epoch_table(metrics: dict[str, Any]) -> Table:
-    """One epoch's row of metrics.csv; readable in 80 columns (no vertical rules)."""
-    table = Table(title=f"epoch {metrics['epoch']}", caption=_EPOCH_CAPTION,
-                  box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left",
-                  collapse_padding=True, pad_edge=False)
+def epoch_table(metrics: dict[str, Any]) -> Group:
+    """One epoch's row of metrics.csv, readable in 80 columns (no vertical rules): the
+    losses and validation metrics, then the run's figures below them."""
+    validation = _REGRESSION_CAPTION if "val_spearman" in metrics else None
     shown = [(key, header) for key, header in _EPOCH_COLUMNS if key in metrics]
-    for _, header in shown:
-        table.add_column(header, justify="right", no_wrap=True)
-    table.add_row(*[_short(metrics[key]) for key, _ in shown])
-    return table
+    split = next((i for i, (key, _) in enumerate(shown) if key == "lr"), len(shown))
+    tables = []
+    for title, columns, note in ((f"epoch {metrics['epoch']}", shown[:split], validation),
+                                 (None, shown[split:], _EPOCH_CAPTION)):
+        table = Table(title=title, caption=note, box=box.SIMPLE_HEAD, title_justify="left",
+                      caption_justify="left", collapse_padding=True, pad_edge=False)
+        for _, header in columns:
+            table.add_column(header, justify="right", no_wrap=True)
+        table.add_row(*[_short(metrics[key]) for key, _ in columns])
+        tables.append(table)
+    return Group(*tables)
 
 
 def _short(value: Any) -> str:
@@ -194,18 +204,17 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def predictions_table(predictions: list[Prediction], num_classes: int) -> Table:
+def predictions_table(predictions: list[Prediction], task: Task) -> Table:
+    """The predictions CSV's columns (the task's), values to 4 significant digits."""
     table = Table(title="predictions", box=box.SIMPLE_HEAD, title_justify="left")
     table.add_column("image", overflow="fold")
-    for k in range(num_classes):
-        table.add_column(f"prob_{k}", justify="right")
-    table.add_column("pred", justify="right")
     with_labels = any(p.label is not None for p in predictions)
-    if with_labels:
-        table.add_column("label", justify="right")
+    for name in [*task.prediction_header(), *(task.label_header() if with_labels else [])]:
+        table.add_column(name, justify="right", overflow="fold")
     for p in predictions:
-        row = [p.image, *[f"{v:.3f}" for v in p.probabilities], str(p.pred)]
-        table.add_row(*(row + ([_fmt(p.label)] if with_labels else [])))
+        cells = [*task.prediction_cells(np.array(p.values)),
+                 *(task.label_cells(p.label) if with_labels else [])]
+        table.add_row(p.image, *(_fmt(float(c)) if c else c for c in cells))
     return table
 
 

@@ -26,6 +26,7 @@ import torch
 
 from sstream.io import SlideImage, open_image
 from sstream.io.tissue import TissueMask
+from sstream.task import Classification, Task
 
 Box = tuple[int, int, int, int]
 RegionReader = Callable[[int, int, int, int], np.ndarray]
@@ -45,24 +46,28 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One CSV row: an image path (resolved against the CSV's folder), its class, and its
-    tissue mask file (an optional `mask` column; None where empty or absent)."""
+    """One CSV row: an image path (resolved against the CSV's folder), its label (as the
+    task reads it), and its tissue mask file (an optional `mask` column; None where empty or
+    absent)."""
 
     image: Path
-    label: int | None
+    label: int | tuple[float, ...] | None  # a class, or regression targets
     row: int  # 1-based line number in the CSV (the header is line 1)
     mask: Path | None = None
 
 
-def read_label_csv(path: str | Path, num_classes: int | None = None,
+def read_label_csv(path: str | Path, task: Task | None = None,
                    require_labels: bool = True) -> list[Sample]:
-    """Read a CSV with header `image,label` (paths relative to the CSV's folder) and an
+    """Read a CSV with header `image,label` (paths relative to the CSV's folder; the label
+    columns are the task's: `label`, or `label_<name>` per regression target) and an
     optional `mask` column: a tissue mask image per slide (see `sstream.io.tissue`).
 
     Every problem is collected and raised at once as DatasetError, with line numbers: missing
-    or empty file, wrong header, a label that is not an integer (or not in [0, num_classes)),
-    duplicate rows, image or mask paths that do not exist.
+    or empty file, wrong header, a label the task cannot read (not an integer, out of range,
+    not a finite number), duplicate rows, image or mask paths that do not exist. `task`
+    defaults to classification with any number of classes.
     """
+    task = Classification() if task is None else task
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: CSV file not found" if not path.exists()
@@ -73,31 +78,30 @@ def read_label_csv(path: str | Path, num_classes: int | None = None,
     if not rows:
         raise DatasetError(f"{path}: the CSV is empty (expected header 'image,label')")
     header = [cell.strip().lower() for cell in rows[0]]
-    wanted = ["image", "label"] if require_labels else ["image"]
-    if header[: len(wanted)] != wanted and not (not require_labels and "image" in header):
+    if "image" not in header or (require_labels and header[0] != "image"):
         raise DatasetError(f"{path}: header is {','.join(rows[0])!r}, expected 'image,label'")
+    label_cols = None
+    if require_labels or any(c == "label" or c.startswith("label_") for c in header):
+        try:
+            label_cols = task.label_columns(header)
+        except ValueError as exc:
+            raise DatasetError(f"{path}: header is {','.join(rows[0])!r}: {exc}") from None
     image_col = header.index("image")
-    label_col = header.index("label") if "label" in header else None
     mask_col = header.index("mask") if "mask" in header else None
     samples, problems, seen = [], [], {}
     for line, row in enumerate(rows[1:], start=2):
         image_text = row[image_col].strip() if image_col < len(row) else ""
-        label_text = row[label_col].strip() if label_col is not None and label_col < len(row) \
-            else ""
         if not image_text:
             problems.append(f"line {line}: empty image path")
             continue
         image = (path.parent / image_text).resolve()
+        texts = [row[c].strip() if c < len(row) else "" for c in label_cols or []]
         label = None
-        if label_col is not None and (label_text or require_labels):
+        if label_cols is not None and (require_labels or any(texts)):
             try:
-                label = int(label_text)
-            except ValueError:
-                problems.append(f"line {line}: label {label_text!r} is not an integer")
-                continue
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                upper = f"{num_classes - 1}" if num_classes else "..."
-                problems.append(f"line {line}: label {label} out of range 0..{upper}")
+                label = task.parse_label(texts)
+            except ValueError as exc:
+                problems.append(f"line {line}: {exc}")
                 continue
         if image in seen:
             problems.append(f"line {line}: duplicate of line {seen[image]} ({image_text})")

@@ -6,7 +6,8 @@ A `Classifier` is one ordinary `nn.Module`:
       -> stream: Normalize (ImageNet mean/std, per pixel) + trunk stages up to the split point
          (N, C', H', W')  -- this is what `StreamingCNN(model.stream, tile)` wraps
       -> head: the remaining trunk stages, global max/avg pooling, flatten, dropout, linear
-         (N, num_classes) logits
+         (N, num_classes) logits; a regression model's head ends with a TargetScale and
+         gives (N, targets) predicted values in the label's units (`sstream.task`)
 
 Backbones (torchvision constructors with `weights=None`; nothing is downloaded unless
 `pretrained=True` is asked for explicitly):
@@ -53,6 +54,7 @@ from torch import nn
 
 from sstream.engine.geometry import eval_mode, meta_call
 from sstream.engine.pooling import head_global_pool
+from sstream.task import TASKS, TargetScale
 
 if TYPE_CHECKING:
     from sstream.engine import ImageSource, InputGradSink, StreamingCNN
@@ -93,7 +95,7 @@ class ModelConfig:
 
     Attributes:
         name: one of MODEL_NAMES.
-        num_classes: outputs of the final linear layer (logits).
+        num_classes: outputs of the final linear layer (classes, or regression targets).
         stream_layers: split point: stream up to and including this named stage (see the
             module docstring; `split_names(name)` lists them); None streams the whole trunk.
         pooling: global pooling of the head, "max" or "avg".
@@ -102,6 +104,10 @@ class ModelConfig:
         tissue: what the global pooling ran over in training: "auto" (detected tissue, see
             `sstream.tissue`) or "none" (every position; checkpoints from before tissue
             masks); predict and saliency do the same unless told otherwise.
+        task: "classification" (outputs are logits) or "regression" (outputs are the
+            predicted values in the label's units: the head ends with a TargetScale);
+            see `sstream.task`.
+        targets: the regression targets' names (one per output); None for classification.
     """
 
     name: str = "tiny"
@@ -110,6 +116,8 @@ class ModelConfig:
     pooling: str = "max"
     dropout: float = 0.0
     tissue: str = "none"
+    task: str = "classification"
+    targets: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (JSON- and weights_only-safe)."""
@@ -143,6 +151,11 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.tissue not in ("auto", "none"):
             raise ValueError(f"tissue must be 'auto' or 'none', got {self.tissue!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; valid: {', '.join(TASKS)}")
+        if self.task == "regression" and len(self.targets or ()) != self.num_classes:
+            raise ValueError(f"a regression model has one output per target: "
+                             f"{self.num_classes} outputs, targets {self.targets}")
 
 
 class Normalize(nn.Module):
@@ -355,7 +368,8 @@ def build_model(config: ModelConfig, weights: str | Path | None = None,
     head = nn.Sequential(OrderedDict([
         *backbone.stages[split:], ("pool", pool), ("flatten", nn.Flatten(1)),
         *backbone.extra_head, ("dropout", nn.Dropout(config.dropout)),
-        ("fc", nn.Linear(backbone.channels, config.num_classes))]))
+        ("fc", nn.Linear(backbone.channels, config.num_classes)),
+        *([("scale", TargetScale(config.num_classes))] if config.task == "regression" else [])]))
     return Classifier(config, stream, head)
 
 

@@ -1,9 +1,12 @@
-"""The prediction job: class probabilities for slides, by a streaming forward pass.
+"""The prediction job: class probabilities or predicted values for slides, by a streaming
+forward pass.
 
 Slides are read lazily (only the regions the tiles need), so their size is limited by disk,
 not memory. One unreadable slide is reported and skipped; the others are still predicted.
-The result CSV has the columns `image, prob_0 .. prob_{K-1}, pred` (and `label` when the
-input CSV had labels) and is written atomically.
+The result CSV is written atomically; its columns are the model's task's (`sstream.task`):
+`image, prob_0 .. prob_{K-1}, pred` for classification, `image, prediction` (or
+`prediction_<name>` per target) for regression, then the label column(s) when the input CSV
+had labels.
 """
 
 from __future__ import annotations
@@ -18,24 +21,25 @@ import torch
 from sstream.data import PixelSource, Sample, choose_level, fit_window, read_label_csv
 from sstream.engine import ImageSource, StreamingCNN
 from sstream.io import atomic_output, open_image
-from sstream.metrics import classification_metrics
 from sstream.models import Classifier, head_global_pool, load_checkpoint, streamed_logits
 from sstream.runtime import amp_dtype, autocast, resolve_device
+from sstream.task import Task, task_for_model
 from sstream.tissue import Tissue, output_mask
 
 
-def class_probabilities(model: Classifier, scnn: StreamingCNN, source: ImageSource | torch.Tensor,
-                        amp: bool = False, dtype: torch.dtype = torch.bfloat16,
-                        mask: torch.Tensor | None = None) -> np.ndarray:
-    """Softmax probabilities (classes,) of one image, streamed without keeping gradients.
+def model_outputs(model: Classifier, scnn: StreamingCNN, source: ImageSource | torch.Tensor,
+                  amp: bool = False, dtype: torch.dtype = torch.bfloat16,
+                  mask: torch.Tensor | None = None) -> np.ndarray:
+    """The model's outputs (outputs,) for one image, float64, streamed without keeping
+    gradients: logits, or predicted values (the task's `predictions` makes them final).
 
     When the head starts with global pooling, the stream's output is pooled tile by tile and
     never assembled, so the slide's size does not matter (`streamed_logits`); `mask` (bool at
     the stream's output resolution, `sstream.tissue.output_mask`) pools over tissue only."""
     device = next(model.parameters()).device
     with torch.no_grad(), autocast(device, amp, dtype):
-        logits = streamed_logits(model, scnn, source, mask)  # (1, classes)
-    return torch.softmax(logits.float(), dim=-1)[0].cpu().numpy()
+        outputs = streamed_logits(model, scnn, source, mask)  # (1, outputs)
+    return outputs[0].double().cpu().numpy()
 
 
 @dataclass
@@ -59,9 +63,8 @@ class PredictConfig:
 @dataclass
 class Prediction:
     image: str
-    probabilities: list[float]
-    pred: int
-    label: int | None = None
+    values: list[float]          # class probabilities, or predicted values (one per target)
+    label: int | tuple[float, ...] | None = None
 
 
 @dataclass
@@ -70,7 +73,7 @@ class PredictResult:
     failures: list[tuple[str, str]]          # (image, reason)
     metrics: dict[str, float] | None
     out: Path | None
-    num_classes: int
+    task: Task
 
 
 class PredictEvents:
@@ -83,13 +86,13 @@ class PredictEvents:
                      ) -> None: ...
 
 
-def _inputs(config: PredictConfig, num_classes: int) -> list[tuple[str, Sample]]:
+def _inputs(config: PredictConfig, task: Task) -> list[tuple[str, Sample]]:
     """(name as given, sample: resolved path, label or None, mask file or None) for every
     image to predict."""
     if config.csv and config.images:
         raise ValueError("give images or --csv, not both")
     if config.csv:
-        samples = read_label_csv(config.csv, num_classes, require_labels=False)
+        samples = read_label_csv(config.csv, task, require_labels=False)
         root = Path(config.csv).parent.resolve()  # names as written, relative to the CSV
         return [(str(s.image.relative_to(root) if s.image.is_relative_to(root) else s.image),
                  s) for s in samples]
@@ -114,8 +117,8 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
     model = load_checkpoint(config.checkpoint).to(device).eval()
     scnn = StreamingCNN(model.stream, config.tile_size)
     scnn.on_tile = events.on_tile
-    num_classes = model.config.num_classes
-    inputs = _inputs(config, num_classes)
+    task = task_for_model(model)
+    inputs = _inputs(config, task)
     tissue = Tissue.parse(config.tissue, model.config.tissue)
     if tissue.is_file and len(inputs) > 1:
         raise ValueError("--tissue PATH is the mask of one slide; give each slide its mask "
@@ -138,38 +141,34 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
                 source.tissue = tissue.mask_for(slide, sample.mask)
                 mask = output_mask(source, scnn)
                 events.on_slide_start(name, len(scnn.plan(source.shape)))
-                probabilities = class_probabilities(model, scnn, source, config.amp, dtype,
-                                                    mask)
+                outputs = model_outputs(model, scnn, source, config.amp, dtype, mask)
         except (ValueError, OSError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             failures.append((name, reason))
             events.on_slide_end(name, None, reason)
             continue
-        prediction = Prediction(name, [float(p) for p in probabilities],
-                                int(probabilities.argmax()), label)
+        prediction = Prediction(name, [float(v) for v in task.predictions(outputs)], label)
         predictions.append(prediction)
         events.on_slide_end(name, prediction, None)
     labelled = [p for p in predictions if p.label is not None]
-    metrics = (classification_metrics(np.array([p.probabilities for p in labelled]),
-                                      np.array([p.label for p in labelled]))
-               if labelled else None)
+    metrics = (task.metrics(np.array([p.values for p in labelled]),
+                            [p.label for p in labelled]) if labelled else None)
     out = Path(config.out) if config.out else None
     if out is not None:
-        write_predictions(out, predictions, num_classes, config.overwrite)
-    return PredictResult(predictions, failures, metrics, out, num_classes)
+        write_predictions(out, predictions, task, config.overwrite)
+    return PredictResult(predictions, failures, metrics, out, task)
 
 
-def write_predictions(path: Path, predictions: list[Prediction], num_classes: int,
+def write_predictions(path: Path, predictions: list[Prediction], task: Task,
                       overwrite: bool) -> None:
     """The predictions CSV, written atomically."""
     with_labels = any(p.label is not None for p in predictions)
-    columns = ["image", *[f"prob_{k}" for k in range(num_classes)], "pred"]
-    columns += ["label"] if with_labels else []
+    columns = ["image", *task.prediction_header()]
+    columns += task.label_header() if with_labels else []
     with atomic_output(path, overwrite=overwrite) as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)
             for p in predictions:
-                row = [p.image, *[f"{v:.6f}" for v in p.probabilities], p.pred]
-                writer.writerow(row + ([p.label if p.label is not None else ""]
-                                       if with_labels else []))
+                row = [p.image, *task.prediction_cells(np.array(p.values))]
+                writer.writerow(row + (task.label_cells(p.label) if with_labels else []))

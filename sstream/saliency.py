@@ -19,7 +19,8 @@ pixels", the stream's input pixels; `location`s handed to the slide reader are l
    file). For heads that start with global max/avg pooling (every model whose whole trunk
    streams) the engine pools tile by tile (`StreamingCNN.global_pool`): no feature map is
    ever assembled; other heads get the feature map fmap (1, C', H', W'). The head gives the
-   logits (1, K); the class is `class_index` or the argmax.
+   outputs (1, K): logits (the class explained is `index` or the argmax) or regression
+   values (the target explained is `index` or the first), as the model's task says.
 2. head backward: d logit_k / d fmap. After global pooling the engine forms it from the
    pooled (1, C') gradient, block by block (`global_pool`'s backward, engine/pooling.py):
    zero except at the C' argmax positions for max pooling (so only the tiles holding a
@@ -80,6 +81,7 @@ from sstream.engine import StreamingCNN
 from sstream.io import TiffMapWriter, atomic_output, open_image, read_downsampled
 from sstream.models import Classifier, load_checkpoint, minimum_input_size, streamed_logits
 from sstream.runtime import resolve_device
+from sstream.task import task_for_model
 from sstream.tissue import Tissue, output_mask, pixel_mask
 
 __all__ = [
@@ -115,8 +117,11 @@ class SaliencyResult:
 
     Attributes:
         out: the map's TIFF. overview: the PNG, or None.
-        class_index: the class whose logit was differentiated; predicted_class: the argmax.
-        probabilities, logits: the model's outputs for the slide, per class.
+        index: the output differentiated (a class, or a regression target).
+        prediction: the task's record of the model's outputs for the slide (classification:
+            class, predicted_class, probabilities, logits; regression: target,
+            target_name, predictions), as written into the map's description; summary:
+            it in one line.
         method, level: as used; size: (width, height) of the map = of the level read.
         mpp: microns per pixel of the map (None if the slide does not say).
         encoding: "float32" or "uint8".
@@ -129,10 +134,9 @@ class SaliencyResult:
 
     out: Path
     overview: Path | None
-    class_index: int
-    predicted_class: int
-    probabilities: list[float]
-    logits: list[float]
+    index: int
+    prediction: dict
+    summary: str
     method: str
     level: int
     size: tuple[int, int]
@@ -166,7 +170,7 @@ def compute_saliency(
     checkpoint: str | os.PathLike | Classifier,
     out: str | os.PathLike,
     overview: str | os.PathLike | None = None,
-    class_index: int | None = None,
+    index: int | None = None,
     level: int | None = None,
     mpp: float | None = None,
     method: str = "gradient",
@@ -185,7 +189,8 @@ def compute_saliency(
         checkpoint: an sstream checkpoint file (`load_checkpoint`), or a Classifier (moved
             to `device` and put in eval mode).
         out: the map's TIFF path. overview: the PNG path, or None for no overview.
-        class_index: the class whose logit is explained; None: the predicted class.
+        index: the class whose logit is explained (None: the predicted class), or for a
+            regression model the target whose value is explained (None: the first).
         level, mpp: the slide level to read (as the model was trained), by index or by
             microns per pixel (the coarsest level not coarser than `mpp`); default level 0.
         method: "gradient" (max over channels of |gradient|) or "gradient-x-input" (sum over
@@ -233,10 +238,12 @@ def compute_saliency(
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model = (checkpoint.to(device) if isinstance(checkpoint, Classifier)
              else load_checkpoint(checkpoint, map_location=device)).eval()
-    num_classes = int(model.config.num_classes)
-    if class_index is not None and not 0 <= class_index < num_classes:
-        raise SaliencyOptionError(f"class {class_index} out of range: the model has "
-                                  f"{num_classes} classes (0..{num_classes - 1})")
+    task = task_for_model(model)
+    if index is not None:
+        try:
+            task.output_name(index)
+        except ValueError as exc:
+            raise SaliencyOptionError(str(exc)) from None
     wanted_grad = [(param, param.requires_grad) for param in model.parameters()]
     with ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
@@ -267,27 +274,22 @@ def compute_saliency(
                           overview_factor=max(1, -(-max(height, width) // OVERVIEW_SIDE)),
                           spool=spool)
 
-        # 1. forward: tiles -> (pooled) features -> logits (1, K)
-        all_logits = streamed_logits(model, stream, source, mask, input_grad_sink=bands)
-        logits = all_logits[0].detach().double()
-        predicted = int(logits.argmax())
-        chosen = predicted if class_index is None else int(class_index)
-        probabilities = torch.softmax(logits, 0).tolist()
+        # 1. forward: tiles -> (pooled) features -> outputs (1, K)
+        outputs = streamed_logits(model, stream, source, mask, input_grad_sink=bands)
+        chosen, prediction = task.explained(outputs[0], index)
 
         level_mpp = slide.level_mpp(level)
         record = {"sstream": "saliency", "slide": slide.path.name, "level": level,
-                  "method": method, "class": chosen, "predicted_class": predicted,
-                  "probabilities": [round(p, 6) for p in probabilities],
-                  "logits": [round(v, 6) for v in logits.tolist()]}
+                  "method": method, **prediction}
         if not uint8:
             bands.writer = stack.enter_context(TiffMapWriter(
                 out, (height, width), np.float32, tile_size=MAP_TILE, mpp=level_mpp,
                 description=json.dumps({**record, "encoding": "float32"}),
                 overwrite=overwrite))
 
-        # 2. head backward -> d logit / d fmap; 3. stream backward -> bands -> map
-        all_logits[0, chosen].backward()
-        del all_logits
+        # 2. head backward -> d output / d fmap; 3. stream backward -> bands -> map
+        outputs[0, chosen].backward()
+        del outputs
         bands.finish()
         scale = bands.histogram.percentile(percentile)
 
@@ -306,12 +308,13 @@ def compute_saliency(
         if overview_tmp is not None:
             background = read_downsampled(slide, level, bands.overview.shape)
             image = render_overview(background, bands.overview.image, scale,
-                                    _colour_bar_title(method, chosen))
+                                    _colour_bar_title(method, task.output_name(chosen)))
             image.save(overview_tmp, format="PNG")
 
     return SaliencyResult(
-        out=out, overview=overview, class_index=chosen, predicted_class=predicted,
-        probabilities=probabilities, logits=logits.tolist(), method=method, level=level,
+        out=out, overview=overview, index=chosen, prediction=prediction,
+        summary=task.summary(prediction), method=method,
+        level=level,
         size=(width, height), mpp=level_mpp, encoding="uint8" if uint8 else "float32",
         min=bands.min, max=bands.max, scale=scale, percentile=percentile,
         nonzero=bands.histogram.count, tiles=tiles,
@@ -548,9 +551,9 @@ def inferno(t: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
 
 
-def _colour_bar_title(method: str, class_index: int) -> str:
+def _colour_bar_title(method: str, output: str) -> str:
     what = "|gradient|" if method == "gradient" else "|gradient x input|"
-    return f"{what}, class {class_index}"
+    return f"{what}, {output}"
 
 
 def render_overview(background: np.ndarray, saliency: np.ndarray, scale: float,

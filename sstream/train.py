@@ -1,5 +1,8 @@
 """The training job: streaming training on image-level labels, with checkpoints and resume.
 
+The labels are classes or continuous targets (`config.task`): a `sstream.task` object reads
+them, gives the loss, the validation metrics and what `best.pt` keeps.
+
 One image at a time goes through `StreamingCNN(model.stream)` (tile by tile) and the head;
 `accumulate` images make one optimizer step (the paper's serial mini-batch). The next image is
 read and prepared by a background thread while the current one trains.
@@ -36,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sstream.data import (
     Augmentation,
@@ -51,7 +53,6 @@ from sstream.engine import ENGINES, StreamingCNN
 from sstream.engine.memory import estimate_training_memory, largest_fitting_row
 from sstream.estimate import parse_bytes
 from sstream.io import SlideImage, atomic_output, open_image
-from sstream.metrics import classification_metrics
 from sstream.models import (
     Classifier,
     ModelConfig,
@@ -65,14 +66,14 @@ from sstream.models import (
     streamed_logits,
 )
 from sstream.plots import Panel, Series, line_plot
-from sstream.predict import class_probabilities
+from sstream.predict import model_outputs
 from sstream.runtime import amp_dtype, autocast, peak_memory_mb, reset_peak_memory
+from sstream.task import LOSSES, TASKS, Classification, Regression, Task
 from sstream.tissue import TISSUE_CHOICES, Tissue, output_mask, write_preview
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "lr",
-                  "seconds", "images_per_s", "tiles_per_s", "peak_memory_mb"]
+RUN_COLUMNS = ["lr", "seconds", "images_per_s", "tiles_per_s", "peak_memory_mb"]
 
 
 class TrainingError(RuntimeError):
@@ -91,7 +92,10 @@ class TrainConfig:
     val_csv: str | None = None
     out: str = "runs/sstream"
     model: str = "tiny"
+    task: str = "classification"        # or "regression" (see sstream.task)
     num_classes: int | None = None      # None: 1 + the largest label in the training CSV
+    loss: str = "mse"                   # regression: mse, l1 or huber
+    standardise: bool = True            # regression: the loss sees standardised targets
     stream_layers: str | None = None
     pooling: str = "max"
     dropout: float = 0.0
@@ -130,6 +134,11 @@ class TrainConfig:
             raise ValueError("give --level or --mpp, not both")
         checks = [
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.task in TASKS, f"--task must be one of {', '.join(TASKS)}"),
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
+            (self.task == "classification" or self.num_classes is None,
+             "--num-classes is for classification; a regression model has one output per "
+             "target column"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.accumulate >= 1, "--accumulate must be at least 1"),
@@ -269,6 +278,13 @@ def training_path(model: Classifier, whole_slide: bool = True) -> str:
     return "whole-slide" if pooled else "feature map"
 
 
+def training_task(config: TrainConfig) -> Task:
+    """The task the options ask for; its labels' details come from the training CSV."""
+    if config.task == "regression":
+        return Regression(loss_name=config.loss, standardise=config.standardise)
+    return Classification(config.num_classes)
+
+
 def training_tissue(config: TrainConfig, model: Classifier, samples: list[Sample]) -> Tissue:
     """What pooling runs over in training: `config.tissue`, or by default "auto" where it
     can (the whole-slide path) and "none" on the feature-map path, whose head pools its own
@@ -395,11 +411,18 @@ def save_checkpoint(path: Path, model: Classifier, optimizer: torch.optim.Optimi
         tmp.write_bytes(buffer.getvalue())
 
 
-def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+def metric_columns(task: Task) -> list[str]:
+    """metrics.csv's columns: the losses, the task's validation metrics, then the run's."""
+    return ["epoch", "train_loss", "val_loss", *(f"val_{m}" for m in task.metric_names),
+            *RUN_COLUMNS]
+
+
+def write_metrics(out: Path, history: list[dict[str, Any]], task: Task) -> None:
     """metrics.csv (one row per epoch) and curves.png, both rewritten atomically."""
     with atomic_output(out / "metrics.csv", overwrite=True) as tmp:
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=metric_columns(task),
+                                    extrasaction="ignore")
             writer.writeheader()
             writer.writerows(history)
     epochs = [row["epoch"] for row in history]
@@ -410,21 +433,18 @@ def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     line_plot(out / "curves.png", [
         Panel("loss", [Series("train loss", epochs, column("train_loss")),
                        Series("val loss", epochs, column("val_loss"))], xlabel="epoch"),
-        Panel("validation", [Series("accuracy", epochs, column("val_accuracy")),
-                             Series("AUC", epochs, column("val_auc"))], xlabel="epoch"),
+        *(Panel(title, [Series(label, epochs, column(key)) for label, key in series],
+                xlabel="epoch") for title, series in task.validation_panels()),
     ])
 
 
-def _score(metrics: dict[str, Any]) -> list[float]:
-    """What `best.pt` maximises, compared in order: val AUC, val accuracy, then the lowest
-    val loss (train loss without a validation set). Ties on AUC are common on small sets."""
-
-    def value(key: str, sign: float) -> float:
-        number = metrics.get(key)
-        return -math.inf if number is None or math.isnan(number) else sign * number
-
+def _score(metrics: dict[str, Any], task: Task) -> list[float]:
+    """What `best.pt` maximises, compared in order: the task's validation metrics (AUC and
+    accuracy, or Spearman), then the lowest val loss (train loss without a validation set)."""
     loss_key = "val_loss" if metrics.get("val_loss") is not None else "train_loss"
-    return [value("val_auc", 1), value("val_accuracy", 1), value(loss_key, -1)]
+    loss = metrics.get(loss_key)
+    return [*task.score(metrics),
+            -math.inf if loss is None or math.isnan(loss) else -loss]
 
 
 # ---- the job ------------------------------------------------------------------------------
@@ -461,14 +481,19 @@ class _Trainer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sstream-prefetch")
 
     def _build(self, config: TrainConfig) -> None:
-        self.train_samples = read_label_csv(config.train_csv, config.num_classes)
+        self.task = training_task(config)
+        self.train_samples = read_label_csv(config.train_csv, self.task)
         labels = [s.label for s in self.train_samples]
-        num_classes = config.num_classes or max(2, max(labels) + 1)
-        self.val_samples = (read_label_csv(config.val_csv, num_classes)
+        self.task.fit(labels)
+        self.val_samples = (read_label_csv(config.val_csv, self.task)
                             if config.val_csv else [])
         self.model = build_model(
-            ModelConfig(config.model, num_classes, config.stream_layers, config.pooling,
-                        config.dropout), weights=config.weights, pretrained=config.pretrained)
+            ModelConfig(config.model, stream_layers=config.stream_layers,
+                        pooling=config.pooling, dropout=config.dropout,
+                        **self.task.model_fields()),
+            weights=config.weights, pretrained=config.pretrained)
+        if isinstance(self.task, Regression):  # restored with the weights on resume
+            self.task.fit_scale(self.model.head.scale, labels)
         self.tissue = training_tissue(config, self.model,
                                       self.train_samples + self.val_samples)
         self.model.config.tissue = self.tissue.record  # predict and saliency do the same
@@ -660,7 +685,7 @@ class _Trainer:
                                      whole_slide=self.config.whole_slide)
         # at least float32 for the loss (float64 models stay float64)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss = F.cross_entropy(logits, torch.tensor([sample.label], device=self.device))
+        loss = self.task.loss(logits, [sample.label])
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at optimizer step "
                                 f"{self.state.step}; stopped, keeping the last good checkpoint "
@@ -699,42 +724,42 @@ class _Trainer:
         state.epoch, state.image_index = epoch + 1, 0
         state.epoch_loss_sum = state.epoch_seconds = 0.0
         state.epoch_tiles = 0
-        improved = _score(row) > state.best_score
+        improved = _score(row, self.task) > state.best_score
         if improved:
-            state.best_score = _score(row)
+            state.best_score = _score(row, self.task)
         self.rng_at_step = torch.get_rng_state()
         self._checkpoint("last.pt", *(["best.pt"] if improved else []))
         with self.parallel.agreement("while writing metrics"):
             if self.parallel.is_main:
-                write_metrics(self.out, state.history)
+                write_metrics(self.out, state.history, self.task)
         self.events.on_epoch_end(row)
 
     def validate(self) -> dict[str, float]:
-        """Streaming forward on the validation set: accuracy, AUC, loss.
+        """Streaming forward on the validation set: the task's metrics and loss.
 
         Each rank predicts its shard; the metrics are computed from all predictions.
         """
         self.model.eval()
         mine = self.parallel.shard(0, len(self.val_samples))
-        predicted = []  # (position in the CSV, probabilities, label)
+        predicted = []  # (position in the CSV, prediction, label)
         with self.parallel.agreement("during validation"):
             for done, index in enumerate(mine, start=1):
                 sample = self.val_samples[index]
                 source = load_training_image(sample, self.config, False, (), self.dtype,
                                              self.tissue)
                 try:
-                    probabilities = class_probabilities(
+                    outputs = model_outputs(
                         self.model, self.scnn, source, self.config.amp, self.amp_dtype,
                         _output_mask(source, self.scnn, sample))
                 finally:
                     source.close()
-                predicted.append((index, probabilities, sample.label))
+                predicted.append((index, self.task.predictions(outputs), sample.label))
                 self.events.on_validation(done, len(mine))
         self.model.train()
         gathered = self.parallel.gather_objects(predicted, "gathering validation results")
         merged = sorted((row for rows in gathered for row in rows), key=lambda row: row[0])
-        return classification_metrics(np.stack([row[1] for row in merged]),
-                                       np.array([row[2] for row in merged]))
+        return self.task.metrics(np.stack([row[1] for row in merged]),
+                                 [row[2] for row in merged])
 
 
 def _rank_seed(seed: int, rank: int, *keys: int) -> int:

@@ -34,3 +34,14 @@ def float64_training() -> Iterator[None]:
     finally:
         torch.set_default_dtype(torch.float32)
         torch.set_num_threads(threads)
+
+
+def assert_autocast_matches_plain(results: list[tuple[torch.Tensor, list[torch.Tensor]]]
+                                  ) -> None:
+    """[(plain output, its parameter gradients), (streamed ...)] under bf16 autocast: both
+    bf16, equal within bf16's ~3 significant digits."""
+    (plain, plain_grads), (streamed, streamed_grads) = results
+    assert plain.dtype == streamed.dtype == torch.bfloat16
+    assert torch.allclose(streamed.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    for grad, want in zip(streamed_grads, plain_grads, strict=True):
+        assert torch.allclose(grad, want, rtol=5e-2, atol=5e-2)

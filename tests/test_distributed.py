@@ -172,3 +172,26 @@ def test_a_failing_rank_stops_every_rank_with_a_clear_message(tmp_path):
     assert "rank 1 failed at optimizer step 1" in rank0["stderr"]
     assert "cannot decode the image" in rank0["stderr"]
 
+
+
+def test_regression_on_two_ranks_equals_one_process(tmp_path):
+    """A regression run (two targets, standardised, sharded validation) on two ranks equals
+    one process with twice the accumulation, metrics included."""
+    from tests.test_regression import write_regression_dataset
+
+    targets = {"a": [0.0, 1.0, 2.0, 3.0, 0.5], "b": [3.0, 1.0, 4.0, 1.0, 5.0]}
+    common = dict(train_csv=str(write_regression_dataset(tmp_path, targets, size=(40, 48))),
+                  val_csv=str(write_regression_dataset(tmp_path, {"a": [0.2, 2.8, 1.5],
+                                                                  "b": [2.0, 6.0, 5.0]},
+                                                       "val", size=(40, 40))),
+                  task="regression", loss="huber", epochs=1, tile_size=32, device="cpu",
+                  lr=1e-2, seed=5)
+    ranks = start_ranks(2, "train", {"config": {**common, "out": str(tmp_path / "two"),
+                                                "accumulate": 2}}, tmp_path)
+    with float64_training():
+        single = train(TrainConfig(**common, out=str(tmp_path / "one"), accumulate=4))
+    rank0, _ = join_ranks(ranks)
+    assert relative_errors(rank0["model"], single.model.state_dict()) < 1e-10
+    for key in ("train_loss", "val_loss", "val_spearman", "val_pearson", "val_mae"):
+        assert rank0["history"][0][key] == pytest.approx(single.state.history[0][key],
+                                                         rel=1e-9), key

@@ -39,3 +39,39 @@ def test_multiclass_macro_auc_accuracy_and_loss():
     assert metrics["accuracy"] == 0.75
     expected_loss = -np.mean(np.log([0.7, 0.6, 0.5, 0.4]))
     assert math.isclose(metrics["loss"], expected_loss)
+
+
+# ---- regression ---------------------------------------------------------------------------
+
+from hypothesis import settings  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from sstream.metrics import regression_metrics  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3)), min_size=3, max_size=30))
+def test_spearman_and_pearson_equal_scipys_with_ties(pairs):
+    predictions = np.array([p / 2 for p, _ in pairs], dtype=float)
+    targets = np.array([t * 1.5 for _, t in pairs], dtype=float)
+    got = regression_metrics(predictions[:, None], targets[:, None])
+    if np.ptp(predictions) == 0 or np.ptp(targets) == 0:
+        assert math.isnan(got["spearman"]) and math.isnan(got["pearson"])
+        return
+    assert math.isclose(got["spearman"], stats.spearmanr(predictions, targets).statistic,
+                        abs_tol=1e-12)
+    assert math.isclose(got["pearson"], stats.pearsonr(predictions, targets).statistic,
+                        abs_tol=1e-12)
+
+
+def test_errors_and_several_targets_average_per_target():
+    predictions = np.array([[1.0, 10.0], [2.0, 30.0], [4.0, 20.0]])
+    targets = np.array([[1.0, 10.0], [3.0, 20.0], [5.0, 30.0]])
+    got = regression_metrics(predictions, targets)
+    assert math.isclose(got["mae"], np.mean([(0 + 1 + 1) / 3, (0 + 10 + 10) / 3]))
+    assert math.isclose(got["rmse"], np.mean([math.sqrt(2 / 3), math.sqrt(200 / 3)]))
+    expected = np.mean([stats.spearmanr(predictions[:, k], targets[:, k]).statistic
+                        for k in range(2)])
+    assert math.isclose(got["spearman"], expected)
+    assert all(math.isnan(v) for v in regression_metrics(np.empty((0, 1)),
+                                                          np.empty((0, 1))).values())

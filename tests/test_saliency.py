@@ -107,11 +107,11 @@ def test_level0_map_equals_whole_image_autograd(tmp_path: Path, method: str, con
     rgb = make_slide(tmp_path / "slide.tif", seed=1)
     checkpoint = make_checkpoint(tmp_path / "ckpt.pt", **config)
     result = compute_saliency(tmp_path / "slide.tif", checkpoint, tmp_path / "map.tif",
-                              class_index=class_index, method=method, tile_size=TILE)
+                              index=class_index, method=method, tile_size=TILE)
     expected, k = reference_map(checkpoint, rgb, class_index, method)
     written = tifffile.imread(tmp_path / "map.tif", level=0)
     assert written.dtype == np.float32 and written.shape == (HEIGHT, WIDTH)
-    assert result.class_index == k and result.tiles > 4  # really tiled
+    assert result.index == k and result.tiles > 4  # really tiled
     assert np.count_nonzero(expected) > 0
     assert relative_error(torch.from_numpy(written), torch.from_numpy(expected)) < 1e-4
     assert result.min == pytest.approx(float(written.min()))
@@ -126,8 +126,9 @@ def test_result_reports_prediction_and_progress(files: dict[str, Path], tmp_path
     rgb = tifffile.imread(files["slide"])
     with torch.no_grad():
         logits = model(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255)[0]
-    assert result.predicted_class == result.class_index == int(logits.argmax())
-    assert np.allclose(result.probabilities, torch.softmax(logits, 0).numpy(), atol=1e-5)
+    assert result.prediction["predicted_class"] == result.index == int(logits.argmax())
+    assert np.allclose(result.prediction["probabilities"], torch.softmax(logits, 0).numpy(),
+                       atol=1e-5)
     for phase in ("forward", "backward"):
         done = [d for p, d, _ in calls if p == phase]
         assert done == list(range(1, result.tiles + 1))
@@ -150,7 +151,7 @@ def test_map_is_a_pyramid_with_the_slides_resolution(files: dict[str, Path],
         assert 1e4 / (x_resolution[0] / x_resolution[1]) == pytest.approx(MPP)
         assert [lv.shape for lv in tif.series[0].levels] == [(250, 300), (125, 150)]
         record = json.loads(level0.description)
-    assert record["encoding"] == "float32" and record["class"] == result.class_index
+    assert record["encoding"] == "float32" and record["class"] == result.index
     assert record["method"] == "gradient"
 
 
@@ -278,7 +279,7 @@ def test_class_index_out_of_range(files: dict[str, Path], tmp_path: Path) -> Non
     for bad in (3, -1):
         with pytest.raises(SaliencyOptionError, match=r"class .* out of range.*0\.\.2"):
             compute_saliency(files["slide"], files["checkpoint"], tmp_path / "map.tif",
-                             class_index=bad)
+                             index=bad)
     with pytest.raises(SaliencyOptionError, match="unknown method"):
         compute_saliency(files["slide"], files["checkpoint"], tmp_path / "map.tif",
                          method="smoothgrad")

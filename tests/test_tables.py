@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from sstream.cli import app
 from sstream.cli_render import epoch_table, predictions_table
 from sstream.predict import Prediction
+from sstream.task import Classification, Regression
 
 runner = CliRunner()
 METRICS = {"epoch": 3, "train_loss": 0.68271234, "val_loss": 0.6434, "val_accuracy": 0.5,
@@ -36,14 +37,32 @@ def test_the_epoch_and_prediction_tables(width):
         assert header in epoch
     assert "0.683" in epoch and "0.00211" in epoch and "8.71e+03" in epoch
     long_name = "images/a/very/long/folder/name/to/the/slide_with_a_long_name_024.tif"
-    predictions = rendered(predictions_table([Prediction(long_name, [0.478, 0.522], 1, 0)],
-                                             2), width)
+    predictions = rendered(predictions_table([Prediction(long_name, [0.478, 0.522], 0)],
+                                             Classification(2)), width)
     assert_readable(predictions, width)
     lines = predictions.splitlines()
     header = next(line for line in lines if "prob_0" in line)
     body = lines[lines.index(header) + 2:]  # below the rule
     column = "".join(line[:header.index("prob_0")].strip() for line in body)
     assert long_name in column  # folded onto several lines, never cut
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_regression_tables(width):
+    metrics = {**{k: v for k, v in METRICS.items() if k not in ("val_accuracy", "val_auc")},
+               "val_spearman": 0.8123, "val_pearson": 0.7712, "val_mae": 1.234,
+               "val_rmse": 1.5678}
+    epoch = rendered(epoch_table(metrics), width)
+    assert_readable(epoch, width)
+    for text in ("Spearman", "Pearson", "MAE", "RMSE", "0.812", "1.57", "validation"):
+        assert text in epoch
+    task = Regression(("mitoses", "ki67"))
+    predictions = rendered(predictions_table(
+        [Prediction("slide_001.tif", [3.25, 0.125], (4.0, 0.5))], task), width)
+    assert_readable(predictions, width)  # headers fold in 80 columns, never cut
+    for text in ("3.25", "0.125", "4", "0.5", *(("prediction_mitoses", "label_ki67")
+                                                if width > 80 else ())):
+        assert text in predictions
 
 
 @pytest.mark.parametrize("width", [80, 200])

@@ -119,7 +119,7 @@ def test_predict_uses_the_checkpoints_choice_unless_told_otherwise(trained):
         result = predict(PredictConfig(checkpoint, [image], tile_size=128, device="cpu",
                                        tissue=tissue))
         assert not result.failures, result.failures
-        return result.predictions[0].probabilities
+        return result.predictions[0].values
 
     assert probabilities(None) == probabilities("auto")
     assert probabilities("none") != probabilities("auto")
@@ -153,8 +153,8 @@ def test_a_mask_column_and_a_mask_file_reach_every_job(trained, tmp_path):
     by_option = predict(PredictConfig(checkpoint, [str(image)], tile_size=128, device="cpu",
                                       tissue=str(tmp_path / "left.png")))
     automatic = predict(PredictConfig(checkpoint, [str(image)], tile_size=128, device="cpu"))
-    assert by_column.predictions[0].probabilities == by_option.predictions[0].probabilities
-    assert by_option.predictions[0].probabilities != automatic.predictions[0].probabilities
+    assert by_column.predictions[0].values == by_option.predictions[0].values
+    assert by_option.predictions[0].values != automatic.predictions[0].values
 
 
 @pytest.mark.parametrize("content, message", [

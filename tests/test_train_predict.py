@@ -184,7 +184,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr("sstream.train.F.cross_entropy", poisoned)
+    monkeypatch.setattr("sstream.task.F.cross_entropy", poisoned)
     with pytest.raises(TrainingError, match="nan"):
         train(settings, resume=True)
     assert (Path(settings.out) / "last.pt").read_bytes() == good
@@ -203,7 +203,7 @@ def test_predictions_equal_the_conventional_model(tmp_path):
         image = np.asarray(Image.open(csv_path.parent / prediction.image))
         with torch.no_grad():
             expected = torch.softmax(model(PixelSource.from_array(image).to_tensor()), -1)[0]
-        assert np.allclose(prediction.probabilities, expected.numpy(), atol=1e-5)
+        assert np.allclose(prediction.values, expected.numpy(), atol=1e-5)
     rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
     assert list(rows[0]) == ["image", "prob_0", "prob_1", "pred", "label"]
     assert result.metrics is not None and 0.0 <= result.metrics["accuracy"] <= 1.0

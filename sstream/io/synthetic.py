@@ -14,10 +14,14 @@ array of the slide) from pure functions of the pixel coordinates and the seed:
   squares; *decoys* are flat discs of the mean colour.
 
 Label 1 slides have 1-3 lesions among their blobs, label 0 slides only decoys, with the same
-blob count distribution. The checkerboard has a 4 px period: a 4 x 4 (or coarser) mean, as
-in a 4-8x downsampled pyramid level, turns a lesion into exactly the decoy colour, so the
-label cannot be learned from a downsampled image but a small CNN at full resolution sees a
-high-contrast texture that nothing else in the slide has.
+blob count distribution. For a regression target, `lesions=N` puts exactly N lesions among
+the same number of blobs, whatever N (COUNT_BLOBS more than a labelled slide has), so the
+blob count says nothing about N.
+
+The checkerboard has a 4 px period: a 4 x 4 (or coarser) mean, as in a 4-8x downsampled
+pyramid level, turns a lesion into exactly the decoy colour, so the label cannot be learned
+from a downsampled image but a small CNN at full resolution sees a high-contrast texture
+that nothing else in the slide has.
 
 Deterministic: the same arguments give the same pixels (and the same file bytes).
 Command line: `sstream make-sample-data OUT --count 32 --size 768 --seed 0`.
@@ -46,6 +50,7 @@ BLOB_MEAN = np.array([115, 115, 172], np.float32)
 LESION_DARK = np.array([30, 30, 110], np.float32)
 LESION_LIGHT = np.array([200, 200, 235], np.float32)
 NUCLEUS_CELL = 16  # px
+COUNT_BLOBS = 6  # blobs added to slides given a lesion count
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ def _tissue(field: np.ndarray, offset: float) -> np.ndarray:
 
 
 def _plan_slide(width: int, height: int, label: int, seed: int,
-                tissue_fraction: float | None = None) -> _Slide:
+                tissue_fraction: float | None = None, lesions: int | None = None) -> _Slide:
     rng = np.random.default_rng([seed, 1])
     k = 6
     period = rng.uniform(0.4, 1.2, k) * max(width, height)
@@ -102,8 +107,13 @@ def _plan_slide(width: int, height: int, label: int, seed: int,
         offset = 1 / 6 - float(np.quantile(_field(waves, xs, ys), 1 - tissue_fraction))
     area_units = width * height / 768**2
     n_blobs = int(rng.integers(3, 6)) + int(round(4 * max(area_units - 1, 0)))
-    n_lesions = int(rng.integers(1, 4)) if label else 0
-    n_lesions = min(n_lesions, n_blobs)
+    if lesions is None:
+        n_lesions = min(int(rng.integers(1, 4)) if label else 0, n_blobs)
+    else:  # a count: more blobs, so that up to COUNT_BLOBS lesions leave decoys around them
+        n_blobs += COUNT_BLOBS
+        if lesions > n_blobs:
+            raise ValueError(f"lesions={lesions}: this slide has room for {n_blobs} blobs")
+        n_lesions = lesions
     kinds = np.zeros(n_blobs, bool)
     kinds[rng.choice(n_blobs, n_lesions, replace=False)] = True
     margin = 24
@@ -185,6 +195,7 @@ def write_synthetic_slide(
     quality: int = 90,
     overwrite: bool = False,
     tissue_fraction: float | None = None,
+    lesions: int | None = None,
 ) -> tuple[Blob, ...]:
     """Write one synthetic slide as a tiled JPEG pyramidal BigTIFF; return its blobs.
 
@@ -198,6 +209,7 @@ def write_synthetic_slide(
         quality: JPEG quality.
         overwrite: replace an existing file.
         tissue_fraction: the share of the slide that is tissue, in (0, 1]; None: about 70%.
+        lesions: exactly this many lesions (a count to regress); None: as the label says.
 
     Raises:
         FileExistsError: `path` exists and not `overwrite`.
@@ -210,7 +222,9 @@ def write_synthetic_slide(
         raise ValueError(f"size must be positive, got {size}")
     if tissue_fraction is not None and not 0 < tissue_fraction <= 1:
         raise ValueError(f"tissue_fraction must be in (0, 1], got {tissue_fraction}")
-    slide = _plan_slide(width, height, int(label), int(seed), tissue_fraction)
+    if lesions is not None and lesions < 0:
+        raise ValueError(f"lesions must be >= 0, got {lesions}")
+    slide = _plan_slide(width, height, int(label), int(seed), tissue_fraction, lesions)
     with TiffMapWriter(
         path,
         shape=(height, width, 3),
@@ -244,11 +258,14 @@ def make_sample_data(
     tile: int = 256,
     overwrite: bool = False,
     on_slide: Callable[[int, int], None] | None = None,
+    max_lesions: int | None = None,
 ) -> tuple[Path, Path]:
     """Write `count` synthetic slides to `out_dir/images/` plus train.csv and val.csv.
 
-    Labels alternate 0, 1 (balanced); the last `round(count * val_fraction)` slides form the
-    validation set. CSVs have the header `image,label` and paths relative to the CSV.
+    Labels alternate 0, 1 (balanced), or with `max_lesions` each slide's label is its number
+    of lesions, drawn uniformly from 0..max_lesions (a regression target); the last
+    `round(count * val_fraction)` slides form the validation set. CSVs have the header
+    `image,label` and paths relative to the CSV.
 
     Args:
         out_dir: created if missing.
@@ -277,10 +294,12 @@ def make_sample_data(
         else:
             lo, hi = math.ceil(size[0] / 64), size[1] // 64
             side = 64 * int(rng.integers(lo, hi + 1))
-        label = i % 2
+        lesions = None if max_lesions is None else int(rng.integers(0, max_lesions + 1))
+        label = i % 2 if lesions is None else lesions
         name = f"images/slide_{i:03d}.tif"
         write_synthetic_slide(
-            out / name, side, label, seed * 100003 + i, tile=tile, overwrite=overwrite
+            out / name, side, min(label, 1), seed * 100003 + i, tile=tile,
+            overwrite=overwrite, lesions=lesions,
         )
         rows.append((name, label))
         if on_slide is not None:

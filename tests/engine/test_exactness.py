@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sstream
+from tests.conftest import assert_autocast_matches_plain
 from tests.engine.helpers import assert_streaming_exact, randomise_batchnorm
 
 
@@ -297,11 +298,7 @@ def test_cpu_autocast_is_kept_by_the_recomputed_values():
             output = model(image)
         (output.float() * weights).sum().backward()
         results.append((output, [p.grad.clone() for p in stream.parameters()]))
-    (plain, plain_grads), (streamed, streamed_grads) = results
-    assert plain.dtype == streamed.dtype == torch.bfloat16
-    assert torch.allclose(streamed.float(), plain.float(), rtol=2e-2, atol=2e-2)
-    for grad, want in zip(streamed_grads, plain_grads, strict=True):
-        assert torch.allclose(grad, want, rtol=5e-2, atol=5e-2)
+    assert_autocast_matches_plain(results)
 
 
 def test_strided_pointwise_convolutions_sample_their_crop_exactly(monkeypatch):

@@ -73,3 +73,27 @@ def test_blobs_lie_on_tissue_and_the_tissue_fraction_is_honoured(tmp_path):
                           tissue_fraction=0.2)
     with open_image(tmp_path / "sparse.tif") as slide:
         assert abs(detect_tissue(slide).fraction - 0.2) < 0.05
+
+
+def test_a_lesion_count_among_a_blob_count_that_does_not_depend_on_it(tmp_path):
+    """Regression data: exactly N lesions, and the same number of blobs whatever N (a
+    downsampled level, where lesions look like decoys, sees nothing of N); make-sample-data
+    writes the counts as labels."""
+    counts = {n: write_synthetic_slide(tmp_path / f"{n}.tif", 512, 1, seed=4, lesions=n)
+              for n in (0, 2, 5)}
+    assert {n: sum(b.lesion for b in blobs) for n, blobs in counts.items()} == \
+        {0: 0, 2: 2, 5: 5}
+    assert len({len(blobs) for blobs in counts.values()}) == 1
+    train, val = make_sample_data(tmp_path / "d", count=8, size=256, seed=3, tile=64,
+                                  max_lesions=6)
+    for path in (train, val):
+        with open(path, newline="") as f:
+            for image, label in list(csv.reader(f))[1:]:
+                assert 0 <= int(label) <= 6
+                name = int(image.split("_")[1].split(".")[0])
+                expected = write_synthetic_slide(tmp_path / "again.tif", 256, min(int(label), 1),
+                                                 seed=3 * 100003 + name, tile=64,
+                                                 lesions=int(label), overwrite=True)
+                with open(train.parent / image, "rb") as written:
+                    assert written.read() == (tmp_path / "again.tif").read_bytes()
+                assert sum(b.lesion for b in expected) == int(label)

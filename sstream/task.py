@@ -1,0 +1,315 @@
+"""What a model predicts: classes or continuous values, as one object every job shares.
+
+A task knows how to read labels from a CSV, the loss, what a prediction is (probabilities
+or values in the label's units), the validation metrics and which one picks `best.pt`, the
+columns of a predictions CSV, and what saliency explains. Train, predict and saliency ask
+it instead of branching on the kind of label:
+
+- `Classification`: integer labels in a `label` column, cross-entropy, softmax
+  probabilities, accuracy and AUC (best: AUC).
+- `Regression`: float labels in a `label` column, or several targets in `label_<name>`
+  columns; MSE, L1 or Huber loss on standardised targets (the training labels' mean and
+  standard deviation, kept in the model's `TargetScale`, so the model itself answers in
+  the label's units); Spearman, Pearson, MAE and RMSE (best: Spearman).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sstream.metrics import classification_metrics, regression_metrics
+
+TASKS = ("classification", "regression")
+LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
+
+
+class TargetScale(nn.Module):
+    """The regression head's last layer: standardised outputs -> the label's units
+    (`x * std + mean`, per target). Its buffers travel in checkpoints."""
+
+    def __init__(self, targets: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(targets))
+        self.register_buffer("std", torch.ones(targets))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
+
+    def standardise(self, values: torch.Tensor) -> torch.Tensor:
+        """Values in the label's units -> standardised units (where the loss is taken)."""
+        return (values - self.mean.to(values.dtype)) / self.std.to(values.dtype)
+
+
+@dataclass
+class Classification:
+    """Integer class labels 0..K-1; `num_classes` None until the training labels fix it."""
+
+    num_classes: int | None = None
+    kind = "classification"
+    metric_names = ("accuracy", "auc")
+
+    # -- labels --
+    def label_columns(self, header: list[str]) -> list[int]:
+        if "label" not in header:
+            raise ValueError("expected a 'label' column")
+        return [header.index("label")]
+
+    def parse_label(self, texts: list[str]) -> int:
+        """One row's label; ValueError naming what is wrong (the CSV reader adds the line)."""
+        try:
+            label = int(texts[0])
+        except ValueError:
+            raise ValueError(f"label {texts[0]!r} is not an integer") from None
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            upper = f"{self.num_classes - 1}" if self.num_classes else "..."
+            raise ValueError(f"label {label} out of range 0..{upper}")
+        return label
+
+    def fit(self, labels: list[int]) -> None:
+        """Fix the number of classes from the training labels (at least 2)."""
+        if self.num_classes is None:
+            self.num_classes = max(2, max(labels) + 1)
+
+    def label_cells(self, label: int | None) -> list[str]:
+        return ["" if label is None else str(label)]
+
+    def label_header(self) -> list[str]:
+        return ["label"]
+
+    # -- the model --
+    @property
+    def outputs(self) -> int:
+        assert self.num_classes is not None, "fit() first"
+        return self.num_classes
+
+    def model_fields(self) -> dict[str, Any]:
+        """What ModelConfig records of the task."""
+        return {"num_classes": self.outputs, "task": self.kind, "targets": None}
+
+    def loss(self, outputs: torch.Tensor, labels: list[int]) -> torch.Tensor:
+        return F.cross_entropy(outputs, torch.tensor(labels, device=outputs.device))
+
+    # -- predictions --
+    def predictions(self, outputs: np.ndarray) -> np.ndarray:
+        """(N, K) logits -> (N, K) softmax probabilities."""
+        shifted = np.exp(outputs - outputs.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+
+    def metrics(self, predictions: np.ndarray, labels: list[int]) -> dict[str, float]:
+        return classification_metrics(predictions, np.array(labels))
+
+    def score(self, metrics: dict[str, Any]) -> list[float]:
+        """What `best.pt` maximises, compared in order: AUC, accuracy (ties on AUC are
+        common on small sets)."""
+        return [_finite(metrics.get("val_auc")), _finite(metrics.get("val_accuracy"))]
+
+    def prediction_header(self) -> list[str]:
+        return [*(f"prob_{k}" for k in range(self.outputs)), "pred"]
+
+    def prediction_cells(self, prediction: np.ndarray) -> list[str]:
+        return [*(f"{p:.6f}" for p in prediction), str(int(np.argmax(prediction)))]
+
+    def validation_panels(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        """curves.png's panels besides the loss: (title, [(series, metrics column)])."""
+        return [("validation", [("accuracy", "val_accuracy"), ("AUC", "val_auc")])]
+
+    # -- saliency --
+    def output_name(self, index: int) -> str:
+        """'class K'; ValueError when the model has no such class."""
+        if not 0 <= index < self.outputs:
+            raise ValueError(f"class {index} out of range: the model has {self.outputs} "
+                             f"classes (0..{self.outputs - 1})")
+        return f"class {index}"
+
+    def explained(self, outputs: torch.Tensor, index: int | None) -> tuple[int, dict]:
+        """Which output saliency differentiates (`index`, else the predicted class) and
+        what the map's description records of the prediction."""
+        logits = outputs.detach().double()
+        predicted = int(logits.argmax())
+        chosen = predicted if index is None else index
+        self.output_name(chosen)
+        return chosen, {"class": chosen, "predicted_class": predicted,
+                        "probabilities": [round(p, 6) for p in
+                                          torch.softmax(logits, 0).tolist()],
+                        "logits": [round(v, 6) for v in logits.tolist()]}
+
+    def summary(self, record: dict) -> str:
+        """One line of what `explained` recorded."""
+        probabilities = ", ".join(f"{p:.3f}" for p in record["probabilities"])
+        return (f"class {record['class']} (predicted {record['predicted_class']}; "
+                f"probabilities {probabilities})")
+
+
+@dataclass
+class Regression:
+    """Continuous targets: `targets` (their names) None until the training CSV's header
+    names them; `loss` one of LOSSES; `standardise`: the loss sees targets scaled by the
+    training labels' mean and standard deviation (`scale`, the model's TargetScale)."""
+
+    targets: tuple[str, ...] | None = None
+    loss_name: str = "mse"
+    standardise: bool = True
+    scale: TargetScale | None = field(default=None, repr=False)
+    kind = "regression"
+    metric_names = ("spearman", "pearson", "mae", "rmse")
+
+    def __post_init__(self) -> None:
+        if self.loss_name not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got "
+                             f"{self.loss_name!r}")
+
+    # -- labels --
+    def label_columns(self, header: list[str]) -> list[int]:
+        """`label`, or every `label_<name>` column; once known, the same targets again."""
+        names = self.targets or _target_names(header)
+        columns = ["label" if names == ("label",) else f"label_{n}" for n in names]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise ValueError(f"expected the target columns {', '.join(columns)} (missing "
+                             f"{', '.join(missing)})")
+        self.targets = names
+        return [header.index(c) for c in columns]
+
+    def parse_label(self, texts: list[str]) -> tuple[float, ...]:
+        values = []
+        for name, text in zip(self.targets or (), texts):
+            column = "label" if self.targets == ("label",) else f"label_{name}"
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"{column} {text!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{column} is {text}, not a finite number")
+            values.append(value)
+        return tuple(values)
+
+    def fit(self, labels: list[tuple[float, ...]]) -> None:
+        """Nothing to fix from the labels here (the scale is set on the model)."""
+
+    def fit_scale(self, scale: TargetScale, labels: list[tuple[float, ...]]) -> None:
+        """Set the model's TargetScale from the training labels (mean, standard deviation;
+        1 where a target is constant) and use it for the loss."""
+        values = torch.tensor(labels, dtype=torch.float64)
+        if self.standardise:
+            std = values.std(0, unbiased=False) if len(values) > 1 else torch.ones(
+                values.shape[1], dtype=torch.float64)
+            scale.mean.copy_(values.mean(0))
+            scale.std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        self.scale = scale
+
+    def label_cells(self, label: tuple[float, ...] | None) -> list[str]:
+        return [""] * self.outputs if label is None else [f"{v:g}" for v in label]
+
+    def label_header(self) -> list[str]:
+        return self._columns("label")
+
+    # -- the model --
+    @property
+    def outputs(self) -> int:
+        assert self.targets is not None, "read the training CSV first"
+        return len(self.targets)
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"num_classes": self.outputs, "task": self.kind, "targets": list(self.targets)}
+
+    def loss(self, outputs: torch.Tensor, labels: list[tuple[float, ...]]) -> torch.Tensor:
+        """The loss on standardised values (outputs are in the label's units)."""
+        assert self.scale is not None, "fit_scale() or for_model() first"
+        target = torch.tensor(labels, dtype=outputs.dtype, device=outputs.device)
+        return LOSSES[self.loss_name](self.scale.standardise(outputs),
+                                      self.scale.standardise(target))
+
+    # -- predictions --
+    def predictions(self, outputs: np.ndarray) -> np.ndarray:
+        """The model's outputs are the predictions, in the label's units."""
+        return outputs
+
+    def metrics(self, predictions: np.ndarray, labels: list[tuple[float, ...]]
+                ) -> dict[str, float]:
+        """Spearman, Pearson, MAE, RMSE and the loss (as in training, standardised)."""
+        values = regression_metrics(predictions, np.array(labels))
+        if len(labels):
+            with torch.no_grad():
+                values["loss"] = float(self.loss(torch.as_tensor(predictions, dtype=torch.float64),
+                                                 labels))
+        else:
+            values["loss"] = math.nan
+        return values
+
+    def score(self, metrics: dict[str, Any]) -> list[float]:
+        return [_finite(metrics.get("val_spearman"))]
+
+    def prediction_header(self) -> list[str]:
+        return self._columns("prediction")
+
+    def prediction_cells(self, prediction: np.ndarray) -> list[str]:
+        return [f"{v:.6g}" for v in prediction]
+
+    def validation_panels(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        return [("validation: correlation", [("Spearman", "val_spearman"),
+                                             ("Pearson", "val_pearson")]),
+                ("validation: error (label units)", [("MAE", "val_mae"),
+                                                     ("RMSE", "val_rmse")])]
+
+    # -- saliency --
+    def output_name(self, index: int) -> str:
+        """'target NAME'; ValueError when the model has no such target."""
+        if not 0 <= index < self.outputs:
+            raise ValueError(f"target {index} out of range: the model predicts "
+                             f"{self.outputs} target(s) (0..{self.outputs - 1})")
+        return f"target {self.targets[index]}"
+
+    def explained(self, outputs: torch.Tensor, index: int | None) -> tuple[int, dict]:
+        """The gradient of target `index` (default the first) of the predicted values."""
+        chosen = 0 if index is None else index
+        self.output_name(chosen)
+        values = outputs.detach().double().tolist()
+        return chosen, {"target": chosen, "target_name": self.targets[chosen],
+                        "predictions": [round(v, 6) for v in values]}
+
+    def summary(self, record: dict) -> str:
+        values = ", ".join(f"{n} {v:.4g}" for n, v in zip(self.targets, record["predictions"]))
+        return f"{self.output_name(record['target'])} (predicted {values})"
+
+    def _columns(self, prefix: str) -> list[str]:
+        if self.targets == ("label",):
+            return [prefix]
+        return [f"{prefix}_{name}" for name in self.targets or ()]
+
+
+Task = Classification | Regression
+
+
+def task_for_model(model: nn.Module, loss: str = "mse") -> Task:
+    """The task a built or loaded model was made for (from its ModelConfig)."""
+    config = model.config
+    if config.task == "regression":
+        task = Regression(tuple(config.targets), loss)
+        task.scale = model.head.scale
+        return task
+    return Classification(config.num_classes)
+
+
+def _target_names(header: list[str]) -> tuple[str, ...]:
+    """('label',) for a `label` column, else the names of the `label_<name>` columns."""
+    named = tuple(c[len("label_"):] for c in header if c.startswith("label_") and
+                  len(c) > len("label_"))
+    if "label" in header and named:
+        raise ValueError("give one 'label' column or several 'label_<name>' columns, not both")
+    if "label" in header:
+        return ("label",)
+    if not named:
+        raise ValueError("expected a 'label' column (or 'label_<name>' columns, one per "
+                         "target)")
+    return named
+
+
+def _finite(value: float | None) -> float:
+    return -math.inf if value is None or math.isnan(value) else float(value)
