@@ -77,6 +77,9 @@ class Classification:
         if self.num_classes is None:
             self.num_classes = max(2, max(labels) + 1)
 
+    def prepare_model(self, model: nn.Module, labels: list[int]) -> None:
+        """Nothing of a new classifier depends on the labels."""
+
     def label_cells(self, label: int | None) -> list[str]:
         return ["" if label is None else str(label)]
 
@@ -191,11 +194,13 @@ class Regression:
         return tuple(values)
 
     def fit(self, labels: list[tuple[float, ...]]) -> None:
-        """Nothing to fix from the labels here (the scale is set on the model)."""
+        """Nothing to fix before the model exists (the targets come from the header)."""
 
-    def fit_scale(self, scale: TargetScale, labels: list[tuple[float, ...]]) -> None:
-        """Set the model's TargetScale from the training labels (mean, standard deviation;
-        1 where a target is constant) and use it for the loss."""
+    def prepare_model(self, model: nn.Module, labels: list[tuple[float, ...]]) -> None:
+        """Set a new model's TargetScale from the training labels (mean, standard deviation;
+        1 where a target is constant) and take the loss through it. A resumed run's
+        checkpoint then restores the saved scale into the same module."""
+        scale = model.head.scale
         values = torch.tensor(labels, dtype=torch.float64)
         if self.standardise:
             std = values.std(0, unbiased=False) if len(values) > 1 else torch.ones(
@@ -221,7 +226,7 @@ class Regression:
 
     def loss(self, outputs: torch.Tensor, labels: list[tuple[float, ...]]) -> torch.Tensor:
         """The loss on standardised values (outputs are in the label's units)."""
-        assert self.scale is not None, "fit_scale() or for_model() first"
+        assert self.scale is not None, "prepare_model() or task_for_model() first"
         target = torch.tensor(labels, dtype=outputs.dtype, device=outputs.device)
         return LOSSES[self.loss_name](self.scale.standardise(outputs),
                                       self.scale.standardise(target))

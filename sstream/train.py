@@ -492,8 +492,7 @@ class _Trainer:
                         pooling=config.pooling, dropout=config.dropout,
                         **self.task.model_fields()),
             weights=config.weights, pretrained=config.pretrained)
-        if isinstance(self.task, Regression):  # restored with the weights on resume
-            self.task.fit_scale(self.model.head.scale, labels)
+        self.task.prepare_model(self.model, labels)
         self.tissue = training_tissue(config, self.model,
                                       self.train_samples + self.val_samples)
         self.model.config.tissue = self.tissue.record  # predict and saliency do the same

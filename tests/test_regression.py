@@ -115,7 +115,7 @@ def _initial_model(settings: TrainConfig):
     task = Regression(loss_name=settings.loss)
     labels = [s.label for s in read_label_csv(settings.train_csv, task)]
     model = build_model(ModelConfig(settings.model, **task.model_fields()))
-    task.fit_scale(model.head.scale, labels)
+    task.prepare_model(model, labels)
     freeze_batchnorm(model.stream, train_affine=True)
     return model.train()
 
