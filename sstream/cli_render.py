@@ -25,6 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from sstream.predict import PredictEvents, Prediction
 from sstream.task import Task
@@ -50,7 +51,7 @@ _EPOCH_COLUMNS = [("train_loss", "loss"), ("val_loss", "val loss"), ("val_accura
                   ("tiles_per_s", "tiles/s"), ("peak_memory_mb", "peak MB")]
 _EPOCH_CAPTION = ("s: seconds of training; peak MB: peak memory of the process (CUDA: "
                   "allocated)")
-_REGRESSION_CAPTION = "Spearman, Pearson, MAE, RMSE: of the validation set"
+_REGRESSION_CAPTION = "; Spearman, Pearson, MAE, RMSE: of the validation set"
 
 
 _PATHS = {
@@ -181,20 +182,19 @@ class RichPredictEvents(PredictEvents):
 
 def epoch_table(metrics: dict[str, Any]) -> Group:
     """One epoch's row of metrics.csv, readable in 80 columns (no vertical rules): the
-    losses and validation metrics, then the run's figures below them."""
-    validation = _REGRESSION_CAPTION if "val_spearman" in metrics else None
+    losses and validation metrics, then the run's figures, then what the headers mean."""
     shown = [(key, header) for key, header in _EPOCH_COLUMNS if key in metrics]
     split = next((i for i, (key, _) in enumerate(shown) if key == "lr"), len(shown))
     tables = []
-    for title, columns, note in ((f"epoch {metrics['epoch']}", shown[:split], validation),
-                                 (None, shown[split:], _EPOCH_CAPTION)):
-        table = Table(title=title, caption=note, box=box.SIMPLE_HEAD, title_justify="left",
-                      caption_justify="left", collapse_padding=True, pad_edge=False)
+    for title, columns in ((f"epoch {metrics['epoch']}", shown[:split]), (None, shown[split:])):
+        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left",
+                      collapse_padding=True, pad_edge=False)
         for _, header in columns:
             table.add_column(header, justify="right", no_wrap=True)
         table.add_row(*[_short(metrics[key]) for key, _ in columns])
         tables.append(table)
-    return Group(*tables)
+    caption = _EPOCH_CAPTION + (_REGRESSION_CAPTION if "val_spearman" in metrics else "")
+    return Group(*tables, Text(caption, style="dim"))
 
 
 def _short(value: Any) -> str:

@@ -265,11 +265,13 @@ class Regression:
 
     # -- saliency --
     def output_name(self, index: int) -> str:
-        """'target NAME'; ValueError when the model has no such target."""
+        """'target NAME' ('the predicted value' for one `label` column); ValueError when
+        the model has no such target."""
         if not 0 <= index < self.outputs:
             raise ValueError(f"target {index} out of range: the model predicts "
                              f"{self.outputs} target(s) (0..{self.outputs - 1})")
-        return f"target {self.targets[index]}"
+        return "the predicted value" if self.targets == ("label",) else \
+            f"target {self.targets[index]}"
 
     def explained(self, outputs: torch.Tensor, index: int | None) -> tuple[int, dict]:
         """The gradient of target `index` (default the first) of the predicted values."""
@@ -280,6 +282,8 @@ class Regression:
                         "predictions": [round(v, 6) for v in values]}
 
     def summary(self, record: dict) -> str:
+        if self.targets == ("label",):
+            return f"the predicted value ({record['predictions'][0]:.4g})"
         values = ", ".join(f"{n} {v:.4g}" for n, v in zip(self.targets, record["predictions"]))
         return f"{self.output_name(record['target'])} (predicted {values})"
 
