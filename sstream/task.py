@@ -171,19 +171,17 @@ class Regression:
     # -- labels --
     def label_columns(self, header: list[str]) -> list[int]:
         """`label`, or every `label_<name>` column; once known, the same targets again."""
-        names = self.targets or _target_names(header)
-        columns = ["label" if names == ("label",) else f"label_{n}" for n in names]
+        self.targets = self.targets or _target_names(header)
+        columns = self._columns("label")
         missing = [c for c in columns if c not in header]
         if missing:
             raise ValueError(f"expected the target columns {', '.join(columns)} (missing "
                              f"{', '.join(missing)})")
-        self.targets = names
         return [header.index(c) for c in columns]
 
     def parse_label(self, texts: list[str]) -> tuple[float, ...]:
         values = []
-        for name, text in zip(self.targets or (), texts):
-            column = "label" if self.targets == ("label",) else f"label_{name}"
+        for column, text in zip(self._columns("label"), texts):
             try:
                 value = float(text)
             except ValueError:
