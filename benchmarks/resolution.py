@@ -8,9 +8,9 @@ trains the same model (a) streamed at full resolution and (b) on the image downs
 the validation metrics of each, as the paper does for 4 MP vs 66 MP inputs:
 
 - `--task classification` (CAMELYON17): label 1 = the slide has lesions; AUC and accuracy.
-- `--task regression` (TUPAC16's proliferation score): the label is the number of lesions
-  (0..6) among a number of blobs that does not depend on it; average pooling (a count needs
-  a sum, which max pooling cannot give); Spearman, as the paper reports.
+- `--task regression` (TUPAC16's proliferation score): every slide has 1-3 lesions and the
+  label is their texture contrast in [0, 1] (`make-sample-data --regression`), which a 4x
+  downsample erases with the texture; Spearman, as the paper reports.
 
     python benchmarks/resolution.py [--task classification|regression] [--count 48]
         [--size 2048] [--epochs 8] [--out DIR]
@@ -36,7 +36,6 @@ from sstream.io import make_sample_data  # noqa: E402
 from sstream.train import TrainConfig, train  # noqa: E402
 
 SETTINGS = [("full resolution (streamed)", 0), ("downsampled 4x", 2), ("downsampled 8x", 3)]
-MAX_LESIONS = 6
 
 
 def _finite(value: float | None) -> float:
@@ -66,7 +65,7 @@ def main() -> None:
     if not (data / "train.csv").exists():
         console.print(f"generating {args.count} slides of {args.size} px in {data}")
         make_sample_data(data, args.count, args.size, seed=args.seed + 7, val_fraction=0.33,
-                         max_lesions=MAX_LESIONS if regression else None)
+                         regression=regression)
     rows = []
     for name, level in SETTINGS:
         began = time.perf_counter()
@@ -74,8 +73,7 @@ def main() -> None:
             train_csv=str(data / "train.csv"), val_csv=str(data / "val.csv"),
             out=str(args.out / f"level{level}"), model=args.model, level=level,
             epochs=args.epochs, lr=3e-3, accumulate=2, tile_size=args.tile_size,
-            seed=args.seed, device="auto", task=args.task,
-            pooling="avg" if regression else "max"), overwrite=True)
+            seed=args.seed, device="auto", task=args.task), overwrite=True)
         best = max(result.state.history, key=lambda r: (_finite(r.get(primary)),
                                                         _finite(r.get("val_accuracy"))))
         last = result.state.history[-1]

@@ -615,8 +615,8 @@ def make_sample_data(
     val_fraction: float = typer.Option(0.25, help="Share of slides in val.csv."),
     tile: int = typer.Option(256, help="TIFF tile size (multiple of 16)."),
     overwrite: bool = typer.Option(False, help="Replace existing files."),
-    max_lesions: int = typer.Option(None, help="Regression data: each slide's label is its "
-                                    "number of lesions, drawn from 0..N."),
+    regression: bool = typer.Option(False, help="Regression data: every slide has lesions "
+                                    "and its label is their texture contrast in [0, 1]."),
 ) -> None:
     """Generate synthetic slides whose label is visible only at full resolution.
 
@@ -633,15 +633,13 @@ def make_sample_data(
             raise UsageError("need --count >= 2 and 0 < --min-size <= --size")
         if not 0 <= val_fraction < 1:
             raise UsageError("--val-fraction must be in [0, 1)")
-        if max_lesions is not None and max_lesions < 1:
-            raise UsageError("--max-lesions must be at least 1")
         sides = size if min_size is None else (min_size, size)
         with Progress(console=err_console) as progress:
             task = progress.add_task("slides", total=count)
             train_csv, val_csv = generate(
                 out, count, sides, seed, val_fraction, tile, overwrite,
                 on_slide=lambda done, total: progress.update(task, completed=done),
-                max_lesions=max_lesions)
+                regression=regression)
         console.print(f"wrote {count} slides, {train_csv} and {val_csv}")
 
 

@@ -14,9 +14,9 @@ array of the slide) from pure functions of the pixel coordinates and the seed:
   squares; *decoys* are flat discs of the mean colour.
 
 Label 1 slides have 1-3 lesions among their blobs, label 0 slides only decoys, with the same
-blob count distribution. For a regression target, `lesions=N` puts exactly N lesions among
-the same number of blobs, whatever N (COUNT_BLOBS more than a labelled slide has), so the
-blob count says nothing about N.
+blob count distribution. For a regression target, `contrast=c` in [0, 1] scales the
+lesions' checkerboard around the decoy colour (0: flat, a decoy; 1: navy and pale): a
+continuous score, which a 4x4 mean erases as it erases the lesions.
 
 The checkerboard has a 4 px period: a 4 x 4 (or coarser) mean, as in a 4-8x downsampled
 pyramid level, turns a lesion into exactly the decoy colour, so the label cannot be learned
@@ -50,7 +50,6 @@ BLOB_MEAN = np.array([115, 115, 172], np.float32)
 LESION_DARK = np.array([30, 30, 110], np.float32)
 LESION_LIGHT = np.array([200, 200, 235], np.float32)
 NUCLEUS_CELL = 16  # px
-COUNT_BLOBS = 6  # blobs added to slides given a lesion count
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,7 @@ class _Slide:
     waves: np.ndarray  # (k, 4): fx, fy, phase, amplitude of the tissue field
     blobs: tuple[Blob, ...]
     offset: float = 0.8  # tissue cover (field + offset) * 3: half at 1/6, full from 1/3
+    contrast: float = 1.0  # lesions' checkerboard around the decoy colour
 
 
 def _field(waves: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -87,7 +87,7 @@ def _tissue(field: np.ndarray, offset: float) -> np.ndarray:
 
 
 def _plan_slide(width: int, height: int, label: int, seed: int,
-                tissue_fraction: float | None = None, lesions: int | None = None) -> _Slide:
+                tissue_fraction: float | None = None, contrast: float = 1.0) -> _Slide:
     rng = np.random.default_rng([seed, 1])
     k = 6
     period = rng.uniform(0.4, 1.2, k) * max(width, height)
@@ -107,13 +107,7 @@ def _plan_slide(width: int, height: int, label: int, seed: int,
         offset = 1 / 6 - float(np.quantile(_field(waves, xs, ys), 1 - tissue_fraction))
     area_units = width * height / 768**2
     n_blobs = int(rng.integers(3, 6)) + int(round(4 * max(area_units - 1, 0)))
-    if lesions is None:
-        n_lesions = min(int(rng.integers(1, 4)) if label else 0, n_blobs)
-    else:  # a count: more blobs, so that up to COUNT_BLOBS lesions leave decoys around them
-        n_blobs += COUNT_BLOBS
-        if lesions > n_blobs:
-            raise ValueError(f"lesions={lesions}: this slide has room for {n_blobs} blobs")
-        n_lesions = lesions
+    n_lesions = min(int(rng.integers(1, 4)) if label else 0, n_blobs)
     kinds = np.zeros(n_blobs, bool)
     kinds[rng.choice(n_blobs, n_lesions, replace=False)] = True
     margin = 24
@@ -125,7 +119,7 @@ def _plan_slide(width: int, height: int, label: int, seed: int,
             if _tissue(_field(waves, x, y), offset) >= 1:
                 break
         blobs.append(Blob(x=x, y=y, radius=float(rng.uniform(8, 12)), lesion=bool(lesion)))
-    return _Slide(width, height, seed, waves, tuple(blobs), offset)
+    return _Slide(width, height, seed, waves, tuple(blobs), offset, contrast)
 
 
 def _hash01(seed: int, a: np.ndarray, b: np.ndarray, salt: int) -> np.ndarray:
@@ -178,7 +172,8 @@ def render_tile(slide: _Slide, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         cover = np.clip(blob.radius - np.hypot(xi + 0.5 - blob.x, yi + 0.5 - blob.y) + 0.5, 0, 1)
         if blob.lesion:
             checker = ((xi // 2 + yi // 2) % 2 == 0)[..., None]
-            paint = np.where(checker, LESION_DARK, LESION_LIGHT)
+            paint = BLOB_MEAN + slide.contrast * (
+                np.where(checker, LESION_DARK, LESION_LIGHT) - BLOB_MEAN)
         else:
             paint = np.broadcast_to(BLOB_MEAN, img.shape)
         img = img * (1 - cover[..., None]) + paint * cover[..., None]
@@ -195,7 +190,7 @@ def write_synthetic_slide(
     quality: int = 90,
     overwrite: bool = False,
     tissue_fraction: float | None = None,
-    lesions: int | None = None,
+    contrast: float = 1.0,
 ) -> tuple[Blob, ...]:
     """Write one synthetic slide as a tiled JPEG pyramidal BigTIFF; return its blobs.
 
@@ -209,7 +204,8 @@ def write_synthetic_slide(
         quality: JPEG quality.
         overwrite: replace an existing file.
         tissue_fraction: the share of the slide that is tissue, in (0, 1]; None: about 70%.
-        lesions: exactly this many lesions (a count to regress); None: as the label says.
+        contrast: the lesions' texture contrast in [0, 1] (a score to regress; 1: the
+            classification data's lesions).
 
     Raises:
         FileExistsError: `path` exists and not `overwrite`.
@@ -222,9 +218,9 @@ def write_synthetic_slide(
         raise ValueError(f"size must be positive, got {size}")
     if tissue_fraction is not None and not 0 < tissue_fraction <= 1:
         raise ValueError(f"tissue_fraction must be in (0, 1], got {tissue_fraction}")
-    if lesions is not None and lesions < 0:
-        raise ValueError(f"lesions must be >= 0, got {lesions}")
-    slide = _plan_slide(width, height, int(label), int(seed), tissue_fraction, lesions)
+    if not 0 <= contrast <= 1:
+        raise ValueError(f"contrast must be in [0, 1], got {contrast}")
+    slide = _plan_slide(width, height, int(label), int(seed), tissue_fraction, contrast)
     with TiffMapWriter(
         path,
         shape=(height, width, 3),
@@ -258,12 +254,12 @@ def make_sample_data(
     tile: int = 256,
     overwrite: bool = False,
     on_slide: Callable[[int, int], None] | None = None,
-    max_lesions: int | None = None,
+    regression: bool = False,
 ) -> tuple[Path, Path]:
     """Write `count` synthetic slides to `out_dir/images/` plus train.csv and val.csv.
 
-    Labels alternate 0, 1 (balanced), or with `max_lesions` each slide's label is its number
-    of lesions, drawn uniformly from 0..max_lesions (a regression target); the last
+    Labels alternate 0, 1 (balanced), or with `regression` every slide has lesions and its
+    label is their texture contrast, drawn uniformly from [0, 1] (2 decimals); the last
     `round(count * val_fraction)` slides form the validation set. CSVs have the header
     `image,label` and paths relative to the CSV.
 
@@ -294,12 +290,12 @@ def make_sample_data(
         else:
             lo, hi = math.ceil(size[0] / 64), size[1] // 64
             side = 64 * int(rng.integers(lo, hi + 1))
-        lesions = None if max_lesions is None else int(rng.integers(0, max_lesions + 1))
-        label = i % 2 if lesions is None else lesions
+        contrast = round(float(rng.uniform(0, 1)), 2) if regression else 1.0
+        label = contrast if regression else i % 2
         name = f"images/slide_{i:03d}.tif"
         write_synthetic_slide(
-            out / name, side, min(label, 1), seed * 100003 + i, tile=tile,
-            overwrite=overwrite, lesions=lesions,
+            out / name, side, 1 if regression else label, seed * 100003 + i, tile=tile,
+            overwrite=overwrite, contrast=contrast,
         )
         rows.append((name, label))
         if on_slide is not None:

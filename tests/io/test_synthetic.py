@@ -75,25 +75,30 @@ def test_blobs_lie_on_tissue_and_the_tissue_fraction_is_honoured(tmp_path):
         assert abs(detect_tissue(slide).fraction - 0.2) < 0.05
 
 
-def test_a_lesion_count_among_a_blob_count_that_does_not_depend_on_it(tmp_path):
-    """Regression data: exactly N lesions, and the same number of blobs whatever N (a
-    downsampled level, where lesions look like decoys, sees nothing of N); make-sample-data
-    writes the counts as labels."""
-    counts = {n: write_synthetic_slide(tmp_path / f"{n}.tif", 512, 1, seed=4, lesions=n)
-              for n in (0, 2, 5)}
-    assert {n: sum(b.lesion for b in blobs) for n, blobs in counts.items()} == \
-        {0: 0, 2: 2, 5: 5}
-    assert len({len(blobs) for blobs in counts.values()}) == 1
-    train, val = make_sample_data(tmp_path / "d", count=8, size=256, seed=3, tile=64,
-                                  max_lesions=6)
+def test_regression_data_scales_the_lesion_texture_that_a_downsample_erases(tmp_path):
+    """Regression data: the label is the lesions' texture contrast; the texture's spread
+    follows it, while its 4 x 4-pixel means (a 4x downsampled level) stay the decoy colour;
+    make-sample-data writes the contrasts as labels, slide by slide."""
+    spreads, means = [], []
+    for contrast in (0.0, 0.5, 1.0):
+        blobs = write_synthetic_slide(tmp_path / "s.tif", 512, 1, seed=2, contrast=contrast,
+                                      overwrite=True)
+        lesion = next(b for b in blobs if b.lesion)
+        with open_image(tmp_path / "s.tif") as slide:
+            x, y = int(lesion.x) - 4, int(lesion.y) - 4
+            patch = slide.read_region((x, y), 0, (8, 8)).astype(float)
+        spreads.append(patch.std(axis=(0, 1)).min())
+        means.append(patch.reshape(2, 4, 2, 4, 3).mean(axis=(1, 3)))
+    assert spreads[0] < 10 < spreads[1] < spreads[2] - 10
+    assert max(np.abs(m - means[0]).max() for m in means) < 20
+    train, val = make_sample_data(tmp_path / "d", count=4, size=256, seed=3, tile=64,
+                                  regression=True)
     for path in (train, val):
         with open(path, newline="") as f:
             for image, label in list(csv.reader(f))[1:]:
-                assert 0 <= int(label) <= 6
-                name = int(image.split("_")[1].split(".")[0])
-                expected = write_synthetic_slide(tmp_path / "again.tif", 256, min(int(label), 1),
-                                                 seed=3 * 100003 + name, tile=64,
-                                                 lesions=int(label), overwrite=True)
-                with open(train.parent / image, "rb") as written:
-                    assert written.read() == (tmp_path / "again.tif").read_bytes()
-                assert sum(b.lesion for b in expected) == int(label)
+                assert 0 <= float(label) <= 1
+                index = int(image.split("_")[1].split(".")[0])
+                write_synthetic_slide(tmp_path / "again.tif", 256, 1, seed=3 * 100003 + index,
+                                      tile=64, contrast=float(label), overwrite=True)
+                assert (train.parent / image).read_bytes() == \
+                    (tmp_path / "again.tif").read_bytes()
