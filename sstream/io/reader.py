@@ -271,11 +271,10 @@ class SlideImage:
         tf = self._tiff
         if not tf.series:
             raise ImageReadError(self.path, "TIFF holds no image")
-        series = tf.series[0]
         file_size = os.path.getsize(self.path)
         levels = []
-        for index, level_series in enumerate(series.levels):
-            _check_tiff_level(self.path, level_series, index, file_size)
+        for series, index in _pyramid_levels(tf):
+            _check_tiff_level(self.path, series.levels[index], len(levels), file_size)
             levels.append(_TiffLevel(series, index))
         self._levels = [lv for lv in levels if lv.width > 0 and lv.height > 0]
         if len(self._levels) < len(levels) or not self._levels:
@@ -316,6 +315,49 @@ class SlideImage:
             finally:
                 Image.MAX_IMAGE_PIXELS = previous
         self._levels = [_ArrayLevel(rgb)]
+
+
+# series tifffile names that are pictures of the slide, not levels of its pyramid
+_ASSOCIATED_SERIES = {"thumbnail", "label", "macro", "overview"}
+
+
+def _pyramid_levels(tf) -> list[tuple[object, int]]:
+    """(series, level index) of every resolution of the first image: its series' levels,
+    then any reduced-resolution image tifffile lists as a series of its own (it joins only
+    2x and 4x steps into one pyramid: an 8x step, at top level marked reduced or in a SubIFD,
+    comes out as a second one-level series). Such an image counts when it is marked reduced
+    (NewSubfileType bit 0) or is a SubIFD, has the first image's samples and dtype, is
+    smaller, and has its aspect ratio (within a pixel of rounding)."""
+    base = tf.series[0]
+    levels = [(base, index) for index in range(len(base.levels))]
+    height, width = _yx(base.levels[0])
+    sizes = {_yx(base.levels[i]) for i in range(len(base.levels))}
+    for series in tf.series[1:]:
+        keyframe = series.levels[0].keyframe
+        reduced = bool(getattr(keyframe, "subfiletype", 0) & 1) or bool(
+            getattr(keyframe, "is_subifd", False))
+        if not reduced or (series.name or "").lower() in _ASSOCIATED_SERIES:
+            continue
+        if series.dtype != base.dtype or _samples(series) != _samples(base):
+            continue
+        for index in range(len(series.levels)):
+            h, w = _yx(series.levels[index])
+            factor = width / w
+            if (h, w) in sizes or not 1 < factor or abs(height / factor - h) > 1.01:
+                continue
+            sizes.add((h, w))
+            levels.append((series, index))
+    return levels
+
+
+def _yx(level_series) -> tuple[int, int]:
+    axes, shape = level_series.axes, level_series.shape
+    return shape[axes.index("Y")], shape[axes.index("X")]
+
+
+def _samples(series) -> int:
+    axes = series.axes
+    return series.shape[axes.index("S")] if "S" in axes else 1
 
 
 class _Level:

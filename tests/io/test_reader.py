@@ -295,3 +295,55 @@ def test_threaded_reads_match(tmp_path):
             t.join()
         assert not errors
     assert isinstance(slide, SlideImage)
+
+
+def _write_pyramid(path, levels, layout: str, metadata: bool) -> None:
+    """Level 0 then its reduced copies: as SubIFDs of the first page, or as top-level pages
+    marked reduced (NewSubfileType 1); with tifffile's JSON metadata or without any."""
+    options = dict(tile=(32, 32), photometric="rgb", metadata={} if metadata else None)
+    with tifffile.TiffWriter(path) as writer:
+        writer.write(levels[0], subifds=len(levels) - 1 if layout == "subifd" else None,
+                     **options)
+        for level in levels[1:]:
+            writer.write(level, subfiletype=1, **options)
+
+
+@pytest.mark.parametrize("step", [2, 4, 8])
+@pytest.mark.parametrize("layout", ["subifd", "top-level"])
+@pytest.mark.parametrize("metadata", [True, False])
+def test_every_reduced_level_is_read_whatever_its_step_and_layout(tmp_path, step, layout,
+                                                                  metadata):
+    """Pyramids of 2x, 4x and 8x steps, in SubIFDs or top-level reduced pages, with or
+    without the writer's metadata: every level opens, with its size, and reads the pixels
+    written (tifffile alone lists an 8x level as a second series)."""
+    rng = np.random.default_rng(step)
+    levels = [rng.integers(0, 256, (1024, 768, 3), dtype=np.uint8)]
+    while levels[-1].shape[0] // step >= 16:
+        levels.append(np.ascontiguousarray(levels[-1][::step, ::step]))
+    path = tmp_path / "pyramid.tif"
+    _write_pyramid(path, levels, layout, metadata)
+    with open_image(path) as slide:
+        assert slide.level_count == len(levels) >= 3
+        assert slide.level_dimensions == tuple((a.shape[1], a.shape[0]) for a in levels)
+        for index, expected in enumerate(levels):
+            assert slide.level_downsamples[index] == pytest.approx(step ** index, rel=0.02)
+            assert np.array_equal(slide.read_level(index), expected)
+            lx, ly = (expected.shape[1] - 9) // 2, (expected.shape[0] - 7) // 2
+            region = slide.read_region((lx * step ** index, ly * step ** index), index, (9, 7))
+            assert np.array_equal(region, expected[ly:ly + 7, lx:lx + 9])
+
+
+def test_images_that_are_not_levels_stay_out_of_the_pyramid(tmp_path):
+    """A reduced image of another aspect ratio (a label) or dtype is not a level."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (512, 384, 3), dtype=np.uint8)
+    path = tmp_path / "with_label.tif"
+    with tifffile.TiffWriter(path) as writer:
+        writer.write(base, tile=(32, 32), photometric="rgb", metadata=None)
+        writer.write(base[::8, ::8], tile=(16, 16), photometric="rgb", subfiletype=1,
+                     metadata=None)
+        writer.write(rng.integers(0, 256, (40, 90, 3), dtype=np.uint8), photometric="rgb",
+                     subfiletype=1, metadata=None)  # a label: another aspect ratio
+        writer.write(base[::16, ::16, 0].astype(np.uint16), subfiletype=1, metadata=None)
+    with open_image(path) as slide:
+        assert slide.level_dimensions == ((384, 512), (48, 64))
