@@ -42,9 +42,22 @@ def _options(
         False, "--compact-memory", envvar="SSTREAM_COMPACT_MEMORY",
         help="CPU: keep the process's resident memory close to its live tensors (glibc "
              "returns every block above 1 MiB when freed) at ~1.7x the time of a step."),
+    backend: str = typer.Option(
+        "auto", "--backend", envvar="SSTREAM_BACKEND",
+        help="What reads slides: auto (tifffile for TIFFs, OpenSlide for MIRAX, DICOM and "
+             "other formats), tifffile or openslide."),
 ) -> None:
     """Exact streaming training of CNNs on multi-megapixel and gigapixel images."""
+    import os
+
+    from sstream.io import BACKENDS
+
     _state["debug"] = debug
+    if backend not in BACKENDS:
+        err_console.print(f"[bold red]error:[/bold red] --backend must be one of "
+                          f"{', '.join(BACKENDS)}, got {backend!r}", highlight=False)
+        raise typer.Exit(EXIT_USAGE)
+    os.environ["SSTREAM_BACKEND"] = backend  # every open_image of this process (and ranks)
     if compact_memory:
         from sstream.runtime import compact_cpu_memory
 
@@ -524,6 +537,43 @@ def tissue_command(
                               "whole image (a grayscale, fluorescence or empty slide?); give a "
                               "mask file to restrict it[/yellow]")
             raise typer.Exit(EXIT_FAILURE)
+
+
+# ---- info -----------------------------------------------------------------------------------
+
+
+@app.command("info")
+def info_command(
+    slides: list[Path] = typer.Argument(..., help="Slides or images to describe."),
+    mpp: float = typer.Option(None, "--mpp", help="Also say which level --mpp would read."),
+    thumbnail: Path = typer.Option(None, "--thumbnail", help="Write a PNG thumbnail (one "
+                                   "slide)."),
+    max_side: int = typer.Option(1024, "--max-side", help="Longer side of the thumbnail."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON record per slide, as a "
+                                     "list."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the thumbnail."),
+) -> None:
+    """Format, backend, levels, resolution, objective and associated images of slides."""
+    import json
+
+    from sstream.cli_render import info_table
+    from sstream.io.info import slide_info, write_thumbnail
+
+    with user_errors():
+        if thumbnail is not None and len(slides) > 1:
+            raise UsageError("--thumbnail writes one slide's thumbnail: give one slide")
+        if mpp is not None and mpp <= 0:
+            raise UsageError("--mpp must be positive")
+        records = [slide_info(path, mpp) for path in slides]
+        if json_output:
+            console.print_json(json.dumps([r.to_dict() for r in records]))
+        else:
+            for record in records:
+                console.print(info_table(record))
+        if thumbnail is not None:
+            width, height = write_thumbnail(slides[0], thumbnail, max_side, overwrite)
+            (err_console if json_output else console).print(
+                f"thumbnail ({width} x {height} px): {thumbnail}", highlight=False)
 
 
 # ---- estimate-memory ------------------------------------------------------------------------

@@ -222,6 +222,28 @@ def metrics_line(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
 
 
+def info_table(info: Any) -> Table:
+    """`sstream info`'s record of a slide (a `sstream.io.info.SlideInfo`), in 80 columns."""
+    mpp = "unknown" if info.mpp is None else f"{info.mpp:.4g} µm/px"
+    power = "" if info.objective_power is None else f", {info.objective_power:g}x objective"
+    caption = [f"{info.format or 'image'} read by {info.backend}; level 0 at {mpp}{power}; "
+               f"{info.file_bytes / 2**20:.1f} MiB on disk"]
+    if info.associated:
+        caption.append("associated: " + ", ".join(
+            f"{name} {w} x {h}" for name, (w, h) in info.associated.items()))
+    if info.chosen_level is not None:
+        caption.append(f"--mpp reads level {info.chosen_level}")
+    table = Table(title=info.path, caption="\n".join(caption), box=box.SIMPLE_HEAD,
+                  title_justify="left", caption_justify="left")
+    for name in ("level", "width", "height", "downsample", "µm/px"):
+        table.add_column(name, justify="right")
+    for index, level in enumerate(info.levels):
+        marker = " *" if index == info.chosen_level else ""
+        table.add_row(f"{index}{marker}", str(level.width), str(level.height),
+                      f"{level.downsample:g}", "-" if level.mpp is None else f"{level.mpp:.4g}")
+    return table
+
+
 def verification_table(result: Any) -> Table:
     """`sstream verify`'s comparison (a `sstream.verify.Verification`), within 80 columns:
     the errors against the tolerance, then time and peak memory side by side."""

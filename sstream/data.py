@@ -107,7 +107,7 @@ def read_label_csv(path: str | Path, task: Task | None = None,
             problems.append(f"line {line}: duplicate of line {seen[image]} ({image_text})")
             continue
         seen[image] = line
-        if not image.is_file():
+        if not image.exists():  # a file, or a DICOM series' folder
             problems.append(f"line {line}: image not found: {image}")
             continue
         mask_text = row[mask_col].strip() if mask_col is not None and mask_col < len(row) \

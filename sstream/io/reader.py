@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "BACKENDS",
     "ImageReadError",
     "PIL_MAX_PIXELS",
     "SlideImage",
@@ -53,6 +54,13 @@ __all__ = [
 PIL_MAX_PIXELS = 1_000_000_000
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+BACKENDS = ("auto", "tifffile", "openslide")
+# formats only OpenSlide reads (without it installed, a file named so gets the extra's name)
+_OPENSLIDE_SUFFIXES = {".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".dcm", ".ndpi"}
+# TIFF-based formats tifffile opens but does not lay out as OpenSlide does (Leica SCN's
+# several images, Ventana BIF's overlapping tiles): auto takes OpenSlide for them
+_OPENSLIDE_VENDORS = {"leica", "ventana"}
+_OPENSLIDE_EXTRA = "pip install 'sstream[openslide]'"
 _FLOAT_PROBE_MAX_PIXELS = 4_000_000
 _LEVEL_TOLERANCE = 0.01  # relative slack when comparing downsamples and mpp
 _PIL_LOCK = threading.Lock()
@@ -73,14 +81,18 @@ class ImageReadError(ValueError):
         self.path = str(path)
 
 
-def open_image(path: str | os.PathLike) -> SlideImage:
+def open_image(path: str | os.PathLike, backend: str | None = None) -> SlideImage:
     """Open a slide or ordinary image lazily; see `SlideImage`.
+
+    `backend`: "auto" (the default, or the SSTREAM_BACKEND environment variable that
+    `sstream --backend` sets), "tifffile" or "openslide"; see `SlideImage`.
 
     Raises:
         ImageReadError: missing file, a directory, not a readable image, corrupt or truncated
-            structure, unsupported compression or a zero-sized image.
+            structure, unsupported compression or a zero-sized image, a format whose backend
+            is not installed (the message names the extra).
     """
-    return SlideImage(path)
+    return SlideImage(path, backend)
 
 
 class SlideImage:
@@ -97,22 +109,52 @@ class SlideImage:
             XResolution/YResolution with ResolutionUnit inch or centimetre. PNG/JPEG: None.
         mpp_x, mpp_y: the same per axis.
 
+        backend: "tifffile", "openslide" or "pillow": what reads the file.
+        vendor: the format OpenSlide names ("aperio", "mirax", "dicom", ...), or for tifffile
+            the TIFF flavour ("svs", "ome", "ndpi", ... or "generic-tiff"); None for Pillow.
+        properties: the backend's metadata as strings (OpenSlide's properties; tifffile: the
+            first page's tags); associated: names of the associated images (label, macro,
+            thumbnail) that `associated_image(name)` reads.
+
+    Backends: "auto" picks tifffile for TIFF files (fast and lazy; but OpenSlide, where
+    installed, for Leica SCN and Ventana BIF, whose layouts it knows), Pillow for PNG, JPEG
+    and the like, and OpenSlide for the rest (MIRAX, Hamamatsu VMS, Sakura SVSlide, DICOM:
+    a file of the series, or its folder). Where they differ: OpenSlide hands out RGBA, with
+    the areas no scan covers transparent; sstream composites it over the slide's declared
+    background colour (`openslide.background-color`, else white), as it composites any alpha
+    over white, so both backends give the same RGB where both read a file, with two
+    exceptions: at a level whose downsample is not an integer (a 103 px level of a 410 px
+    image) OpenSlide keeps the level-0 location fractional and paints the region at a
+    sub-pixel offset (interpolated pixels, up to a pixel's difference), and its JPEG decoder
+    differs from imagecodecs' in the last bits. OpenSlide reads no SubIFDs, strips or JPEG
+    2000 in generic TIFFs: auto never sends it those.
+
     Reads are serialised by a lock, so one object may be shared with a prefetch thread.
     Use as a context manager or call `close()`.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, backend: str | None = None):
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._tiff = None
+        self._handle = None
         self._closed = False
         self._levels: list[_Level] = []
         self.mpp_x: float | None = None
         self.mpp_y: float | None = None
+        self.vendor: str | None = None
+        self.properties: dict[str, str] = {}
+        self._associated: dict[str, object] = {}
+        backend = backend or os.environ.get("SSTREAM_BACKEND") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if not self.path.exists():
             raise ImageReadError(self.path, "no such file")
         if self.path.is_dir():
-            raise ImageReadError(self.path, "is a directory, not an image file")
+            dicom = sorted(self.path.glob("*.dcm"))
+            if not dicom:
+                raise ImageReadError(self.path, "is a directory, not an image file (nor a "
+                                                "DICOM series: no .dcm files)")
+            self.path = dicom[0]  # OpenSlide opens a DICOM series from any of its files
         try:
             with open(self.path, "rb") as f:
                 magic = f.read(4)
@@ -121,10 +163,9 @@ class SlideImage:
         if len(magic) == 0:
             raise ImageReadError(self.path, "empty file (0 bytes)")
         try:
-            if magic in _TIFF_MAGIC:
-                self._open_tiff()
-            else:
-                self._open_pillow()
+            self.backend = _choose_backend(self.path, magic, backend)
+            {"tifffile": self._open_tiff, "pillow": self._open_pillow,
+             "openslide": self._open_openslide}[self.backend]()
         except ImageReadError:
             self.close()
             raise
@@ -242,9 +283,9 @@ class SlideImage:
             self._closed = True
             for lv in self._levels:
                 lv.close()
-            if self._tiff is not None:
-                self._tiff.close()
-                self._tiff = None
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
 
     def __enter__(self) -> SlideImage:
         return self
@@ -267,10 +308,18 @@ class SlideImage:
     def _open_tiff(self) -> None:
         import tifffile
 
-        self._tiff = tifffile.TiffFile(self.path)
-        tf = self._tiff
+        self._handle = tifffile.TiffFile(self.path)
+        tf = self._handle
         if not tf.series:
             raise ImageReadError(self.path, "TIFF holds no image")
+        self.vendor = next((flavour for flavour in ("svs", "ome", "ndpi", "scn", "philips",
+                                                    "bif", "qpi", "imagej")
+                            if getattr(tf, f"is_{flavour}", False)), "generic-tiff")
+        self.properties = {tag.name: str(tag.value)[:200] for tag in tf.pages.first.tags
+                           if tag.name not in ("TileOffsets", "TileByteCounts",
+                                               "StripOffsets", "StripByteCounts")}
+        self._associated = {series.name.lower(): series.asarray for series in tf.series[1:]
+                            if (series.name or "").lower() in _ASSOCIATED_SERIES}
         file_size = os.path.getsize(self.path)
         levels = []
         for series, index in _pyramid_levels(tf):
@@ -290,6 +339,37 @@ class SlideImage:
             for lv in self._levels:
                 lv.float_scale = scale
         self.mpp_x, self.mpp_y = _tiff_mpp(tf)
+
+    def associated_image(self, name: str) -> np.ndarray:
+        """An associated image (label, macro, thumbnail) as (h, w, 3) uint8."""
+        if name not in self._associated:
+            raise ValueError(f"{self.path}: no associated image {name!r} (has: "
+                             f"{', '.join(self._associated) or 'none'})")
+        with self._lock:
+            return to_rgb8(np.asarray(self._associated[name]()))
+
+    @property
+    def associated(self) -> tuple[str, ...]:
+        return tuple(self._associated)
+
+    def _open_openslide(self) -> None:
+        openslide = _import_openslide(self.path)
+        try:
+            slide = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError as e:
+            raise ImageReadError(self.path, "not a format OpenSlide reads") from e
+        except openslide.OpenSlideError as e:
+            raise ImageReadError(self.path, f"OpenSlide cannot read it: {e}") from e
+        self._handle = slide  # closed with the object
+        self.properties = dict(slide.properties)
+        self.vendor = self.properties.get("openslide.vendor")
+        background = _hex_colour(self.properties.get("openslide.background-color"))
+        self._levels = [_OpenSlideLevel(slide, level, background)
+                        for level in range(slide.level_count)]
+        self.mpp_x = _positive(self.properties.get("openslide.mpp-x"))
+        self.mpp_y = _positive(self.properties.get("openslide.mpp-y"))
+        self._associated = {name: (lambda name=name: slide.associated_images[name])
+                            for name in slide.associated_images}
 
     def _open_pillow(self) -> None:
         from PIL import Image, UnidentifiedImageError
@@ -375,6 +455,28 @@ class _Level:
 
     def close(self) -> None:
         pass
+
+
+class _OpenSlideLevel(_Level):
+    """A level read by OpenSlide: RGBA regions in level-0 coordinates, composited over the
+    slide's background colour."""
+
+    def __init__(self, slide, level: int, background: np.ndarray):
+        self._slide, self._level = slide, level
+        self.width, self.height = slide.level_dimensions[level]
+        self._downsample = slide.level_downsamples[level]
+        self.dtype = np.dtype(np.uint8)
+        self._background = background
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        # OpenSlide maps a level-0 location to floor(location / downsample): the smallest
+        # location in [x0 * ds, (x0 + 1) * ds) lands on x0 whatever the rounding of ds
+        location = (math.ceil(x0 * self._downsample), math.ceil(y0 * self._downsample))
+        return np.asarray(self._slide.read_region(location, self._level, (x1 - x0, y1 - y0)))
+
+    def to_rgb(self, raw: np.ndarray) -> np.ndarray:
+        rgb, alpha = raw[..., :3].astype(np.int32), raw[..., 3:4].astype(np.int32)
+        return ((rgb * alpha + self._background * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 class _ArrayLevel(_Level):
@@ -633,6 +735,54 @@ def _positive(text) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) and value > 0 else None
+
+
+def _choose_backend(path: Path, magic: bytes, backend: str) -> str:
+    """tifffile, pillow or openslide for the file (see SlideImage)."""
+    if backend == "openslide":
+        return "openslide"
+    if backend == "tifffile":
+        if magic not in _TIFF_MAGIC:
+            raise ImageReadError(path, "--backend tifffile reads TIFF files only")
+        return "tifffile"
+    vendor = _openslide_vendor(path)
+    if magic in _TIFF_MAGIC:
+        return "openslide" if vendor in _OPENSLIDE_VENDORS else "tifffile"
+    if vendor is not None:
+        return "openslide"
+    if path.suffix.lower() in _OPENSLIDE_SUFFIXES:
+        _import_openslide(path)  # not installed: its error names the extra
+        raise ImageReadError(path, f"OpenSlide does not recognise this {path.suffix} file")
+    return "pillow"
+
+
+def _openslide_vendor(path: Path) -> str | None:
+    """The format OpenSlide detects, or None (also when OpenSlide is not installed)."""
+    try:
+        import openslide
+    except ImportError:
+        return None
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError:
+        return None
+
+
+def _import_openslide(path: Path):  # noqa: ANN202
+    try:
+        import openslide
+    except ImportError:
+        raise ImageReadError(path, "reading this format needs OpenSlide: "
+                                   f"{_OPENSLIDE_EXTRA}") from None
+    return openslide
+
+
+def _hex_colour(text: str | None) -> np.ndarray:
+    """'RRGGBB' -> (3,) int32; white when absent or malformed."""
+    try:
+        return np.array([int(text[i:i + 2], 16) for i in (0, 2, 4)], dtype=np.int32)
+    except (TypeError, ValueError, IndexError):
+        return np.full(3, 255, dtype=np.int32)
 
 
 def _region_cause(level: int, x0: int, y0: int, x1: int, y1: int, e: BaseException) -> str:
