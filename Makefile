@@ -38,6 +38,9 @@ demo: $(STAMP)
 	@echo "  run/          checkpoints (last.pt, best.pt), metrics.csv, curves.png, config.json"
 	@echo "  predictions.csv   validation-set probabilities"
 	@echo "  saliency.tif      full-resolution saliency map (pyramidal TIFF), saliency.png overview"
+	@echo
+	@echo "look at the map at any zoom in a browser:"
+	@echo "  $(BIN)/sstream view $(DEMO_SLIDE) --overlay $(DEMO)/saliency.tif"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

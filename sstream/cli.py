@@ -384,6 +384,8 @@ def saliency(
         None, "--tissue", help="auto, none or a mask image: the prediction pools over tissue "
         "and the map is zero on glass.", show_default="as the model was trained"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    view: bool = typer.Option(False, "--view", help="Then serve the slide with the map in "
+                              "the browser viewer (sstream view) on port 8000."),
 ) -> None:
     """Write a full-resolution saliency map of a slide as a pyramidal TIFF and a PNG overview."""
     from pathlib import Path
@@ -450,6 +452,8 @@ def saliency(
         console.print(f"values {result.min:.3g} .. {result.max:.3g}, scale {result.scale:.3g} "
                       f"(p{result.percentile:g} of |non-zero|), {result.tiles} tiles in "
                       f"{result.seconds:.1f} s", highlight=False, soft_wrap=True)
+        if view:
+            serve(Path(slide), [Path(result.out)], "127.0.0.1", 8000)
 
 
 # ---- verify -------------------------------------------------------------------------------
@@ -537,6 +541,40 @@ def tissue_command(
                               "whole image (a grayscale, fluorescence or empty slide?); give a "
                               "mask file to restrict it[/yellow]")
             raise typer.Exit(EXIT_FAILURE)
+
+
+# ---- view -----------------------------------------------------------------------------------
+
+
+@app.command("view")
+def view_command(
+    slide: Path = typer.Argument(..., help="Slide to look at."),
+    overlay: list[Path] = typer.Option(None, "--overlay", help="Saliency map (pyramidal TIFF "
+                                       "from sstream saliency) to overlay; repeatable."),
+    port: int = typer.Option(8000, "--port", help="Port (0: any free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: "
+                             "this machine only; reach it over SSH with ssh -L)."),
+) -> None:
+    """Serve a deep-zoom viewer of a slide and its saliency maps to a web browser."""
+    with user_errors():
+        serve(slide, overlay or [], host, port)
+
+
+def serve(slide: Path, overlays: list[Path], host: str, port: int) -> None:
+    """Run the viewer's server until Ctrl-C (shared by view and saliency --view)."""
+    from sstream.view import make_server, url_of
+
+    server = make_server(slide, overlays, host, port)
+    console.print(f"viewing {slide.name} at [bold]{url_of(server)}[/bold] (Ctrl-C to stop; "
+                  f"from another machine: ssh -L {server.server_address[1]}:localhost:"
+                  f"{server.server_address[1]} this-host)", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
+    finally:
+        server.server_close()
+        server.source.close()
 
 
 # ---- info -----------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""`sstream view`: tiles against read_region, overlays, bad requests, and the page."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sstream.io import TiffMapWriter, open_image, write_synthetic_slide
+from sstream.view import TILE, make_server
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A 700 px synthetic slide and a float32 map that is non-zero on its left half only."""
+    root = tmp_path_factory.mktemp("view")
+    slide = root / "slide.tif"
+    write_synthetic_slide(slide, 700, 1, seed=2, tile=128)
+    values = np.zeros((700, 700), np.float32)
+    values[:, :350] = np.linspace(0.1, 1.0, 350, dtype=np.float32)[None, :]
+    saliency = root / "map.tif"
+    with TiffMapWriter(saliency, (700, 700), np.float32, tile_size=128,
+                       description=json.dumps({"encoding": "float32"})) as writer:
+        writer.write_band(0, values)
+    server = make_server(slide, [saliency], port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, slide
+    server.shutdown()
+    server.server_close()
+    server.source.close()
+
+
+def get(server, path: str) -> bytes:
+    host, port = server.server_address[:2]
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=30) as response:
+        return response.read()
+
+
+def status(server, path: str) -> int:
+    try:
+        get(server, path)
+    except urllib.error.HTTPError as error:
+        return error.code
+    return 200
+
+
+def test_slide_tiles_are_the_slide_at_every_level_and_edge(served):
+    server, slide_path = served
+    config = json.loads(get(server, "/config.json"))
+    assert (config["width"], config["height"], config["maxLevel"]) == (700, 700, 10)
+    assert config["mpp"] == 0.5 and config["overlays"][0]["name"] == "map.tif"
+    with open_image(slide_path) as slide:
+        for level, x, y in ((10, 0, 0), (10, 2, 2), (9, 1, 1), (8, 0, 0), (7, 0, 0), (5, 0, 0)):
+            downsample = 2 ** (10 - level)
+            data = get(server, f"/tiles/slide/{level}/{x}_{y}.jpg")
+            tile = np.asarray(Image.open(io.BytesIO(data)))
+            side = -(-700 // downsample)
+            expected_shape = (min(TILE, side - y * TILE), min(TILE, side - x * TILE), 3)
+            assert tile.shape == expected_shape  # edge tiles are partial
+            # read_region at the finest pyramid level not finer than the view's, reduced
+            source = slide.get_best_level_for_downsample(downsample)
+            factor = downsample // round(slide.level_downsamples[source])
+            full = slide.read_region((x * TILE * downsample, y * TILE * downsample), source,
+                                     (expected_shape[1] * factor, expected_shape[0] * factor))
+            reduced = Image.fromarray(full).reduce(factor) if factor > 1 else \
+                Image.fromarray(full)
+            encoded = io.BytesIO()
+            reduced.save(encoded, format="JPEG", quality=90)  # the same pixels, encoded
+            assert np.array_equal(tile, np.asarray(Image.open(encoded))), (level, x, y)
+
+
+def test_overlay_tiles_are_drawn_where_the_map_is_non_zero(served):
+    server, _ = served
+    tile = np.asarray(Image.open(io.BytesIO(get(server, "/tiles/overlay0/10/1_0.png"))))
+    assert tile.shape == (256, 256, 4)
+    left, right = tile[:, : 350 - 256], tile[:, 350 - 256 + 2:]
+    assert left[..., 3].min() > 0 and right[..., 3].max() == 0
+    assert left[:, -1, 3].mean() > left[:, 0, 3].mean()  # opacity rises with the value
+
+
+@pytest.mark.parametrize("path, code", [
+    ("/tiles/slide/11/0_0.jpg", 400), ("/tiles/slide/10/3_0.jpg", 400),
+    ("/tiles/slide/10/-1_0.jpg", 400), ("/tiles/nothing/10/0_0.png", 404),
+    ("/tiles/slide/10/0_0.png", 404), ("/tiles/slide/ten/0_0.jpg", 400),
+    ("/static/../../etc/passwd", 404), ("/static/%2e%2e/view.py", 404),
+    ("/../sstream/view.py", 404), ("/static/images/../../view.py", 404),
+])
+def test_bad_requests_get_4xx(served, path, code):
+    assert status(served[0], path) == code
+
+
+def test_the_page_and_its_viewer_are_served_from_the_package(served):
+    server, _ = served
+    page = get(server, "/").decode()
+    assert "/static/openseadragon.min.js" in page and "opacity" in page
+    assert b"OpenSeadragon" in get(server, "/static/openseadragon.min.js")
+    assert get(server, "/static/images/zoomin_rest.png").startswith(b"\x89PNG")
+
+
+def test_a_map_of_another_slide_is_refused(served, tmp_path):
+    _, slide_path = served
+    other = tmp_path / "other.tif"
+    with TiffMapWriter(other, (100, 300), np.float32, tile_size=64) as writer:
+        writer.write_band(0, np.ones((100, 300), np.float32))
+    with pytest.raises(ValueError, match="does not overlay"):
+        make_server(slide_path, [other], port=0)
