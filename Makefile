@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_EPOCHS ?= 8
 
-.PHONY: install test lint demo bench bench-quick clean
+.PHONY: install test lint demo bench bench-quick browser clean
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ demo: $(STAMP)
 	@echo
 	@echo "look at the map at any zoom in a browser:"
 	@echo "  $(BIN)/sstream view $(DEMO_SLIDE) --overlay $(DEMO)/saliency.tif"
+
+# Debian's Chromium and its driver for the viewer's browser test (skipped without them);
+# nothing downloads a browser build of its own
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q chromium chromium-driver; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

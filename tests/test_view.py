@@ -111,3 +111,70 @@ def test_a_map_of_another_slide_is_refused(served, tmp_path):
         writer.write_band(0, np.ones((100, 300), np.float32))
     with pytest.raises(ValueError, match="does not overlay"):
         make_server(slide_path, [other], port=0)
+
+
+def _browser():
+    """Headless Debian Chromium through Selenium, or a skip saying what is missing."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if binary is None or driver is None:
+        pytest.skip("no Chromium: apt-get install chromium chromium-driver (make browser)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--window-size=900,700", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_a_browser_draws_the_overlay_where_the_map_is_non_zero(served):
+    """The page in headless Chromium: once every tile is in, the overlay changes the left
+    half of the slide (where the map is non-zero) and leaves the right half as it is
+    (compared with the overlay hidden by its toggle)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, _ = served
+    host, port = server.server_address[:2]
+    browser = _browser()
+    try:
+        browser.get(f"http://{host}:{port}/")
+        loaded = ("const v = window.sstreamViewer; return !!v && v.world.getItemCount() == 2 "
+                  "&& [0, 1].every(i => v.world.getItemAt(i).getFullyLoaded());")
+        WebDriverWait(browser, 60, 0.25).until(lambda b: b.execute_script(loaded))
+        box = browser.execute_script(
+            "const v = window.sstreamViewer, e = document.getElementById('viewer');"
+            "const a = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));"
+            "const b = v.viewport.imageToViewerElementCoordinates("
+            "  new OpenSeadragon.Point(700, 700));"
+            "return [a.x + e.offsetLeft, a.y + e.offsetTop, b.x + e.offsetLeft,"
+            "        b.y + e.offsetTop, window.devicePixelRatio];")
+
+        def shot() -> np.ndarray:
+            return np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png()))
+                              .convert("RGB")).astype(int)
+
+        with_overlay = shot()
+        browser.find_element("id", "show").click()
+        WebDriverWait(browser, 10, 0.25).until(lambda b: b.execute_script(
+            "return window.sstreamViewer.world.getItemAt(1).getOpacity() == 0;"))
+        browser.execute_script("window.sstreamViewer.forceRedraw();")
+        WebDriverWait(browser, 10, 0.25).until(lambda b: b.execute_script(
+            "return !window.sstreamViewer.world.needsDraw();"))
+        without = shot()
+    finally:
+        browser.quit()
+    x0, y0, x1, y1, ratio = box
+    x0, y0, x1, y1 = (round(v * ratio) for v in (x0, y0, x1, y1))
+    middle, margin = (x0 + x1) // 2, (x1 - x0) // 20
+    rows = slice(y0 + margin, y1 - margin)
+    left = np.abs(with_overlay[rows, x0 + margin:middle - margin] -
+                  without[rows, x0 + margin:middle - margin]).mean()
+    right = np.abs(with_overlay[rows, middle + margin:x1 - margin] -
+                   without[rows, middle + margin:x1 - margin]).mean()
+    assert x1 - x0 > 200, box  # the slide fills the viewer
+    assert left > 20 and right < 1, (left, right)
