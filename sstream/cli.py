@@ -554,17 +554,20 @@ def view_command(
     port: int = typer.Option(8000, "--port", help="Port (0: any free one)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: "
                              "this machine only; reach it over SSH with ssh -L)."),
+    tissue: str = typer.Option("none", "--tissue", help="Outline the tissue: auto (found as "
+                               "the jobs find it), a mask image, or none."),
 ) -> None:
     """Serve a deep-zoom viewer of a slide and its saliency maps to a web browser."""
     with user_errors():
-        serve(slide, overlay or [], host, port)
+        serve(slide, overlay or [], host, port, tissue)
 
 
-def serve(slide: Path, overlays: list[Path], host: str, port: int) -> None:
+def serve(slide: Path, overlays: list[Path], host: str, port: int,
+          tissue: str | None = None) -> None:
     """Run the viewer's server until Ctrl-C (shared by view and saliency --view)."""
     from sstream.view import make_server, url_of
 
-    server = make_server(slide, overlays, host, port)
+    server = make_server(slide, overlays, host, port, tissue)
     console.print(f"viewing {slide.name} at [bold]{url_of(server)}[/bold] (Ctrl-C to stop; "
                   f"from another machine: ssh -L {server.server_address[1]}:localhost:"
                   f"{server.server_address[1]} this-host)", highlight=False)

@@ -12,6 +12,9 @@ Endpoints (nothing else is served, so no path reaches the file system):
     /static/<name>                      the viewer's script and button images (a fixed list)
     /tiles/<layer>/<level>/<x>_<y>.<ext> slide tiles (JPEG), overlay tiles (PNG, RGBA)
 
+With `tissue` ("auto": found on the thumbnail as the jobs find it, or a mask file), a
+`tissue` layer draws the mask's outline, one screen pixel wide at every zoom.
+
 Overlays are saliency maps (`sstream saliency`): uint8 maps are shown on the scale their
 description records; float maps are scaled by the 99.5th percentile of the non-zero |values|
 of their coarsest level. Colours: inferno, opacity rising with the value.
@@ -35,11 +38,13 @@ from PIL import Image
 
 from sstream.io import ImageReadError, open_image
 from sstream.io.colormap import inferno
+from sstream.io.tissue import TissueMask, detect_tissue, read_tissue_mask
 
 TILE = 256
 STATIC = Path(__file__).resolve().parent / "viewer"
 CACHE_TILES = 1024  # ~200 MB at most of encoded tiles
 FLOAT_PERCENTILE = 99.5
+OUTLINE = (40, 230, 90, 255)  # RGBA of the tissue outline
 
 
 @dataclass
@@ -58,10 +63,12 @@ class Layer:
 class TileSource:
     """Tiles of the slide and of its overlays, cut on demand and cached within a bound."""
 
-    def __init__(self, slide: str | os.PathLike, overlays: list[str | os.PathLike] = ()):
+    def __init__(self, slide: str | os.PathLike, overlays: list[str | os.PathLike] = (),
+                 tissue: str | None = None):
         self.slide = open_image(slide)
         width, height = self.slide.dimensions
         self.layers = [Layer("slide", Path(slide), width, height)]
+        self.tissue = _tissue_mask(self.slide, tissue)
         self._maps = {}
         for index, path in enumerate(overlays):
             layer, levels = _open_map(Path(path), f"overlay{index}")
@@ -78,7 +85,7 @@ class TileSource:
     def config(self) -> dict:
         return {"width": self.layers[0].width, "height": self.layers[0].height,
                 "tileSize": TILE, "maxLevel": self.max_level, "mpp": self.slide.mpp,
-                "name": self.layers[0].path.name,
+                "name": self.layers[0].path.name, "tissue": self.tissue is not None,
                 "overlays": [{"name": layer.path.name, "id": layer.name, "scale": layer.scale,
                               "signed": layer.signed, "encoding": layer.encoding}
                              for layer in self.layers[1:]]}
@@ -91,6 +98,8 @@ class TileSource:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         found = next((lay for lay in self.layers if lay.name == layer), None)
+        if layer == "tissue" and self.tissue is not None:
+            found = Layer("tissue", self.layers[0].path, *self.slide.dimensions)
         if found is None:
             raise KeyError(layer)
         data = self._render(found, level, x, y)
@@ -119,6 +128,8 @@ class TileSource:
         out = io.BytesIO()
         if layer.name == "slide":
             _slide_region(self.slide, box, size).save(out, format="JPEG", quality=90)
+        elif layer.name == "tissue":
+            _outline_region(self.tissue, box, size).save(out, format="PNG")
         else:
             _overlay_region(self._maps[layer.name], layer, box, size,
                             self.layers[0]).save(out, format="PNG")
@@ -136,6 +147,33 @@ def _slide_region(slide, box: tuple[int, int, int, int], size: tuple[int, int]) 
     region = slide.read_region((x, y), level, (size[0] * factor, size[1] * factor))
     image = Image.fromarray(region)
     return image.reduce(factor) if factor > 1 else image
+
+
+def _tissue_mask(slide, tissue: str | None) -> TissueMask | None:
+    """The mask `tissue` asks for: None for None or "none"."""
+    if tissue in (None, "none"):
+        return None
+    if tissue == "auto":
+        return detect_tissue(slide)
+    if not Path(tissue).is_file():
+        raise ValueError(f"--tissue must be auto, none or a mask image file; {tissue!r} is "
+                         "neither")
+    return read_tissue_mask(tissue, slide)
+
+
+def _outline_region(tissue: TissueMask, box: tuple[int, int, int, int],
+                    size: tuple[int, int]) -> Image.Image:
+    """RGBA: the tissue's outline in the box, sampled at the tile's own pixels (so it is a
+    pixel wide at every zoom), transparent elsewhere."""
+    x, y, w, h = box
+    xs = x + (np.arange(size[0] + 2) - 0.5) * (w / size[0])  # a pixel beyond each side
+    ys = y + (np.arange(size[1] + 2) - 0.5) * (h / size[1])
+    inside = tissue.sample(xs[None, :], ys[:, None])
+    core = inside[1:-1, 1:-1]
+    edge = core & ~(inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:])
+    rgba = np.zeros((size[1], size[0], 4), np.uint8)
+    rgba[edge] = OUTLINE
+    return Image.fromarray(rgba, mode="RGBA")
 
 
 class _MapLevels:
@@ -254,7 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self.send_error(HTTPStatus.NOT_FOUND, "no such layer")
         except ValueError as exc:
             return self.send_error(HTTPStatus.BAD_REQUEST, str(exc).splitlines()[0][:200])
-        expected = "jpg" if layer == "slide" else "png"
+        expected = "jpg" if layer == "slide" else "png"  # overlays and the tissue outline
         if ext != expected:
             return self.send_error(HTTPStatus.NOT_FOUND)
         return self._send(data, "." + ext)
@@ -272,15 +310,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(slide: str | os.PathLike, overlays: list[str | os.PathLike] = (),
-                host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A server for the slide and its overlays (not started: call `serve_forever()`, and
-    `server_close()` then `server.source.close()` when done). Port 0 picks a free one.
+                host: str = "127.0.0.1", port: int = 8000, tissue: str | None = None
+                ) -> ThreadingHTTPServer:
+    """A server for the slide, its overlays and (`tissue`: "auto" or a mask file) its tissue
+    outline; not started: call `serve_forever()`, and `server_close()` then
+    `server.source.close()` when done. Port 0 picks a free one.
 
     Raises:
         ImageReadError: the slide or a map cannot be read. ValueError: a map of another
             size. OSError: the port is taken.
     """
-    source = TileSource(slide, list(overlays))
+    source = TileSource(slide, list(overlays), tissue)
     handler = type("Handler", (_Handler,), {"source": source, "static": _static_files()})
     try:
         server = ThreadingHTTPServer((host, port), handler)

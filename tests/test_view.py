@@ -178,3 +178,35 @@ def test_a_browser_draws_the_overlay_where_the_map_is_non_zero(served):
                    without[rows, middle + margin:x1 - margin]).mean()
     assert x1 - x0 > 200, box  # the slide fills the viewer
     assert left > 20 and right < 1, (left, right)
+
+
+def test_the_tissue_outline_is_a_pixel_wide_at_every_zoom(served, tmp_path):
+    """With --tissue PATH the outline layer marks the mask's border (a square here), one
+    tile pixel wide whatever the level, and nothing inside or outside it."""
+    _, slide_path = served
+    mask = np.zeros((70, 70), np.uint8)
+    mask[20:50, 10:40] = 255  # level-0 box x 100..400, y 200..500
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    server = make_server(slide_path, port=0, tissue=str(tmp_path / "mask.png"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert json.loads(get(server, "/config.json"))["tissue"] is True
+        for level, downsample in ((10, 1), (9, 2), (8, 4)):
+            tile = np.asarray(Image.open(io.BytesIO(get(server,
+                                                        f"/tiles/tissue/{level}/0_0.png"))))
+            drawn = tile[..., 3] > 0
+            top, left = -(-200 // downsample), -(-100 // downsample)
+            bottom = min(tile.shape[0], 500 // downsample) - 1
+            right = min(tile.shape[1], 400 // downsample) - 1
+            assert drawn[top, left + 3] and drawn[top + 3, left]  # on the border
+            assert not drawn[top + 3, left + 3] and not drawn[top - 2, left + 3]
+            if bottom < tile.shape[0] - 1:
+                assert drawn[bottom, left + 3] and not drawn[bottom - 2, left + 3]
+            if right < tile.shape[1] - 1:
+                assert drawn[top + 3, right]
+            assert drawn.sum() < 4 * max(tile.shape)  # a line, not an area
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.source.close()
+    assert status(served[0], "/tiles/tissue/10/0_0.png") == 404  # no mask asked for there
