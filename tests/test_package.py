@@ -25,7 +25,8 @@ def test_top_level_names_resolve_to_the_jobs():
 def test_help_lists_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("train", "predict", "saliency", "estimate-memory", "make-sample-data"):
+    for command in ("train", "predict", "saliency", "view", "verify", "info", "tissue",
+                    "estimate-memory", "make-sample-data"):
         assert command in result.output
 
 
