@@ -1,5 +1,6 @@
-"""The README's screenshot of `sstream view` on the demo's saliency map (after `make demo`):
-headless Debian Chromium through Selenium, once every tile is in.
+"""The README's screenshot of `sstream view` on the demo's saliency map (after `make demo`),
+zoomed 4x on its strongest value: headless Debian Chromium through Selenium, once every tile
+is in.
 
     python benchmarks/viewer_screenshot.py [--out benchmarks/figures/viewer.png]
 """
@@ -17,6 +18,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sstream.view import make_server  # noqa: E402
+
+
+def _strongest(path: Path) -> tuple[float, float]:
+    """Level-0 (x, y) of the largest value of the map's coarsest level."""
+    import numpy as np
+    import tifffile
+
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        coarse = series.levels[-1].asarray()
+        full_h, full_w = series.levels[0].shape[:2]
+    row, col = np.unravel_index(np.argmax(np.abs(coarse)), coarse.shape[:2])
+    return ((col + 0.5) * full_w / coarse.shape[1], (row + 0.5) * full_h / coarse.shape[0])
 
 
 def main() -> None:
@@ -41,6 +55,13 @@ def main() -> None:
         browser.get(f"http://{host}:{port}/")
         loaded = ("const v = window.sstreamViewer; return !!v && v.world.getItemCount() == 2 "
                   "&& [0, 1].every(i => v.world.getItemAt(i).getFullyLoaded());")
+        WebDriverWait(browser, 60, 0.25).until(lambda b: b.execute_script(loaded))
+        x, y = _strongest(ROOT / "demo_output/saliency.tif")
+        browser.execute_script(  # 4x on the strongest saliency: cells, not the slide
+            f"const v = window.sstreamViewer;"
+            f"const p = v.viewport.imageToViewportCoordinates(new OpenSeadragon.Point({x}, {y}));"
+            f"v.viewport.zoomTo(v.viewport.getHomeZoom() * 4, p, true);"
+            f"v.viewport.panTo(p, true);")
         WebDriverWait(browser, 60, 0.25).until(lambda b: b.execute_script(loaded))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(args.out))
