@@ -210,3 +210,29 @@ def test_the_tissue_outline_is_a_pixel_wide_at_every_zoom(served, tmp_path):
         server.server_close()
         server.source.close()
     assert status(served[0], "/tiles/tissue/10/0_0.png") == 404  # no mask asked for there
+
+
+def test_several_overlays_are_served_side_by_side(served, tmp_path):
+    """Two maps (say, two classes): two menu entries, each with its own tiles and scale."""
+    _, slide_path = served
+    maps = []
+    for index, value in enumerate((1.0, 4.0)):
+        path = tmp_path / f"class{index}.tif"
+        with TiffMapWriter(path, (700, 700), np.float32, tile_size=128) as writer:
+            band = np.zeros((700, 700), np.float32)
+            band[:350 if index == 0 else 700, 350:] = value  # class 1 covers more
+            writer.write_band(0, band)
+        maps.append(path)
+    server = make_server(slide_path, maps, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        overlays = json.loads(get(server, "/config.json"))["overlays"]
+        assert [o["name"] for o in overlays] == ["class0.tif", "class1.tif"]
+        assert [o["scale"] for o in overlays] == pytest.approx([1.0, 4.0])
+        tiles = [np.asarray(Image.open(io.BytesIO(get(server, f"/tiles/overlay{i}/9/0_0.png"))))
+                 for i in (0, 1)]
+        assert (tiles[0][..., 3] > 0).sum() < (tiles[1][..., 3] > 0).sum()
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.source.close()
