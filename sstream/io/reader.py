@@ -60,6 +60,7 @@ _OPENSLIDE_SUFFIXES = {".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".dc
 # TIFF-based formats tifffile opens but does not lay out as OpenSlide does (Leica SCN's
 # several images, Ventana BIF's overlapping tiles): auto takes OpenSlide for them
 _OPENSLIDE_VENDORS = {"leica", "ventana"}
+_OPENSLIDE_TIFF_SUFFIXES = {".scn", ".bif"}
 _OPENSLIDE_EXTRA = "pip install 'sstream[openslide]'"
 _FLOAT_PROBE_MAX_PIXELS = 4_000_000
 _LEVEL_TOLERANCE = 0.01  # relative slack when comparing downsamples and mpp
@@ -117,7 +118,8 @@ class SlideImage:
             thumbnail) that `associated_image(name)` reads.
 
     Backends: "auto" picks tifffile for TIFF files (fast and lazy; but OpenSlide, where
-    installed, for Leica SCN and Ventana BIF, whose layouts it knows), Pillow for PNG, JPEG
+    installed, for Leica SCN and Ventana BIF files named .scn or .bif, whose layouts it
+    knows: an ordinary TIFF is not probed), Pillow for PNG, JPEG
     and the like, and OpenSlide for the rest (MIRAX, Hamamatsu VMS, Sakura SVSlide, DICOM:
     a file of the series, or its folder). Where they differ: OpenSlide hands out RGBA, with
     the areas no scan covers transparent; sstream composites it over the slide's declared
@@ -475,8 +477,7 @@ class _OpenSlideLevel(_Level):
         return np.asarray(self._slide.read_region(location, self._level, (x1 - x0, y1 - y0)))
 
     def to_rgb(self, raw: np.ndarray) -> np.ndarray:
-        rgb, alpha = raw[..., :3].astype(np.int32), raw[..., 3:4].astype(np.int32)
-        return ((rgb * alpha + self._background * (255 - alpha) + 127) // 255).astype(np.uint8)
+        return _composite(raw[..., :3], raw[..., 3:4], self._background)
 
 
 class _ArrayLevel(_Level):
@@ -585,11 +586,11 @@ def to_rgb8(raw: np.ndarray, float_scale: float = 255.0) -> np.ndarray:
     if c == 1:
         return np.repeat(v, 3, axis=-1)
     if c == 2:
-        return _over_white(np.repeat(v[..., :1], 3, axis=-1), v[..., 1:2])
+        return _composite(np.repeat(v[..., :1], 3, axis=-1), v[..., 1:2])
     if c == 3:
         return v
     if c == 4:
-        return _over_white(v[..., :3], v[..., 3:4])
+        return _composite(v[..., :3], v[..., 3:4])
     return np.ascontiguousarray(v[..., :3])
 
 
@@ -611,10 +612,13 @@ def _to_uint8(raw: np.ndarray, float_scale: float) -> np.ndarray:
     raise ValueError(f"unsupported pixel type {raw.dtype}")
 
 
-def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+def _composite(rgb: np.ndarray, alpha: np.ndarray,
+               background: np.ndarray | int = 255) -> np.ndarray:
+    """8-bit colour over a background (white unless given) by its 8-bit alpha."""
     c = rgb.astype(np.int32)
     a = alpha.astype(np.int32)
-    return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return ((c * a + np.asarray(background, np.int32) * (255 - a) + 127) // 255).astype(
+        np.uint8)
 
 
 def _pillow_to_rgb8(im) -> np.ndarray:
@@ -745,10 +749,11 @@ def _choose_backend(path: Path, magic: bytes, backend: str) -> str:
         if magic not in _TIFF_MAGIC:
             raise ImageReadError(path, "--backend tifffile reads TIFF files only")
         return "tifffile"
-    vendor = _openslide_vendor(path)
-    if magic in _TIFF_MAGIC:
-        return "openslide" if vendor in _OPENSLIDE_VENDORS else "tifffile"
-    if vendor is not None:
+    if magic in _TIFF_MAGIC:  # OpenSlide is asked only about the TIFFs it lays out better
+        if path.suffix.lower() not in _OPENSLIDE_TIFF_SUFFIXES:
+            return "tifffile"
+        return "openslide" if _openslide_vendor(path) in _OPENSLIDE_VENDORS else "tifffile"
+    if _openslide_vendor(path) is not None:
         return "openslide"
     if path.suffix.lower() in _OPENSLIDE_SUFFIXES:
         _import_openslide(path)  # not installed: its error names the extra
