@@ -1,9 +1,10 @@
 """The `sstream` command line: parse options, call the jobs, render results with rich.
 
 Nothing here computes anything; every command is a thin wrapper over a function in the
-package that can be called from Python as well. Errors a user can act on (bad files, bad
-options) are printed as one line on stderr with a non-zero exit code; `--debug` shows the
-traceback instead.
+package that can be called from Python as well. Errors a user can act on (an `SstreamError`,
+a file that cannot be read or written, a bad value) are printed as one line on stderr with a
+non-zero exit code; `--debug` shows the traceback instead. Any other exception is a bug in
+sstream: its traceback is printed with a line asking for a report.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+
+from sstream.errors import SstreamError
 
 app = typer.Typer(
     name="sstream",
@@ -31,7 +35,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-class UsageError(ValueError):
+class UsageError(SstreamError, ValueError):
     """A bad combination of options: exit code 2, like typer's own usage errors."""
 
 
@@ -67,7 +71,8 @@ def _options(
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the errors a user can act on into one line on stderr and a non-zero exit."""
+    """Turn the errors a user can act on into one line on stderr and a non-zero exit, and
+    anything else into its traceback and a request for a bug report (exit 1)."""
     try:
         yield
     except typer.Exit:
@@ -77,14 +82,40 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
     except (UsageError, typer.BadParameter) as exc:
         _fail(exc, EXIT_USAGE)
-    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+    except click.ClickException:
+        raise
+    except (SstreamError, ValueError, OSError) as exc:
         _fail(exc, EXIT_FAILURE)
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's
+            _fail(RuntimeError(f"{_first_line(exc)} (a smaller --tile-size or a "
+                               "--memory-budget fits; see estimate-memory)"), EXIT_FAILURE)
+        _report_bug(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _report_bug(exc: BaseException) -> None:
+    """An exception sstream did not raise on purpose: its traceback, then one line saying so."""
+    import traceback
+
+    from sstream import __version__
+
+    if _state["debug"]:
+        raise exc
+    traceback.print_exception(exc, file=sys.stderr)
+    err_console.print(f"[bold red]error:[/bold red] a bug in sstream {__version__} "
+                      f"({type(exc).__name__}: {_first_line(exc)}); please report it with "
+                      "the command and the traceback above", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_FAILURE)
 
 
 def _fail(exc: BaseException, code: int) -> None:
     if _state["debug"]:
         raise exc
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = _first_line(exc)
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
         message = f"{message}: {exc.filename}"
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sstream.errors import SstreamError
 from sstream.io import SlideImage, open_image
 from sstream.io.tissue import TissueMask
 from sstream.task import Classification, Task
@@ -40,7 +41,7 @@ def _identity(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, x
 
 
-class DatasetError(ValueError):
+class DatasetError(SstreamError, ValueError):
     """A label CSV or its images are unusable; the message lists every problem found."""
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sstream.errors import SstreamError
 from sstream.runtime import resolve_device
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -40,7 +41,7 @@ BUCKET_ELEMENTS = 2**24  # gradients are all-reduced in flat buckets of at most 
 T = TypeVar("T")
 
 
-class RankFailure(RuntimeError):
+class RankFailure(SstreamError, RuntimeError):
     """Another rank failed or stopped answering; the whole job stops."""
 
 

@@ -54,6 +54,7 @@ from torch import nn
 
 from sstream.engine.geometry import eval_mode, meta_call
 from sstream.engine.pooling import head_global_pool
+from sstream.errors import SstreamError
 from sstream.task import TASKS, TargetScale
 
 if TYPE_CHECKING:
@@ -437,6 +438,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path,
     backbone.load_state_dict(given, strict=False)
 
 
+class WeightsUnavailable(SstreamError, RuntimeError):
+    """torchvision's pretrained weights cannot be fetched (offline, or a bad download)."""
+
+
 def _load_pretrained(backbone: _Backbone, name: str) -> None:
     if name == "tiny":
         raise ValueError("no pretrained weights exist for 'tiny'; use a torchvision model")
@@ -445,7 +450,7 @@ def _load_pretrained(backbone: _Backbone, name: str) -> None:
         state = weights.get_state_dict(progress=False)
     except Exception as exc:  # URLError, socket errors, hash mismatch: all mean "not here"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeError(
+        raise WeightsUnavailable(
             f"could not fetch torchvision's ImageNet weights for {name} ({first}); offline? "
             f"download them elsewhere and pass --weights PATH") from None
     state = {k: v for k, v in state.items() if not k.startswith(backbone.ignored_prefixes)}

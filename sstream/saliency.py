@@ -78,6 +78,7 @@ import torch
 
 from sstream.data import PixelSource, choose_level
 from sstream.engine import StreamingCNN
+from sstream.errors import SstreamError
 from sstream.io import TiffMapWriter, atomic_output, open_image, read_downsampled
 from sstream.io.colormap import inferno
 from sstream.models import Classifier, load_checkpoint, minimum_input_size, streamed_logits
@@ -108,7 +109,7 @@ SaliencyProgress = Callable[[str, int, int], None]
 (uint8 only) counts rows of the map."""
 
 
-class SaliencyOptionError(ValueError):
+class SaliencyOptionError(SstreamError, ValueError):
     """An option value that cannot work (class out of range, unknown method...)."""
 
 

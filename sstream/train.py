@@ -51,6 +51,7 @@ from sstream.data import (
 from sstream.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from sstream.engine import ENGINES, StreamingCNN
 from sstream.engine.memory import estimate_training_memory, largest_fitting_row
+from sstream.errors import SstreamError
 from sstream.estimate import parse_bytes
 from sstream.io import SlideImage, atomic_output, open_image
 from sstream.models import (
@@ -76,11 +77,11 @@ SCHEDULES = ("cosine", "step", "constant")
 RUN_COLUMNS = ["lr", "seconds", "images_per_s", "tiles_per_s", "peak_memory_mb"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SstreamError, RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the last good checkpoint is kept."""
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(SstreamError, ValueError):
     """A resumed run was given an option whose value differs from the saved one."""
 
 

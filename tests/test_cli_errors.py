@@ -319,3 +319,46 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert "No space left on device" in result.stderr and "Traceback" not in result.output
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(tmp_path, monkeypatch):
+    """An exception sstream did not raise on purpose is not dressed up as a user error."""
+    import sstream.io.info
+
+    def broken(*_args, **_kwargs):
+        raise KeyError("levels")
+
+    monkeypatch.setattr(sstream.io.info, "slide_info", broken)
+    result = CliRunner().invoke(app, ["info", str(png(tmp_path / "a.png"))])
+    assert result.exit_code == FAILURE
+    assert "Traceback" in result.stderr and "KeyError: 'levels'" in result.stderr
+    assert "a bug in sstream" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value"), FileNotFoundError("no file"),
+                                   MemoryError("cannot allocate")])
+def test_user_errors_stay_one_line(error, tmp_path, monkeypatch):
+    import sstream.io.info
+
+    def failing(*_args, **_kwargs):
+        raise error
+
+    monkeypatch.setattr(sstream.io.info, "slide_info", failing)
+    result = CliRunner().invoke(app, ["info", str(png(tmp_path / "a.png"))])
+    assert result.exit_code == FAILURE and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error:") and len(result.stderr.splitlines()) == 1
+
+
+def test_our_errors_derive_from_one_base():
+    from sstream.data import DatasetError
+    from sstream.distributed import RankFailure
+    from sstream.engine import UnsupportedModuleError
+    from sstream.errors import SstreamError
+    from sstream.io import ImageReadError
+    from sstream.models import WeightsUnavailable
+    from sstream.saliency import SaliencyOptionError
+    from sstream.train import ResumeMismatch, TrainingError
+
+    for error in (DatasetError, RankFailure, UnsupportedModuleError, ImageReadError,
+                  WeightsUnavailable, SaliencyOptionError, ResumeMismatch, TrainingError):
+        assert issubclass(error, SstreamError), error

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sstream.errors import SstreamError
 
-class UnsupportedModuleError(ValueError):
+
+class UnsupportedModuleError(SstreamError, ValueError):
     """The stream contains an operation that cannot be streamed exactly.
 
     The message names the module (its qualified name in the stream and its type) and why.

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sstream.errors import SstreamError
+
 __all__ = [
     "BACKENDS",
     "ImageReadError",
@@ -71,7 +73,7 @@ _PIL_LOCK = threading.Lock()
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(SstreamError, ValueError):
     """An image cannot be opened or a region cannot be decoded; the message names the file."""
 
     def __init__(self, path: str | os.PathLike, cause: str | BaseException):
