@@ -30,9 +30,9 @@ from sstream.models import (  # noqa: E402
     ModelConfig,
     build_model,
     freeze_batchnorm,
+    model_outputs,
     streamed_logits,
 )
-from sstream.predict import model_outputs  # noqa: E402
 from sstream.tissue import Tissue, output_mask  # noqa: E402
 
 CASES = {"full": [("tiny", 8192, 256), ("resnet18", 4096, 512)],

@@ -339,7 +339,7 @@ def predict(
 ) -> None:
     """Predict class probabilities (or regression values) for slides with a trained
     checkpoint (streaming forward)."""
-    from sstream.cli_render import RichPredictEvents, evaluation_report, predictions_table
+    from sstream.cli_render import RichPredictEvents, metrics_line, predictions_table
     from sstream.predict import PredictConfig, PredictEvents
     from sstream.predict import predict as run_prediction
 
@@ -361,11 +361,10 @@ def predict(
                 events.close()
         if not quiet:
             console.print(predictions_table(result.predictions, result.task))
-            for evaluation in result.evaluations:
-                console.print(evaluation_report(evaluation))
+            if result.metrics:
+                console.print(metrics_line(result.metrics))
             if result.out:
-                console.print(f"predictions written to {result.out}"
-                              + "".join(f", {path}" for path in result.written))
+                console.print(f"predictions written to {result.out}")
         for image, reason in result.failures:
             err_console.print(f"[bold red]error:[/bold red] {image}: {reason}", highlight=False)
         if result.failures:
@@ -687,7 +686,8 @@ def estimate_memory(
     import json
 
     from sstream.estimate import estimate_memory as run_estimate
-    from sstream.estimate import memory_table, parse_bytes, parse_tile_size, write_memory_plot
+    from sstream.estimate import memory_table, parse_tile_size, write_memory_plot
+    from sstream.runtime import parse_bytes
 
     with user_errors():
         try:

@@ -12,7 +12,6 @@ reports); a bare number is bytes ("12e9"). Output tables use GiB/MiB.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,29 +19,13 @@ from typing import Any
 
 from sstream.engine.memory import MemoryEstimate, MemoryRow, estimate_training_memory
 from sstream.models import MODEL_NAMES, ModelConfig, build_model
+from sstream.runtime import parse_bytes
 
-__all__ = ["DEFAULT_TILE_SIZES", "estimate_memory", "format_bytes", "parse_bytes",
-           "parse_size", "parse_tile_size", "write_memory_plot"]
+__all__ = ["DEFAULT_TILE_SIZES", "estimate_memory", "format_bytes", "parse_size",
+           "parse_tile_size", "write_memory_plot"]
 
 DEFAULT_TILE_SIZES = (512, 1024, 2048, 4096)
 WIDE_TABLE = 110  # columns from which estimate-memory's table shows every component
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'12GiB', '12 GB', '500MiB', '12e9' -> bytes. GB = 10**9, GiB = 2**30; ValueError else."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS:
-        raise ValueError(f"cannot parse memory budget {text!r}: write e.g. 12GiB (12 * 2**30 "
-                         "bytes), 12GB (12e9 bytes), 500MiB or a number of bytes")
-    value = float(match.group(1)) * _UNITS[unit]
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"memory budget must be positive, got {text!r}")
-    return int(value)
-
-
 def parse_size(text: str) -> tuple[int, int]:
     """'8192' (square) or '8192x6144' (width x height) -> (height, width); ValueError else."""
     match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX]\s*([0-9]+))?\s*", text)

@@ -49,12 +49,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from sstream.engine.geometry import eval_mode, meta_call
 from sstream.engine.pooling import head_global_pool
 from sstream.errors import SstreamError
+from sstream.runtime import autocast
 from sstream.task import TASKS, TargetScale
 
 if TYPE_CHECKING:
@@ -480,6 +482,30 @@ def streamed_logits(model: Classifier, scnn: StreamingCNN,
         raise ValueError("a tissue mask needs the whole-slide path: a head that starts with "
                          "global pooling (stream the whole trunk: no --stream-layers)")
     return model.head(scnn(source, input_grad_sink=input_grad_sink))
+
+
+def model_outputs(model: Classifier, scnn: StreamingCNN, source: ImageSource | torch.Tensor,
+                  amp: bool = False, dtype: torch.dtype = torch.bfloat16,
+                  mask: torch.Tensor | None = None) -> np.ndarray:
+    """The model's outputs (outputs,) for one image, float64, streamed without keeping
+    gradients: logits, or predicted values (the task's `predictions` makes them final).
+
+    When the head starts with global pooling, the stream's output is pooled tile by tile and
+    never assembled, so the slide's size does not matter (`streamed_logits`); `mask` (bool at
+    the stream's output resolution, `sstream.tissue.output_mask`) pools over tissue only."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, amp, dtype):
+        outputs = streamed_logits(model, scnn, source, mask)  # (1, outputs)
+    return outputs[0].double().cpu().numpy()
+
+
+def training_path(model: Classifier, whole_slide: bool = True) -> str:
+    """How a training step runs, for the start-up line: "whole-slide" where the head starts
+    with global pooling (no feature map: the forward pools tile by tile and the backward
+    re-runs only where the gradient goes) unless `whole_slide` is off, else "feature map"
+    (the streamed feature map and its gradient are kept, as the head's conv stages need)."""
+    pooled = whole_slide and head_global_pool(model.head) is not None
+    return "whole-slide" if pooled else "feature map"
 
 
 def minimum_input_size(model: Classifier | nn.Module, channels: int = 3) -> int:

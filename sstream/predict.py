@@ -12,35 +12,18 @@ had labels.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sstream.data import PixelSource, Sample, choose_level, fit_window, read_label_csv
-from sstream.engine import ImageSource, StreamingCNN
+from sstream.engine import StreamingCNN
 from sstream.io import atomic_output, open_image
-from sstream.models import Classifier, head_global_pool, load_checkpoint, streamed_logits
-from sstream.runtime import amp_dtype, autocast, resolve_device
-from sstream.task import Evaluation, Task, evaluate_patients, task_for_model
+from sstream.models import head_global_pool, load_checkpoint, model_outputs
+from sstream.runtime import amp_dtype, resolve_device
+from sstream.task import Task, task_for_model
 from sstream.tissue import Tissue, output_mask
-
-
-def model_outputs(model: Classifier, scnn: StreamingCNN, source: ImageSource | torch.Tensor,
-                  amp: bool = False, dtype: torch.dtype = torch.bfloat16,
-                  mask: torch.Tensor | None = None) -> np.ndarray:
-    """The model's outputs (outputs,) for one image, float64, streamed without keeping
-    gradients: logits, or predicted values (the task's `predictions` makes them final).
-
-    When the head starts with global pooling, the stream's output is pooled tile by tile and
-    never assembled, so the slide's size does not matter (`streamed_logits`); `mask` (bool at
-    the stream's output resolution, `sstream.tissue.output_mask`) pools over tissue only."""
-    device = next(model.parameters()).device
-    with torch.no_grad(), autocast(device, amp, dtype):
-        outputs = streamed_logits(model, scnn, source, mask)  # (1, outputs)
-    return outputs[0].double().cpu().numpy()
 
 
 @dataclass
@@ -66,7 +49,6 @@ class Prediction:
     image: str
     values: list[float]          # class probabilities, or predicted values (one per target)
     label: int | tuple[float, ...] | None = None
-    patient: str | None = None
 
 
 @dataclass
@@ -76,8 +58,6 @@ class PredictResult:
     metrics: dict[str, float] | None
     out: Path | None
     task: Task
-    evaluations: list[Evaluation] = field(default_factory=list)  # slide, then patient level
-    written: list[Path] = field(default_factory=list)   # the report files beside `out`
 
 
 class PredictEvents:
@@ -151,51 +131,16 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
             failures.append((name, reason))
             events.on_slide_end(name, None, reason)
             continue
-        prediction = Prediction(name, [float(v) for v in task.predictions(outputs)], label,
-                                sample.patient)
+        prediction = Prediction(name, [float(v) for v in task.predictions(outputs)], label)
         predictions.append(prediction)
         events.on_slide_end(name, prediction, None)
-    evaluations = evaluate_predictions(predictions, task)
+    labelled = [p for p in predictions if p.label is not None]
+    metrics = (task.metrics(np.array([p.values for p in labelled]),
+                            [p.label for p in labelled]) if labelled else None)
     out = Path(config.out) if config.out else None
-    written = []
     if out is not None:
         write_predictions(out, predictions, task, config.overwrite)
-        written = write_evaluations(out, evaluations, predictions, task)
-    return PredictResult(predictions, failures,
-                         evaluations[0].metrics if evaluations else None, out, task,
-                         evaluations, written)
-
-
-def evaluate_predictions(predictions: list[Prediction], task: Task) -> list[Evaluation]:
-    """The labelled predictions' evaluation (`Task.evaluate`: metrics, the AUC's 95%
-    bootstrap interval from 1000 seeded resamples), then the same at patient level when
-    every labelled slide names its patient (a patient's slides' probabilities averaged);
-    empty without labels."""
-    labelled = [p for p in predictions if p.label is not None]
-    if not labelled:
-        return []
-    values, labels = np.array([p.values for p in labelled]), [p.label for p in labelled]
-    evaluations = [task.evaluate(values, labels)]
-    if all(p.patient for p in labelled):
-        evaluations.append(evaluate_patients(task, values, labels,
-                                             [p.patient for p in labelled]))
-    return evaluations
-
-
-def write_evaluations(out: Path, evaluations: list[Evaluation], predictions: list[Prediction],
-                      task: Task) -> list[Path]:
-    """Beside the predictions CSV `NAME.csv`: `NAME.metrics.json` (every evaluation) and the
-    slide level's figures (`NAME.confusion.png`, `NAME.roc.png` for classification)."""
-    if not evaluations:
-        return []
-    prefix = out.with_suffix("")
-    report = prefix.with_name(prefix.name + ".metrics.json")
-    with atomic_output(report, overwrite=True) as tmp:
-        tmp.write_text(json.dumps([e.to_dict() for e in evaluations], indent=2))
-    labelled = [p for p in predictions if p.label is not None]
-    return [report, *task.write_figures(prefix.with_name(prefix.name + "."),
-                                        np.array([p.values for p in labelled]),
-                                        [p.label for p in labelled])]
+    return PredictResult(predictions, failures, metrics, out, task)
 
 
 def write_predictions(path: Path, predictions: list[Prediction], task: Task,

@@ -1,8 +1,11 @@
-"""Device, mixed precision and memory bookkeeping shared by the jobs (train, predict, ...)."""
+"""Device, mixed precision and memory bookkeeping shared by the jobs (train, predict, ...),
+and the one parser of memory sizes (`parse_bytes`: --memory-budget)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 import resource
 import sys
 
@@ -10,6 +13,21 @@ import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB', '12 GB', '500MiB', '12e9' -> bytes. GB = 10**9, GiB = 2**30; ValueError else."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _BYTE_UNITS:
+        raise ValueError(f"cannot parse memory budget {text!r}: write e.g. 12GiB (12 * 2**30 "
+                         "bytes), 12GB (12e9 bytes), 500MiB or a number of bytes")
+    value = float(match.group(1)) * _BYTE_UNITS[unit]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"memory budget must be positive, got {text!r}")
+    return int(value)
 
 
 def resolve_device(name: str) -> torch.device:

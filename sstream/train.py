@@ -13,9 +13,7 @@ head's dropout draws from). A checkpoint is taken at an optimizer-step boundary,
 interrupting and resuming gives the same weights as an uninterrupted run (on CPU).
 
 Output directory: `config.json` (the resolved configuration), `last.pt`, `best.pt`,
-`metrics.csv` (one row per epoch) and `curves.png`, each written atomically; for
-classification with a validation set, `val_confusion.png` and `val_roc.png` of best.pt's
-validation.
+`metrics.csv` (one row per epoch) and `curves.png`, each written atomically.
 
 Data parallel (under `torchrun`, see `sstream.distributed`): N ranks each stream their share
 of every optimizer step's group of N x accumulate images and sum their gradients before the
@@ -54,7 +52,6 @@ from sstream.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from sstream.engine import ENGINES, StreamingCNN
 from sstream.engine.memory import estimate_training_memory, largest_fitting_row
 from sstream.errors import SstreamError
-from sstream.estimate import parse_bytes
 from sstream.io import SlideImage, atomic_output, open_image
 from sstream.models import (
     Classifier,
@@ -62,15 +59,15 @@ from sstream.models import (
     build_model,
     checkpoint_payload,
     freeze_batchnorm,
-    head_global_pool,
     minimum_input_size,
+    model_outputs,
     read_checkpoint,
     seal,
     streamed_logits,
+    training_path,
 )
 from sstream.plots import Panel, Series, line_plot
-from sstream.predict import model_outputs
-from sstream.runtime import amp_dtype, autocast, peak_memory_mb, reset_peak_memory
+from sstream.runtime import amp_dtype, autocast, parse_bytes, peak_memory_mb, reset_peak_memory
 from sstream.task import LOSSES, TASKS, Classification, Regression, Task
 from sstream.tissue import TISSUE_CHOICES, Tissue, output_mask, write_preview
 
@@ -270,15 +267,6 @@ def load_training_image(sample: Sample, config: TrainConfig, train: bool,
             slide.close()
     source.tissue = mask
     return source
-
-
-def training_path(model: Classifier, whole_slide: bool = True) -> str:
-    """How a training step runs, for the start-up line: "whole-slide" where the head starts
-    with global pooling (no feature map: the forward pools tile by tile and the backward
-    re-runs only where the gradient goes) unless `whole_slide` is off, else "feature map"
-    (the streamed feature map and its gradient are kept, as the head's conv stages need)."""
-    pooled = whole_slide and head_global_pool(model.head) is not None
-    return "whole-slide" if pooled else "feature map"
 
 
 def training_task(config: TrainConfig) -> Task:
@@ -734,8 +722,6 @@ class _Trainer:
         with self.parallel.agreement("while writing metrics"):
             if self.parallel.is_main:
                 write_metrics(self.out, state.history, self.task)
-                if improved and self.val_samples:  # the figures of best.pt's validation
-                    self.task.write_figures(self.out / "val_", *self.validation)
         self.events.on_epoch_end(row)
 
     def validate(self) -> dict[str, float]:
@@ -762,8 +748,8 @@ class _Trainer:
         self.model.train()
         gathered = self.parallel.gather_objects(predicted, "gathering validation results")
         merged = sorted((row for rows in gathered for row in rows), key=lambda row: row[0])
-        self.validation = (np.stack([row[1] for row in merged]), [row[2] for row in merged])
-        return self.task.metrics(*self.validation)
+        return self.task.metrics(np.stack([row[1] for row in merged]),
+                                 [row[2] for row in merged])
 
 
 def _rank_seed(seed: int, rank: int, *keys: int) -> int:

@@ -35,9 +35,9 @@ from sstream.models import (
     build_model,
     freeze_batchnorm,
     streamed_logits,
+    training_path,
 )
 from sstream.runtime import resolve_device
-from sstream.train import training_path
 
 __all__ = ["TOLERANCES", "Verification", "verify"]
 

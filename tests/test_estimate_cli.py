@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sstream.cli import app
-from sstream.estimate import estimate_memory, parse_bytes, parse_size
+from sstream.estimate import estimate_memory, parse_size
+from sstream.runtime import parse_bytes
 
 runner = CliRunner()
 

@@ -34,3 +34,39 @@ def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "sstream", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "estimate-memory" in result.stdout
+
+
+# sstream.tissue is not among them: its Tissue choice serves train, predict and saliency
+JOBS = ("train", "predict", "saliency", "estimate", "verify", "view")
+
+
+def _sstream_imports(module: str) -> set[str]:
+    """The sstream modules a module imports, at any depth in its code (lazy imports too)."""
+    import ast
+    import importlib.util
+
+    tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+    names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+              for alias in node.names}
+    return {name for name in names if name and name.split(".")[0] == "sstream"}
+
+
+def test_jobs_never_import_each_other():
+    for job in JOBS:
+        others = {f"sstream.{other}" for other in JOBS if other != job}
+        assert not _sstream_imports(f"sstream.{job}") & others, job
+
+
+def test_engine_and_io_import_nothing_above_them():
+    import pkgutil
+
+    import sstream.engine
+    import sstream.io
+
+    for package, allowed in ((sstream.engine, ("sstream.engine", "sstream.errors")),
+                             (sstream.io, ("sstream.io", "sstream.errors"))):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = f"{package.__name__}.{info.name}"
+            above = {name for name in _sstream_imports(module) if not name.startswith(allowed)}
+            assert not above, (module, above)

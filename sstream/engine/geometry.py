@@ -176,7 +176,7 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
 _Axis = tuple[int, int, int, int]  # (kernel extent, stride, padding before, padding after)
 
 
-def _conv_axes(conv: nn.Conv2d) -> list[_Axis]:
+def conv_axes(conv: nn.Conv2d) -> list[_Axis]:
     """Per-axis window parameters of a Conv2d, including padding='same'/'valid'."""
     kernel, stride, dilation = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.dilation)
     extents = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
@@ -187,7 +187,7 @@ def _conv_axes(conv: nn.Conv2d) -> list[_Axis]:
     return [(e, s, p, p) for e, s, p in zip(extents, stride, _pair(conv.padding))]
 
 
-def _pool_axes(pool: nn.MaxPool2d | nn.AvgPool2d) -> list[_Axis]:
+def pool_axes(pool: nn.MaxPool2d | nn.AvgPool2d) -> list[_Axis]:
     """Per-axis window parameters of a pooling layer (ceil_mode only adds outputs at the end,
     so the floor-mode existence rule used for `reach` stays conservative)."""
     kernel = _pair(pool.kernel_size)
@@ -218,13 +218,13 @@ def _module_rule(module: nn.Module, value: _Spatial) -> _Spatial:
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros":
             raise _Refusal(f"padding_mode={module.padding_mode!r} is not supported (only zeros)")
-        return _window_op(value, _conv_axes(module))
+        return _window_op(value, conv_axes(module))
     if isinstance(module, nn.MaxPool2d):
         if module.return_indices:
             raise _Refusal("return_indices=True is not supported")
-        return _window_op(value, _pool_axes(module))
+        return _window_op(value, pool_axes(module))
     if isinstance(module, nn.AvgPool2d):
-        return _window_op(value, _pool_axes(module))
+        return _window_op(value, pool_axes(module))
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if module.training:
             raise _Refusal("BatchNorm in training mode uses statistics of the whole image batch; "
@@ -448,7 +448,7 @@ def _node_rule(node: fx.Node, root: nn.Module, values: dict[fx.Node, Any]) -> An
     kwargs = _materialise(node.kwargs, values)
     spatial = [a for a in _flatten(args, kwargs) if isinstance(a, _Spatial)]
     if node.op == "get_attr":
-        return _fetch_attr(root, str(node.target))
+        return fetch_attr(root, str(node.target))
     if not spatial:
         return _evaluate_constant(node, root, args, kwargs)
     if node.op == "call_module":
@@ -481,7 +481,8 @@ def _flatten(args: Any, kwargs: dict[str, Any]) -> list[Any]:
     return flat
 
 
-def _fetch_attr(root: nn.Module, target: str) -> Any:
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """The submodule, parameter or buffer at a dotted fx target ('layer1.0.conv1.weight')."""
     value: Any = root
     for part in target.split("."):
         value = getattr(value, part)

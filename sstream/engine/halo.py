@@ -66,10 +66,10 @@ from torch import fx, nn
 
 from sstream.engine.geometry import (
     UnsupportedModuleError,
-    _conv_axes,
-    _fetch_attr,
-    _pool_axes,
+    conv_axes,
+    fetch_attr,
     meta_call,
+    pool_axes,
     spatial_dims,
     traced_values,
 )
@@ -431,7 +431,7 @@ def _classify_spatial(node: fx.Node, root: nn.Module, values: dict[fx.Node, Any]
     if node.op == "call_module":
         module = root.get_submodule(str(node.target))
         if isinstance(module, _WINDOW_MODULES):
-            axes = _conv_axes(module) if isinstance(module, nn.Conv2d) else _pool_axes(module)
+            axes = conv_axes(module) if isinstance(module, nn.Conv2d) else pool_axes(module)
             if any(max(before, after) >= extent for extent, _, before, after in axes):
                 return None  # outputs that see only padding: the crop engine handles them
             return _Node(node, "window", dims, size, sources, module,
@@ -597,7 +597,7 @@ def _run_plain(node: fx.Node, root: nn.Module, env: dict[fx.Node, Any]) -> Any:
     args = fx.node.map_arg(node.args, lambda n: env[n])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
     if node.op == "get_attr":
-        return _fetch_attr(root, str(node.target))
+        return fetch_attr(root, str(node.target))
     if node.op == "call_module":
         return root.get_submodule(str(node.target))(*args, **kwargs)
     if node.op == "call_function":
@@ -986,7 +986,7 @@ class HaloRun:
                 module = self.stream.get_submodule(str(node.target))
                 hit = any(id(p) in wanted for p in module.parameters())
             elif node.op == "get_attr":
-                hit = id(_fetch_attr(self.stream, str(node.target))) in wanted
+                hit = id(fetch_attr(self.stream, str(node.target))) in wanted
             else:
                 hit = False
             if hit or any(n in flagged for n in node.all_input_nodes):
