@@ -339,7 +339,7 @@ def predict(
 ) -> None:
     """Predict class probabilities (or regression values) for slides with a trained
     checkpoint (streaming forward)."""
-    from sstream.cli_render import RichPredictEvents, metrics_line, predictions_table
+    from sstream.cli_render import RichPredictEvents, evaluation_report, predictions_table
     from sstream.predict import PredictConfig, PredictEvents
     from sstream.predict import predict as run_prediction
 
@@ -361,10 +361,11 @@ def predict(
                 events.close()
         if not quiet:
             console.print(predictions_table(result.predictions, result.task))
-            if result.metrics:
-                console.print(metrics_line(result.metrics))
+            for evaluation in result.evaluations:
+                console.print(evaluation_report(evaluation))
             if result.out:
-                console.print(f"predictions written to {result.out}")
+                console.print(f"predictions written to {result.out}"
+                              + "".join(f", {path}" for path in result.written))
         for image, reason in result.failures:
             err_console.print(f"[bold red]error:[/bold red] {image}: {reason}", highlight=False)
         if result.failures:

@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sstream.predict import PredictEvents, Prediction
-from sstream.task import Task
+from sstream.task import Evaluation, Task
 from sstream.train import TrainEvents
 
 
@@ -220,6 +220,33 @@ def predictions_table(predictions: list[Prediction], task: Task) -> Table:
 
 def metrics_line(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+
+
+_LEVELS = {"slide": "slides", "patient": "patients (a patient's slides' probabilities or "
+           "values averaged)"}
+
+
+def evaluation_report(evaluation: Evaluation, names: list[str] | None = None) -> Group:
+    """An evaluation's headline (the AUC with its 95% bootstrap interval), its metrics and,
+    for classification, the confusion matrix (rows true, columns predicted)."""
+    metrics = dict(evaluation.metrics)
+    head = f"{evaluation.count} {_LEVELS[evaluation.level]}"
+    if evaluation.auc_ci is not None:
+        low, high = evaluation.auc_ci
+        head += (f": AUC {_fmt(metrics.pop('auc'))} (95% CI {_fmt(low)}-{_fmt(high)}, "
+                 "1000 bootstrap resamples)")
+    parts: list[Any] = [Text(head, style="bold"), Text(metrics_line(metrics))]
+    if evaluation.confusion is not None:
+        names = names or [str(k) for k in range(len(evaluation.confusion))]
+        table = Table(title="confusion (rows: true, columns: predicted)", box=box.SIMPLE_HEAD,
+                      title_justify="left")
+        table.add_column("")
+        for name in names:
+            table.add_column(name, justify="right")
+        for name, row in zip(names, evaluation.confusion):
+            table.add_row(name, *(str(int(v)) for v in row))
+        parts.append(table)
+    return Group(*parts)
 
 
 def info_table(info: Any) -> Table:

@@ -48,20 +48,23 @@ class DatasetError(SstreamError, ValueError):
 @dataclass(frozen=True)
 class Sample:
     """One CSV row: an image path (resolved against the CSV's folder), its label (as the
-    task reads it), and its tissue mask file (an optional `mask` column; None where empty or
-    absent)."""
+    task reads it), its tissue mask file (an optional `mask` column; None where empty or
+    absent) and its patient (an optional `patient` column: the slides of one patient stay
+    on one side of every split; None where empty or absent)."""
 
     image: Path
     label: int | tuple[float, ...] | None  # a class, or regression targets
     row: int  # 1-based line number in the CSV (the header is line 1)
     mask: Path | None = None
+    patient: str | None = None
 
 
 def read_label_csv(path: str | Path, task: Task | None = None,
                    require_labels: bool = True) -> list[Sample]:
     """Read a CSV with header `image,label` (paths relative to the CSV's folder; the label
-    columns are the task's: `label`, or `label_<name>` per regression target) and an
-    optional `mask` column: a tissue mask image per slide (see `sstream.io.tissue`).
+    columns are the task's: `label`, or `label_<name>` per regression target), an
+    optional `mask` column: a tissue mask image per slide (see `sstream.io.tissue`), and an
+    optional `patient` column (`Sample.patient`).
 
     Every problem is collected and raised at once as DatasetError, with line numbers: missing
     or empty file, wrong header, a label the task cannot read (not an integer, out of range,
@@ -89,6 +92,7 @@ def read_label_csv(path: str | Path, task: Task | None = None,
             raise DatasetError(f"{path}: header is {','.join(rows[0])!r}: {exc}") from None
     image_col = header.index("image")
     mask_col = header.index("mask") if "mask" in header else None
+    patient_col = header.index("patient") if "patient" in header else None
     samples, problems, seen = [], [], {}
     for line, row in enumerate(rows[1:], start=2):
         image_text = row[image_col].strip() if image_col < len(row) else ""
@@ -117,7 +121,9 @@ def read_label_csv(path: str | Path, task: Task | None = None,
         if mask is not None and not mask.is_file():
             problems.append(f"line {line}: mask not found: {mask}")
             continue
-        samples.append(Sample(image, label, line, mask))
+        patient = row[patient_col].strip() if patient_col is not None and \
+            patient_col < len(row) else ""
+        samples.append(Sample(image, label, line, mask, patient or None))
     if not samples and not problems:
         problems.append("no data rows after the header")
     if problems:

@@ -134,3 +134,36 @@ def _draw_panel(draw: ImageDraw.ImageDraw, font, panel: Panel,
         legend_y = y0 + 8 + 16 * index
         draw.line((x0 + 10, legend_y + 6, x0 + 34, legend_y + 6), fill=colour, width=3)
         draw.text((x0 + 40, legend_y), series.label, fill="black", font=font)
+
+
+def confusion_plot(path: str | Path, matrix: Sequence[Sequence[int]], names: Sequence[str],
+                   title: str = "confusion matrix", cell: int = 64,
+                   overwrite: bool = True) -> Path:
+    """The confusion matrix as a PNG grid: rows true classes, columns predicted ones, each
+    cell its count, shaded by its share of the row (white 0, blue all)."""
+    font = ImageFont.load_default()
+    classes = len(names)
+    margin_left, margin_top = 40 + 7 * max(len(n) for n in names), 70
+    width = max(margin_left + cell * classes + 20, 260)
+    image = Image.new("RGB", (width, margin_top + cell * classes + 40), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), title, fill="black", font=font)
+    draw.text((margin_left, margin_top - 40), "predicted", fill="black", font=font)
+    draw.text((10, margin_top - 18), "true", fill="black", font=font)
+    for row, counts in enumerate(matrix):
+        total = max(sum(counts), 1)
+        y = margin_top + row * cell
+        draw.text((10, y + cell // 2 - 6), names[row], fill="black", font=font)
+        for column, count in enumerate(counts):
+            x = margin_left + column * cell
+            if row == 0:
+                draw.text((x + 4, margin_top - 22), names[column][:cell // 7], fill="black",
+                          font=font)
+            share = count / total
+            shade = tuple(int(255 - share * (255 - c)) for c in (31, 119, 180))
+            draw.rectangle((x, y, x + cell, y + cell), fill=shade, outline="black")
+            draw.text((x + cell // 2 - 4 * len(str(count)), y + cell // 2 - 6), str(count),
+                      fill="white" if share > 0.5 else "black", font=font)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

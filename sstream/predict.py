@@ -12,6 +12,7 @@ had labels.
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from sstream.engine import StreamingCNN
 from sstream.io import atomic_output, open_image
 from sstream.models import head_global_pool, load_checkpoint, model_outputs
 from sstream.runtime import amp_dtype, resolve_device
-from sstream.task import Task, task_for_model
+from sstream.task import Evaluation, Task, evaluate_patients, task_for_model
 from sstream.tissue import Tissue, output_mask
 
 
@@ -49,6 +50,7 @@ class Prediction:
     image: str
     values: list[float]          # class probabilities, or predicted values (one per target)
     label: int | tuple[float, ...] | None = None
+    patient: str | None = None
 
 
 @dataclass
@@ -58,6 +60,8 @@ class PredictResult:
     metrics: dict[str, float] | None
     out: Path | None
     task: Task
+    evaluations: list[Evaluation] = field(default_factory=list)  # slide, then patient level
+    written: list[Path] = field(default_factory=list)   # the report files beside `out`
 
 
 class PredictEvents:
@@ -131,16 +135,51 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
             failures.append((name, reason))
             events.on_slide_end(name, None, reason)
             continue
-        prediction = Prediction(name, [float(v) for v in task.predictions(outputs)], label)
+        prediction = Prediction(name, [float(v) for v in task.predictions(outputs)], label,
+                                sample.patient)
         predictions.append(prediction)
         events.on_slide_end(name, prediction, None)
-    labelled = [p for p in predictions if p.label is not None]
-    metrics = (task.metrics(np.array([p.values for p in labelled]),
-                            [p.label for p in labelled]) if labelled else None)
+    evaluations = evaluate_predictions(predictions, task)
     out = Path(config.out) if config.out else None
+    written = []
     if out is not None:
         write_predictions(out, predictions, task, config.overwrite)
-    return PredictResult(predictions, failures, metrics, out, task)
+        written = write_evaluations(out, evaluations, predictions, task)
+    return PredictResult(predictions, failures,
+                         evaluations[0].metrics if evaluations else None, out, task,
+                         evaluations, written)
+
+
+def evaluate_predictions(predictions: list[Prediction], task: Task) -> list[Evaluation]:
+    """The labelled predictions' evaluation (`Task.evaluate`: metrics, the AUC's 95%
+    bootstrap interval from 1000 seeded resamples), then the same at patient level when
+    every labelled slide names its patient (a patient's slides' probabilities averaged);
+    empty without labels."""
+    labelled = [p for p in predictions if p.label is not None]
+    if not labelled:
+        return []
+    values, labels = np.array([p.values for p in labelled]), [p.label for p in labelled]
+    evaluations = [task.evaluate(values, labels)]
+    if all(p.patient for p in labelled):
+        evaluations.append(evaluate_patients(task, values, labels,
+                                             [p.patient for p in labelled]))
+    return evaluations
+
+
+def write_evaluations(out: Path, evaluations: list[Evaluation], predictions: list[Prediction],
+                      task: Task) -> list[Path]:
+    """Beside the predictions CSV `NAME.csv`: `NAME.metrics.json` (every evaluation) and the
+    slide level's figures (`NAME.confusion.png`, `NAME.roc.png` for classification)."""
+    if not evaluations:
+        return []
+    prefix = out.with_suffix("")
+    report = prefix.with_name(prefix.name + ".metrics.json")
+    with atomic_output(report, overwrite=True) as tmp:
+        tmp.write_text(json.dumps([e.to_dict() for e in evaluations], indent=2))
+    labelled = [p for p in predictions if p.label is not None]
+    return [report, *task.write_figures(prefix.with_name(prefix.name + "."),
+                                        np.array([p.values for p in labelled]),
+                                        [p.label for p in labelled])]
 
 
 def write_predictions(path: Path, predictions: list[Prediction], task: Task,

@@ -6,7 +6,8 @@ columns of a predictions CSV, and what saliency explains. Train, predict and sal
 it instead of branching on the kind of label:
 
 - `Classification`: integer labels in a `label` column, cross-entropy, softmax
-  probabilities, accuracy and AUC (best: AUC).
+  probabilities, accuracy, balanced accuracy, AUC, macro F1 and (two classes) sensitivity
+  and specificity (best: AUC).
 - `Regression`: float labels in a `label` column, or several targets in `label_<name>`
   columns; MSE, L1 or Huber loss on standardised targets (the training labels' mean and
   standard deviation, kept in the model's `TargetScale`, so the model itself answers in
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sstream.metrics import classification_metrics, regression_metrics
+from sstream.metrics import (
+    bootstrap_auc,
+    classification_metric_names,
+    classification_metrics,
+    confusion,
+    patient_level,
+    regression_metrics,
+    roc_curves,
+)
+from sstream.plots import Panel, Series, confusion_plot, line_plot
 
 TASKS = ("classification", "regression")
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
@@ -53,7 +64,11 @@ class Classification:
 
     num_classes: int | None = None
     kind = "classification"
-    metric_names = ("accuracy", "auc")
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The validation metrics (sensitivity and specificity only for two classes)."""
+        return classification_metric_names(self.num_classes or 2)
 
     # -- labels --
     def label_columns(self, header: list[str]) -> list[int]:
@@ -121,7 +136,35 @@ class Classification:
 
     def validation_panels(self) -> list[tuple[str, list[tuple[str, str]]]]:
         """curves.png's panels besides the loss: (title, [(series, metrics column)])."""
-        return [("validation", [("accuracy", "val_accuracy"), ("AUC", "val_auc")])]
+        binary = [("sensitivity", "val_sensitivity"), ("specificity", "val_specificity")] \
+            if self.outputs == 2 else []
+        return [("validation", [("accuracy", "val_accuracy"),
+                                ("balanced accuracy", "val_balanced_accuracy"),
+                                ("AUC", "val_auc"), ("macro F1", "val_macro_f1"), *binary])]
+
+    def evaluate(self, predictions: np.ndarray, labels: list[int], level: str = "slide",
+                 resamples: int = 1000, seed: int = 0) -> Evaluation:
+        """The metrics, the AUC's 95% bootstrap interval (`resamples` seeded draws) and the
+        confusion matrix of labelled predictions."""
+        auc, low, high = bootstrap_auc(predictions, np.array(labels), resamples, seed)
+        return Evaluation(level, len(labels), self.metrics(predictions, labels), (low, high),
+                          confusion(np.array(labels), predictions.argmax(1), self.outputs))
+
+    def write_figures(self, prefix: Path, predictions: np.ndarray, labels: list[int]
+                      ) -> list[Path]:
+        """`<prefix>confusion.png` and `<prefix>roc.png` (one curve per class, one-vs-rest;
+        class 1's for two classes) of labelled predictions."""
+        labels_array = np.array(labels)
+        names = [str(k) for k in range(self.outputs)]
+        matrix = confusion(labels_array, predictions.argmax(1), self.outputs)
+        written = [confusion_plot(f"{prefix}confusion.png", matrix.tolist(), names)]
+        curves = [Series(f"class {names[k]}", fpr, tpr)
+                  for k, fpr, tpr in roc_curves(predictions, labels_array)]
+        chance = Series("chance", [0.0, 1.0], [0.0, 1.0])
+        written.append(line_plot(f"{prefix}roc.png", [Panel(
+            "ROC", [*curves, chance], xlabel="false positive rate",
+            ylabel="true positive rate")], width=560, panel_height=520))
+        return written
 
     # -- saliency --
     def output_name(self, index: int) -> str:
@@ -261,6 +304,16 @@ class Regression:
                 ("validation: error (label units)", [("MAE", "val_mae"),
                                                      ("RMSE", "val_rmse")])]
 
+    def evaluate(self, predictions: np.ndarray, labels: list[tuple[float, ...]],
+                 level: str = "slide", resamples: int = 1000, seed: int = 0) -> Evaluation:
+        """The metrics of labelled predictions (no AUC, no confusion matrix)."""
+        return Evaluation(level, len(labels), self.metrics(predictions, labels))
+
+    def write_figures(self, prefix: Path, predictions: np.ndarray,
+                      labels: list[tuple[float, ...]]) -> list[Path]:
+        """None: the curves show a regression's validation."""
+        return []
+
     # -- saliency --
     def output_name(self, index: int) -> str:
         """'target NAME' ('the predicted value' for one `label` column); ValueError when
@@ -292,6 +345,32 @@ class Regression:
 
 
 Task = Classification | Regression
+
+
+@dataclass
+class Evaluation:
+    """How labelled predictions score, at slide or patient level: the task's metrics, the
+    AUC's 95% bootstrap interval and the confusion matrix (rows true, columns predicted)
+    for classification."""
+
+    level: str                                  # "slide" or "patient"
+    count: int                                  # slides or patients
+    metrics: dict[str, float]
+    auc_ci: tuple[float, float] | None = None
+    confusion: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "count": self.count, "metrics": self.metrics,
+                "auc_ci95": None if self.auc_ci is None else list(self.auc_ci),
+                "confusion": None if self.confusion is None else self.confusion.tolist()}
+
+
+def evaluate_patients(task: Task, predictions: np.ndarray, labels: list, patients: list[str],
+                      resamples: int = 1000, seed: int = 0) -> Evaluation:
+    """`task.evaluate` with a patient's slides combined: the mean of their probabilities
+    (or predicted values); ValueError where a patient's slides disagree on the label."""
+    combined, patient_labels, _ = patient_level(predictions, labels, patients)
+    return task.evaluate(combined, patient_labels, "patient", resamples, seed)
 
 
 def task_for_model(model: nn.Module, loss: str = "mse") -> Task:

@@ -13,7 +13,9 @@ head's dropout draws from). A checkpoint is taken at an optimizer-step boundary,
 interrupting and resuming gives the same weights as an uninterrupted run (on CPU).
 
 Output directory: `config.json` (the resolved configuration), `last.pt`, `best.pt`,
-`metrics.csv` (one row per epoch) and `curves.png`, each written atomically.
+`metrics.csv` (one row per epoch) and `curves.png`, each written atomically; for
+classification with a validation set, `val_confusion.png` and `val_roc.png` of best.pt's
+validation.
 
 Data parallel (under `torchrun`, see `sstream.distributed`): N ranks each stream their share
 of every optimizer step's group of N x accumulate images and sum their gradients before the
@@ -722,6 +724,8 @@ class _Trainer:
         with self.parallel.agreement("while writing metrics"):
             if self.parallel.is_main:
                 write_metrics(self.out, state.history, self.task)
+                if improved and self.val_samples:  # the figures of best.pt's validation
+                    self.task.write_figures(self.out / "val_", *self.validation)
         self.events.on_epoch_end(row)
 
     def validate(self) -> dict[str, float]:
@@ -748,8 +752,8 @@ class _Trainer:
         self.model.train()
         gathered = self.parallel.gather_objects(predicted, "gathering validation results")
         merged = sorted((row for rows in gathered for row in rows), key=lambda row: row[0])
-        return self.task.metrics(np.stack([row[1] for row in merged]),
-                                 [row[2] for row in merged])
+        self.validation = (np.stack([row[1] for row in merged]), [row[2] for row in merged])
+        return self.task.metrics(*self.validation)
 
 
 def _rank_seed(seed: int, rank: int, *keys: int) -> int:
