@@ -726,6 +726,62 @@ def estimate_memory(
             raise typer.Exit(EXIT_FAILURE)
 
 
+# ---- cohorts: split and report ---------------------------------------------------------------
+
+
+@app.command("split")
+def split_command(
+    csv: Path = typer.Argument(..., help="Labelled CSV of the whole cohort (image, label, "
+                               "optional patient column)."),
+    out: Path = typer.Option(..., "--out", help="Folder for test.csv, fold_<k>/train.csv "
+                             "and fold_<k>/val.csv, and splits.csv (the counts)."),
+    folds: int = typer.Option(5, "--folds", help="Cross-validation folds."),
+    test_fraction: float = typer.Option(0.0, "--test-fraction", help="Share of patients "
+                                        "held out in test.csv, from every fold (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffle: the same seed gives "
+                             "the same splits."),
+    task: str = typer.Option("classification", "--task", help="classification (stratified "
+                             "on the class) or regression (on quantile bins of the target)."),
+    bins: int = typer.Option(4, "--bins", help="Regression: quantile bins to stratify on."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing splits."),
+) -> None:
+    """Split a cohort into stratified cross-validation folds (and a held-out test set) that
+    keep each patient's slides together (scikit-learn's StratifiedGroupKFold)."""
+    from sstream.cli_render import split_table
+    from sstream.split import SplitConfig, split_cohort
+
+    with user_errors():
+        config = SplitConfig(str(csv), str(out), folds, test_fraction, seed, task, bins,
+                             overwrite)
+        try:
+            config.validate()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        result = split_cohort(config)
+        console.print(split_table(result))
+        if not result.grouped_by_patient:
+            err_console.print("[yellow]no patient column: every slide counts as its own "
+                              "patient[/yellow]")
+
+
+@app.command("report")
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="Training output directories (one per fold)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Mean and standard deviation over runs (e.g. folds) of every metric at each run's best
+    epoch (the one best.pt keeps)."""
+    from sstream.cli_render import report_table
+    from sstream.report import report
+
+    with user_errors():
+        summary = report([str(r) for r in runs])
+        if json_out:
+            typer.echo(summary.to_json())
+        else:
+            console.print(report_table(summary))
+
+
 # ---- make-sample-data -----------------------------------------------------------------------
 
 

@@ -303,3 +303,34 @@ def verification_table(result: Any) -> Table:
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB" if n < 10 * 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def split_table(result: Any) -> Table:
+    """`sstream split`'s counts (a `sstream.split.SplitResult`): slides, patients and
+    slides per class (or target bin) of every split."""
+    strata = sorted({s for c in result.counts for s in c.strata})
+    table = Table(title=f"splits in {result.out} (slides per {result.strata_name})",
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    for header in ("split", "slides", "patients", *strata):
+        table.add_column(header, justify="left" if header == "split" else "right")
+    for c in result.counts:
+        table.add_row(c.split, str(c.slides), str(c.patients),
+                      *(str(c.strata.get(s, 0)) for s in strata))
+    return table
+
+
+def report_table(summary: Any) -> Group:
+    """`sstream report`'s summary (a `sstream.report.Report`): mean ± sd of each metric
+    over the runs' best epochs, and each run's value."""
+    table = Table(title=f"{len(summary.runs)} runs, best epoch of each", box=box.SIMPLE_HEAD,
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("mean ± sd", justify="right")
+    for index in range(len(summary.runs)):
+        table.add_column(f"run {index + 1}", justify="right")
+    for metric in summary.metrics:
+        table.add_row(metric.name, f"{_fmt(metric.mean)} ± {_fmt(metric.sd)}",
+                      *(_fmt(v) for v in metric.values))
+    runs = "; ".join(f"run {i + 1}: {r.run} (epoch {r.best_epoch} of {r.epochs})"
+                     for i, r in enumerate(summary.runs))
+    return Group(table, Text(runs + "; sd: sample standard deviation (n - 1)", style="dim"))

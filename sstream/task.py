@@ -373,6 +373,15 @@ def evaluate_patients(task: Task, predictions: np.ndarray, labels: list, patient
     return task.evaluate(combined, patient_labels, "patient", resamples, seed)
 
 
+def selection_score(metrics: dict[str, Any], task: Task) -> list[float]:
+    """What `best.pt` keeps, compared in order (larger is better): the task's validation
+    metrics (AUC and accuracy, or Spearman), then the lowest val loss (train loss without a
+    validation set). `metrics` is a row of metrics.csv."""
+    loss_key = "val_loss" if metrics.get("val_loss") is not None else "train_loss"
+    loss = metrics.get(loss_key)
+    return [*task.score(metrics), -math.inf if loss is None or math.isnan(loss) else -loss]
+
+
 def task_for_model(model: nn.Module, loss: str = "mse") -> Task:
     """The task a built or loaded model was made for (from its ModelConfig)."""
     config = model.config

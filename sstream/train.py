@@ -70,7 +70,7 @@ from sstream.models import (
 )
 from sstream.plots import Panel, Series, line_plot
 from sstream.runtime import amp_dtype, autocast, parse_bytes, peak_memory_mb, reset_peak_memory
-from sstream.task import LOSSES, TASKS, Classification, Regression, Task
+from sstream.task import LOSSES, TASKS, Classification, Regression, Task, selection_score
 from sstream.tissue import TISSUE_CHOICES, Tissue, output_mask, write_preview
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -431,15 +431,6 @@ def write_metrics(out: Path, history: list[dict[str, Any]], task: Task) -> None:
     ])
 
 
-def _score(metrics: dict[str, Any], task: Task) -> list[float]:
-    """What `best.pt` maximises, compared in order: the task's validation metrics (AUC and
-    accuracy, or Spearman), then the lowest val loss (train loss without a validation set)."""
-    loss_key = "val_loss" if metrics.get("val_loss") is not None else "train_loss"
-    loss = metrics.get(loss_key)
-    return [*task.score(metrics),
-            -math.inf if loss is None or math.isnan(loss) else -loss]
-
-
 # ---- the job ------------------------------------------------------------------------------
 
 
@@ -716,9 +707,9 @@ class _Trainer:
         state.epoch, state.image_index = epoch + 1, 0
         state.epoch_loss_sum = state.epoch_seconds = 0.0
         state.epoch_tiles = 0
-        improved = _score(row, self.task) > state.best_score
+        improved = selection_score(row, self.task) > state.best_score
         if improved:
-            state.best_score = _score(row, self.task)
+            state.best_score = selection_score(row, self.task)
         self.rng_at_step = torch.get_rng_state()
         self._checkpoint("last.pt", *(["best.pt"] if improved else []))
         with self.parallel.agreement("while writing metrics"):

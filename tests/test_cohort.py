@@ -69,3 +69,106 @@ def test_training_writes_clinical_metrics_and_figures_and_predict_reports_a_ci(t
     assert np.allclose([report[0]["metrics"]["auc"], *report[0]["auc_ci95"]],
                        [auc, low, high], atol=1e-5)
     assert out.with_name("predictions.roc.png").is_file()
+
+
+# ---- patients and splits ------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sstream.data import read_label_csv  # noqa: E402
+from sstream.split import SplitConfig, split_cohort  # noqa: E402
+
+
+def cohort_rows(patients: int, seed: int) -> tuple[list[int], list[str]]:
+    """1-3 slides per patient, a 2:1 imbalance of patients' classes."""
+    generator = np.random.default_rng(seed)
+    labels, names = [], []
+    for p in range(patients):
+        label = int(p % 3 == 0)
+        for _ in range(int(generator.integers(1, 4))):
+            labels.append(label)
+            names.append(f"case{p}")
+    return labels, names
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(24, 40), st.integers(2, 4), st.sampled_from([0.0, 0.2]),
+       st.integers(0, 99))
+def test_splits_keep_patients_together_cover_everything_and_stratify(
+        tmp_path_factory, patients, folds, test_fraction, seed):
+    root = tmp_path_factory.mktemp("split")
+    labels, names = cohort_rows(patients, seed)
+    data = write_cohort(root, labels, names, size=(8, 8))
+    result = split_cohort(SplitConfig(str(data), str(root / "splits"), folds, test_fraction,
+                                      seed))
+    everything = {s.image: s for s in read_label_csv(data)}
+
+    def read(name):
+        return read_label_csv(root / "splits" / f"{name}.csv")
+
+    test = read("test") if test_fraction else []
+    val_images = []
+    for k in range(folds):
+        train_part, val_part = read(f"fold_{k}/train"), read(f"fold_{k}/val")
+        sides = [{s.patient for s in part} for part in (train_part, val_part, test)]
+        assert not sides[0] & sides[1] and not sides[0] & sides[2] and not sides[1] & sides[2]
+        assert {s.image for s in train_part + val_part + test} == set(everything)
+        assert all(everything[s.image].label == s.label for s in train_part + val_part)
+        assert {s.label for s in val_part} == {0, 1}  # every class in every validation
+        val_images += [s.image for s in val_part]
+    assert sorted(val_images) == sorted(s.image for s in everything.values()
+                                        if s not in test and s.image not in
+                                        {t.image for t in test})
+    counts = {c.split: c for c in result.counts}
+    assert counts["fold_0/val"].slides == len(read("fold_0/val"))
+    assert (root / "splits" / "splits.csv").read_text().startswith("split,slides,patients")
+
+
+def test_regression_splits_stratify_on_target_bins(tmp_path):
+    values = [round(v, 3) for v in np.linspace(0, 1, 24)]
+    data = write_cohort(tmp_path, values, [f"c{i // 2}" for i in range(24)], size=(8, 8))
+    result = split_cohort(SplitConfig(str(data), str(tmp_path / "s"), 3, task="regression",
+                                      bins=3))
+    assert result.strata_name == "label bin"
+    for c in result.counts:
+        if c.split.endswith("val"):
+            assert sorted(c.strata) == ["q1", "q2", "q3"] and min(c.strata.values()) >= 2
+
+
+def test_split_cli_refuses_too_few_patients_in_one_line(tmp_path):
+    data = write_cohort(tmp_path, [0, 1, 0, 1, 0, 0], ["a", "b", "c", "d", "e", "f"],
+                        size=(8, 8))
+    run = runner.invoke(app, ["split", str(data), "--folds", "3", "--out",
+                              str(tmp_path / "s")])
+    assert run.exit_code == 1 and "class 1 has 2 patients" in run.output
+    assert not (tmp_path / "s").exists()
+    run = runner.invoke(app, ["split", str(data), "--folds", "1", "--out", str(tmp_path / "s")])
+    assert run.exit_code == 2 and "--folds must be at least 2" in run.output
+
+
+def test_report_takes_each_runs_best_epoch_and_gives_mean_and_sd(tmp_path):
+    runs = []
+    for index, (aucs, accuracy) in enumerate((([0.6, 0.8, 0.7], 0.5), ([0.9, 0.5, 0.9],
+                                                                     0.75))):
+        run = tmp_path / f"fold{index}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"task": "classification"}))
+        lines = ["epoch,train_loss,val_loss,val_accuracy,val_auc,lr"]
+        lines += [f"{e + 1},1.0,{1.0 - e / 10},{accuracy},{auc},0.001"
+                  for e, auc in enumerate(aucs)]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+        runs.append(str(run))
+    run = runner.invoke(app, ["report", *runs, "--json"])
+    assert run.exit_code == 0, run.output
+    summary = json.loads(run.output)
+    # fold 0: epoch 2 (AUC 0.8); fold 1: epochs 1 and 3 tie on AUC and accuracy, the lower
+    # val loss (epoch 3) wins
+    assert [r["best_epoch"] for r in summary["runs"]] == [2, 3]
+    auc = summary["metrics"]["val_auc"]
+    assert np.isclose(auc["mean"], 0.85) and np.isclose(auc["sd"], np.std([0.8, 0.9], ddof=1))
+    assert "lr" not in summary["metrics"]
+    table = runner.invoke(app, ["report", *runs])
+    assert table.exit_code == 0 and "±" in table.output
+    missing = runner.invoke(app, ["report", str(tmp_path)])
+    assert missing.exit_code == 1 and "no metrics.csv" in missing.output
