@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from sstream.errors import SstreamError
+from sstream.gpu_decode import JpegRegionReader, jpeg_decoder
 from sstream.io import SlideImage, open_image
+from sstream.io.prefetch import DEFAULT_READ_AHEAD, ReadAhead
 from sstream.io.tissue import TissueMask
 from sstream.task import Classification, Task
 
@@ -243,7 +245,8 @@ class PixelSource:
 
     def __init__(self, read_rgb: RegionReader, height: int, width: int,
                  colour: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 slide: SlideImage | None = None, level0: PointMap = _identity) -> None:
+                 slide: SlideImage | None = None, level0: PointMap = _identity,
+                 read_ahead: int = 0) -> None:
         if height <= 0 or width <= 0:
             raise ValueError(f"image has no pixels ({width} x {height})")
         self._read_rgb, self.height, self.width = read_rgb, int(height), int(width)
@@ -251,9 +254,54 @@ class PixelSource:
         self._slide = slide  # closed by `close()`: the source owns it
         self.level0 = level0  # where this image's points lie on the slide
         self.tissue: TissueMask | None = None  # the slide's tissue, when the job wants it
+        self.read_ahead = read_ahead  # regions decoded ahead once the engine announces them
+        self._ahead: ReadAhead[Box, np.ndarray] | None = None
+        self.device = torch.device("cpu")  # where `read` hands its tensors
+        self._level_read: tuple[SlideImage, int, Box] | None = None  # set by from_slide
+        self._device_read: Callable[[int, int, int, int], torch.Tensor] | None = None
+
+    def to(self, device: torch.device | str) -> PixelSource:
+        """Hand regions out on `device`: the uint8 pixels are copied there (pinned, without
+        blocking, from CUDA's point of view) and become floats on it, four times fewer bytes
+        over the bus than floats would be. The values are the same on every device. With
+        `sstream --jpeg-decoder nvjpeg`, a slide level of JPEG tiles read onto a GPU is
+        decoded there (`sstream.gpu_decode`; not under flips and rotations)."""
+        self.device = torch.device(device)
+        self._device_read = None
+        if self.device.type == "cuda" and self._level_read is not None \
+                and jpeg_decoder() == "nvjpeg":
+            slide, level, (wy0, _, wx0, _) = self._level_read
+            if JpegRegionReader.supports(slide, level):
+                decode = JpegRegionReader(slide, level, self.device)
+                self._device_read = lambda y0, y1, x0, x1: decode(wy0 + y0, wy0 + y1,
+                                                                  wx0 + x0, wx0 + x1)
+        return self
+
+    def prefer_device(self, device: torch.device) -> None:
+        """The engine's hint of the device it computes on (see `to`)."""
+        if device != self.device:
+            self.to(device)
+
+    def expect(self, boxes: Sequence[Box]) -> None:
+        """The engine's announcement of the regions it reads next, in order: with
+        `read_ahead` > 0, that many of them are decoded ahead on background threads
+        (`sstream.io.prefetch`); without, nothing happens."""
+        if self.read_ahead <= 0:
+            return
+        if self._ahead is None:
+            self._ahead = ReadAhead(self._read_pixels, self.read_ahead)
+        self._ahead.expect(boxes)
+
+    def _read_pixels(self, box: Box) -> np.ndarray | torch.Tensor:
+        """uint8 (h, w, 3): a numpy array, or a tensor on the device where it decodes."""
+        read = self._device_read or self._read_rgb
+        return read(*box)
 
     def close(self) -> None:
-        """Close the slide this source reads from, if it owns one (`open_lazily`)."""
+        """Stop reading ahead, then close the slide this source reads from, if it owns one
+        (`open_lazily`)."""
+        if self._ahead is not None:
+            self._ahead.close()
         if self._slide is not None:
             self._slide.close()
             self._slide = None
@@ -263,14 +311,22 @@ class PixelSource:
         return (1, 3, self.height, self.width)
 
     def read(self, box: Box) -> torch.Tensor:
-        y0, y1, x0, x1 = box
-        rgb = np.ascontiguousarray(self._read_rgb(y0, y1, x0, x1))
-        if not rgb.flags.writeable:  # torch wants writable memory; views of a file may not be
-            rgb = rgb.copy()
-        pixels = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w) uint8
+        rgb = self._ahead(box) if self._ahead is not None else self._read_pixels(box)
+        if isinstance(rgb, torch.Tensor):  # decoded on the device
+            pixels = rgb
+        else:
+            rgb = np.ascontiguousarray(rgb)
+            if not rgb.flags.writeable:  # torch wants writable memory; a file's views may not
+                rgb = rgb.copy()
+            pixels = torch.from_numpy(rgb)  # (h, w, 3) uint8
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        elif self.device != pixels.device:
+            pixels = pixels.to(self.device)
+        pixels = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w) uint8
         pixels = pixels.to(self.dtype) / 255.0
         if self.colour is not None:
-            pixels = (pixels * self.colour.to(self.dtype)).clamp_(0.0, 1.0)
+            pixels = (pixels * self.colour.to(self.device, self.dtype)).clamp_(0.0, 1.0)
         return pixels
 
     def to_rgb_array(self) -> np.ndarray:
@@ -305,10 +361,11 @@ class PixelSource:
                    level0=level0)
 
     @classmethod
-    def from_slide(cls, slide: SlideImage, level: int = 0,
-                   window: Box | None = None) -> PixelSource:
+    def from_slide(cls, slide: SlideImage, level: int = 0, window: Box | None = None,
+                   read_ahead: int = DEFAULT_READ_AHEAD) -> PixelSource:
         """A slide level read lazily; `window` (y0, y1, x0, x1) in level pixels selects a
-        part of it (it may extend past the level: the outside reads as white)."""
+        part of it (it may extend past the level: the outside reads as white). `read_ahead`
+        regions are decoded ahead of the engine (0: none)."""
         level_width, level_height = slide.level_dimensions[level]
         wy0, wy1, wx0, wx1 = window or (0, level_height, 0, level_width)
         scale_x = slide.dimensions[0] / level_width
@@ -322,7 +379,9 @@ class PixelSource:
         def level0(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return (wy0 + y) * scale_y, (wx0 + x) * scale_x
 
-        return cls(read_rgb, wy1 - wy0, wx1 - wx0, level0=level0)
+        source = cls(read_rgb, wy1 - wy0, wx1 - wx0, level0=level0, read_ahead=read_ahead)
+        source._level_read = (slide, level, (wy0, wy1, wx0, wx1))
+        return source
 
     def augmented(self, augmentation: Augmentation | None, dtype: torch.dtype,
                   slide: SlideImage | None = None) -> PixelSource:
@@ -334,7 +393,8 @@ class PixelSource:
         reader = augmentation.region_reader(self._read_rgb, self.height, self.width)
         return PixelSource(reader, height, width, colour=augmentation.colour(), dtype=dtype,
                            slide=slide,
-                           level0=augmentation.point_map(self.level0, self.height, self.width))
+                           level0=augmentation.point_map(self.level0, self.height, self.width),
+                           read_ahead=self.read_ahead).to(self.device)
 
 
 def fit_window(height: int, width: int, size: tuple[int, int] | None, mode: str,

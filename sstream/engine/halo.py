@@ -55,7 +55,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -645,9 +645,11 @@ class HaloRun:
 
     def __init__(self, program: HaloProgram, stream: nn.Module,
                  read: Callable[[Box], torch.Tensor], keep: bool,
-                 report: Callable[[str, int], None]) -> None:
+                 report: Callable[[str, int], None],
+                 expect: Callable[[Iterable[Box]], None] | None = None) -> None:
         self.program, self.stream, self.read, self.keep = program, stream, read, keep
         self.report = report
+        self.expect = expect or (lambda boxes: None)  # announces the input regions read next
         self.saved_top: list[dict[fx.Node, torch.Tensor]] = []   # per tile row
         self.saved_left: dict[tuple[int, int, fx.Node], torch.Tensor] = {}
 
@@ -817,6 +819,8 @@ class HaloRun:
         top: dict[fx.Node, torch.Tensor] = {}
         result = self.program.result
         done = 0
+        self.expect(self._input_box(row, col) for row in range(rows) for col in range(cols)
+                    if needs is None or (needs.runs[row, col] and needs.reads[row, col]))
         for row in range(rows):
             if self.keep:
                 self.saved_top.append(top)
@@ -903,6 +907,8 @@ class HaloRun:
         param_grads = GradientSum(params)
         grad_next_top: dict[fx.Node, torch.Tensor] = {}
         done = 0
+        self.expect(self._input_box(row, col) for row in reversed(range(rows))
+                    for col in reversed(range(cols)))
         with param_grads.collecting():  # parameter gradients summed as they come
             for row in reversed(range(rows)):
                 top_saved = self.saved_top.pop()

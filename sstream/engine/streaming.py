@@ -67,6 +67,11 @@ class ImageSource(Protocol):
 
     `read((y0, y1, x0, x1))` returns the region as a tensor (N, C, y1 - y0, x1 - x0) in the
     dtype the stream expects. Regions are read again during the backward pass.
+
+    Two optional methods, called when a source has them: `expect(boxes)`, before each pass,
+    with the boxes the pass will read in order (tiles no wanted output needs are left out),
+    so a source can decode ahead; and `prefer_device(device)`, once, with the device the
+    stream runs on, so a source can hand its regions out there.
     """
 
     @property
@@ -366,9 +371,19 @@ class _TileRunner:
         self.stream, self.plan, self.source, self.sink = stream, plan, source, sink
         self.on_tile = on_tile
         self.device = _module_device(stream)
+        prefer_device = getattr(source, "prefer_device", None)
+        if prefer_device is not None:  # a source that can hand regions out on our device
+            prefer_device(self.device)
         self.autocast = AutocastState(self.device)  # backward re-runs use the forward's
         self.halo = None if program is None else HaloRun(program, stream, self.read,
-                                                         keep_halos, self._report)
+                                                         keep_halos, self._report, self.expect)
+
+    def expect(self, boxes: Sequence[Box]) -> None:
+        """Tell the source which input regions come next, in order, if it wants to know
+        (an `ImageSource` with `expect`, e.g. one that decodes ahead)."""
+        announce = getattr(self.source, "expect", None)
+        if announce is not None:
+            announce(list(boxes))
 
     def crop(self, tile: Tile) -> torch.Tensor:
         """The tile's input crop on the stream's device (pinned for an async host copy)."""
@@ -426,6 +441,8 @@ class _TileRunner:
             with torch.no_grad():
                 yield from self.halo.regions(needs, self.blank)
             return
+        self.expect(tile.in_box for tile in self.plan
+                    if mask is None or mask.any_in(tile.out_box))
         for done, tile in enumerate(self.plan, start=1):
             if mask is None or mask.any_in(tile.out_box):
                 with torch.no_grad():
@@ -469,6 +486,8 @@ class _TileRunner:
             blocks = _InputGradBlocks(plan, self.source.shape, self.device,
                                       _module_dtype(self.stream),
                                       self._gradient_receiver(image_grad))
+        if tiles is not None or not callable(grad_fmap):  # else which tiles run is unknown
+            self.expect(tile.in_box for tile in (plan if tiles is None else tiles))
         tiles = list(plan) if tiles is None else tiles
         param_grads = GradientSum(params)
         with param_grads.collecting():  # parameter gradients summed as they come

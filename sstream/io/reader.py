@@ -29,17 +29,20 @@ or at read time (a tile that fails to decode); never garbage pixels.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from sstream.errors import SstreamError
+from sstream.io.parallel import TiffTiles, default_read_workers, run_parallel
 
 __all__ = [
     "BACKENDS",
@@ -84,18 +87,20 @@ class ImageReadError(SstreamError, ValueError):
         self.path = str(path)
 
 
-def open_image(path: str | os.PathLike, backend: str | None = None) -> SlideImage:
+def open_image(path: str | os.PathLike, backend: str | None = None,
+               read_workers: int | None = None) -> SlideImage:
     """Open a slide or ordinary image lazily; see `SlideImage`.
 
     `backend`: "auto" (the default, or the SSTREAM_BACKEND environment variable that
     `sstream --backend` sets), "tifffile" or "openslide"; see `SlideImage`.
+    `read_workers`: threads that decode a region's tiles (None: `default_read_workers()`).
 
     Raises:
         ImageReadError: missing file, a directory, not a readable image, corrupt or truncated
             structure, unsupported compression or a zero-sized image, a format whose backend
             is not installed (the message names the extra).
     """
-    return SlideImage(path, backend)
+    return SlideImage(path, backend, read_workers)
 
 
 class SlideImage:
@@ -133,13 +138,21 @@ class SlideImage:
     differs from imagecodecs' in the last bits. OpenSlide reads no SubIFDs, strips or JPEG
     2000 in generic TIFFs: auto never sends it those.
 
-    Reads are serialised by a lock, so one object may be shared with a prefetch thread.
-    Use as a context manager or call `close()`.
+    Reads are thread-safe, and a region's tiles decode in parallel on `read_workers`
+    threads (`sstream.io.parallel`): tiled and striped TIFF pages through positioned reads
+    of the file and tifffile's decoder, OpenSlide through a handle per thread. Other layouts
+    (several planes per level, NDPI) are read one region at a time under a lock. `close()`
+    waits for reads in flight. Use as a context manager or call `close()`.
     """
 
-    def __init__(self, path: str | os.PathLike, backend: str | None = None):
+    def __init__(self, path: str | os.PathLike, backend: str | None = None,
+                 read_workers: int | None = None):
         self.path = Path(path)
+        self.read_workers = read_workers or default_read_workers()
         self._lock = threading.RLock()
+        self._idle = threading.Condition(threading.Lock())  # no read in flight
+        self._reads_in_flight = 0
+        self._fd: int | None = None
         self._handle = None
         self._closed = False
         self._levels: list[_Level] = []
@@ -259,22 +272,59 @@ class SlideImage:
         # level-0 -> level coordinates, per axis (downsamples may differ slightly in x and y)
         lx0 = math.floor(x * lv.width / self.dimensions[0])
         ly0 = math.floor(y * lv.height / self.dimensions[1])
-        out = np.full((h, w, 3), fill, dtype=np.uint8)
         # intersection of [lx0, lx0 + w) x [ly0, ly0 + h) with the level, in level pixels
         ix0, iy0 = max(lx0, 0), max(ly0, 0)
         ix1, iy1 = min(lx0 + w, lv.width), min(ly0 + h, lv.height)
-        if ix0 >= ix1 or iy0 >= iy1:
-            return out
-        if self._closed:
-            raise ValueError(f"{self.path}: read from a closed SlideImage")
-        try:
-            with self._lock:
-                raw = lv.read(iy0, iy1, ix0, ix1)  # (ih, iw, c) in the file's dtype
-            rgb = lv.to_rgb(raw)
-        except Exception as e:
-            raise ImageReadError(self.path, _region_cause(level, ix0, iy0, ix1, iy1, e)) from e
+        inside = (ix0, iy0, ix1, iy1) == (lx0, ly0, lx0 + w, ly0 + h)
+        if not inside and (ix0 >= ix1 or iy0 >= iy1):
+            return np.full((h, w, 3), fill, dtype=np.uint8)
+        with self._reading():
+            try:
+                if lv.thread_safe:
+                    raw = lv.read(iy0, iy1, ix0, ix1, self.read_workers)
+                else:
+                    with self._lock:
+                        raw = lv.read(iy0, iy1, ix0, ix1, self.read_workers)
+                rgb = lv.to_rgb(raw)  # (ih, iw, c) in the file's dtype -> (ih, iw, 3) uint8
+            except Exception as e:
+                raise ImageReadError(self.path,
+                                     _region_cause(level, ix0, iy0, ix1, iy1, e)) from e
+        if inside and rgb.flags.owndata:  # decoded for this call: no copy needed
+            return rgb
+        out = np.full((h, w, 3), fill, dtype=np.uint8)
         out[iy0 - ly0 : iy1 - ly0, ix0 - lx0 : ix1 - lx0] = rgb
         return out
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Count a read in flight (close waits for it); refuse reads once closed."""
+        with self._idle:
+            if self._closed:
+                raise ValueError(f"{self.path}: read from a closed SlideImage")
+            self._reads_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._reads_in_flight -= 1
+                self._idle.notify_all()
+
+    def jpeg_tiles(self, level: int, box: tuple[int, int, int, int]
+                   ) -> list[tuple[tuple[int, int, int, int], bytes | None]] | None:
+        """The JPEG tiles that cover `box` (y0, y1, x0, x1, in pixels of `level`, inside
+        it) as complete JPEG files with their boxes in the level (clipped to it; None for a
+        sparse tile, which reads as black), for a decoder of their own (nvJPEG on a GPU).
+        None where the level is not baseline YCbCr JPEG tiles read by tifffile: read it with
+        `read_region` then."""
+        self._check_level(level)
+        lv = self._levels[level]
+        tiles = getattr(lv, "tiles", None)
+        if tiles is None or not tiles.plain_jpeg:
+            return None
+        y0, y1, x0, x1 = box
+        with self._reading():
+            return [(tiles.segment_box(index), tiles.jpeg_file(index))
+                    for index in tiles.segments(y0, y1, x0, x1)]
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level as (h, w, 3) uint8; meant for small levels (thumbnails)."""
@@ -282,14 +332,21 @@ class SlideImage:
         return self.read_region((0, 0), level, self.level_dimensions[level])
 
     def close(self) -> None:
-        """Release the file handle; further reads raise ValueError."""
-        with self._lock:
+        """Release the file handles once the reads in flight are done; further reads raise
+        ValueError."""
+        with self._idle:
             self._closed = True
+            while self._reads_in_flight:
+                self._idle.wait()
+        with self._lock:
             for lv in self._levels:
                 lv.close()
             if self._handle is not None:
                 self._handle.close()
                 self._handle = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> SlideImage:
         return self
@@ -325,10 +382,11 @@ class SlideImage:
         self._associated = {series.name.lower(): series.asarray for series in tf.series[1:]
                             if (series.name or "").lower() in _ASSOCIATED_SERIES}
         file_size = os.path.getsize(self.path)
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         levels = []
         for series, index in _pyramid_levels(tf):
             _check_tiff_level(self.path, series.levels[index], len(levels), file_size)
-            levels.append(_TiffLevel(series, index))
+            levels.append(_TiffLevel(series, index, self._fd))
         self._levels = [lv for lv in levels if lv.width > 0 and lv.height > 0]
         if len(self._levels) < len(levels) or not self._levels:
             raise ImageReadError(self.path, "zero-sized image")
@@ -368,7 +426,8 @@ class SlideImage:
         self.properties = dict(slide.properties)
         self.vendor = self.properties.get("openslide.vendor")
         background = _hex_colour(self.properties.get("openslide.background-color"))
-        self._levels = [_OpenSlideLevel(slide, level, background)
+        handles = _OpenSlideHandles(openslide, self.path, slide)
+        self._levels = [_OpenSlideLevel(handles, level, background)
                         for level in range(slide.level_count)]
         self.mpp_x = _positive(self.properties.get("openslide.mpp-x"))
         self.mpp_y = _positive(self.properties.get("openslide.mpp-y"))
@@ -445,13 +504,16 @@ def _samples(series) -> int:
 
 
 class _Level:
-    """One resolution level: size and a raw reader returning (h, w, c) in file dtype."""
+    """One resolution level: size and a raw reader returning (h, w, c) in file dtype,
+    decoding on up to `workers` threads. `thread_safe` levels are read without the slide's
+    lock."""
 
     width: int
     height: int
     dtype: np.dtype
+    thread_safe = False
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int, x1: int, workers: int = 1) -> np.ndarray:
         raise NotImplementedError
 
     def to_rgb(self, raw: np.ndarray) -> np.ndarray:
@@ -461,22 +523,69 @@ class _Level:
         pass
 
 
+class _OpenSlideHandles:
+    """An OpenSlide handle per reading thread (OpenSlide is thread-safe, but one handle's
+    caches and locks are shared by every read): the first is the one opened at open."""
+
+    def __init__(self, openslide, path: Path, first) -> None:  # noqa: ANN001
+        self._openslide, self._path = openslide, path
+        self._local = threading.local()
+        self._local.slide = first
+        self._all = [first]
+        self._lock = threading.Lock()
+
+    def get(self):  # noqa: ANN201
+        slide = getattr(self._local, "slide", None)
+        if slide is None:
+            slide = self._local.slide = self._openslide.OpenSlide(str(self._path))
+            with self._lock:
+                self._all.append(slide)
+        return slide
+
+    def close(self) -> None:
+        with self._lock:
+            for slide in self._all[1:]:  # the first is the SlideImage's own handle
+                slide.close()
+            del self._all[1:]
+
+
 class _OpenSlideLevel(_Level):
     """A level read by OpenSlide: RGBA regions in level-0 coordinates, composited over the
-    slide's background colour."""
+    slide's background colour. A region is read in bands, one per worker, each through its
+    thread's own handle."""
 
-    def __init__(self, slide, level: int, background: np.ndarray):
-        self._slide, self._level = slide, level
+    thread_safe = True
+    _MIN_BAND_PIXELS = 256 * 1024  # smaller regions are read in one call
+
+    def __init__(self, handles: _OpenSlideHandles, level: int, background: np.ndarray):
+        self._handles, self._level = handles, level
+        slide = handles.get()
         self.width, self.height = slide.level_dimensions[level]
         self._downsample = slide.level_downsamples[level]
         self.dtype = np.dtype(np.uint8)
         self._background = background
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int, x1: int, workers: int = 1) -> np.ndarray:
+        out = np.empty((y1 - y0, x1 - x0, 4), np.uint8)
+        rows = max(1, min(y1 - y0, -(-(y1 - y0) // workers),
+                          max(1, self._MIN_BAND_PIXELS // max(1, x1 - x0))))
+
+        def band(by0: int) -> None:
+            by1 = min(by0 + rows, y1)
+            out[by0 - y0:by1 - y0] = self._read_band(by0, by1, x0, x1)
+
+        run_parallel([lambda by0=by0: band(by0) for by0 in range(y0, y1, rows)], workers)
+        return out
+
+    def _read_band(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         # OpenSlide maps a level-0 location to floor(location / downsample): the smallest
         # location in [x0 * ds, (x0 + 1) * ds) lands on x0 whatever the rounding of ds
         location = (math.ceil(x0 * self._downsample), math.ceil(y0 * self._downsample))
-        return np.asarray(self._slide.read_region(location, self._level, (x1 - x0, y1 - y0)))
+        region = self._handles.get().read_region(location, self._level, (x1 - x0, y1 - y0))
+        return np.asarray(region)
+
+    def close(self) -> None:
+        self._handles.close()
 
     def to_rgb(self, raw: np.ndarray) -> np.ndarray:
         return _composite(raw[..., :3], raw[..., 3:4], self._background)
@@ -485,22 +594,29 @@ class _OpenSlideLevel(_Level):
 class _ArrayLevel(_Level):
     """A level already decoded to (h, w, 3) uint8 in memory (Pillow formats)."""
 
+    thread_safe = True
+
     def __init__(self, rgb: np.ndarray):
         self._rgb = rgb
         self.height, self.width = rgb.shape[:2]
         self.dtype = rgb.dtype
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int, x1: int, workers: int = 1) -> np.ndarray:
         return self._rgb[y0:y1, x0:x1]
 
 
 class _TiffLevel(_Level):
-    """A tifffile series level behind a zarr array: only intersecting chunks are decoded."""
+    """A tifffile series level: a single-plane page reads its tiles itself, in parallel
+    (`TiffTiles`); other layouts go through a zarr array of the series (only intersecting
+    chunks are decoded), one region at a time."""
 
-    def __init__(self, series, index: int):
+    def __init__(self, series, index: int, fd: int):
         import zarr
 
         level_series = series.levels[index]
+        self.tiles = TiffTiles(level_series.pages[0], fd) if TiffTiles.supports(
+            level_series) else None
+        self.thread_safe = self.tiles is not None
         self._store = series.aszarr(level=index)
         self._array = zarr.open(self._store, mode="r")
         axes = level_series.axes
@@ -520,7 +636,9 @@ class _TiffLevel(_Level):
             self.palette = np.ascontiguousarray(lut.T.astype(np.uint8))  # (n, 3)
         self.float_scale = 255.0
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int, x1: int, workers: int = 1) -> np.ndarray:
+        if self.tiles is not None:
+            return self.tiles.read(y0, y1, x0, x1, workers)
         index = []
         kept = []
         for ax in self._axes:

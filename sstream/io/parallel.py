@@ -1,0 +1,208 @@
+"""Parallel decoding of a region's tiles, without one lock around every read.
+
+A region of a tiled slide is many independent compressed tiles (JPEG, LZW, deflate, ...).
+Decoding them is what a read costs, and the codecs (imagecodecs, OpenSlide's libjpeg) release
+the GIL, so a region's tiles decode in parallel on a pool of threads shared by every open
+slide. The number of threads is `read_workers` (`sstream --read-workers N`, the environment
+variable SSTREAM_READ_WORKERS, default: the cores this process may run on).
+
+`TiffTiles` reads a TIFF page's tiles or strips itself: it fetches their bytes with `os.pread`
+(positioned reads on a file descriptor of its own: no seek, so no lock) and decodes them with
+the page's tifffile decoder, a share of the tiles per task. Pixels are exactly those tifffile
+decodes: the same decoder runs, only on several threads.
+
+Every thread that waits on the pool is a reader (a job's thread or the read-ahead's); the
+pool's own tasks never wait on it, so the pool cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TiffTiles", "default_read_workers", "run_parallel", "set_read_workers"]
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+_configured_workers: int | None = None
+# tasks per worker in one region: a little more than one evens out tiles that decode slower
+_TASKS_PER_WORKER = 2
+
+
+def default_read_workers() -> int:
+    """Threads that decode a region: `set_read_workers`'s value, else SSTREAM_READ_WORKERS,
+    else the number of cores this process may run on."""
+    if _configured_workers is not None:
+        return _configured_workers
+    text = os.environ.get("SSTREAM_READ_WORKERS", "").strip()
+    if text:
+        try:
+            workers = int(text)
+        except ValueError:
+            raise ValueError(f"SSTREAM_READ_WORKERS must be a whole number, got {text!r}"
+                             ) from None
+        if workers < 1:
+            raise ValueError(f"SSTREAM_READ_WORKERS must be at least 1, got {workers}")
+        return workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_read_workers(workers: int | None) -> None:
+    """Set the decode threads for slides opened from now on (None: back to the default)."""
+    global _configured_workers
+    if workers is not None and workers < 1:
+        raise ValueError(f"read workers must be at least 1, got {workers}")
+    _configured_workers = workers
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(
+                workers, thread_name_prefix="sstream-decode")
+        return pool
+
+
+def run_parallel(tasks: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
+    """Run `tasks` on `workers` threads (in the calling thread when 1 or a single task) and
+    return their results in order. The first exception is raised once every task has
+    stopped (none is left writing into a caller's buffer); on KeyboardInterrupt the tasks not
+    yet started are cancelled and the running ones finish first."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+    futures: list[Future] = [_pool(workers).submit(task) for task in tasks]
+    try:
+        for future in futures:
+            future.exception()  # waits; interruptible
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        for future in futures:
+            if not future.cancelled():
+                try:
+                    future.exception()
+                except BaseException:  # noqa: S110 - the first error is the one raised
+                    pass
+        raise
+    return [future.result() for future in futures]
+
+
+def split_evenly(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
+    """`items` in at most `parts` contiguous runs of near-equal length."""
+    parts = max(1, min(parts, len(items)))
+    size = math.ceil(len(items) / parts)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class TiffTiles:
+    """The tiles (or strips) of one TIFF page, read and decoded in parallel.
+
+    Serves pages with one image plane: tiled or striped, samples interleaved (or one
+    sample), depth 1. `supports(page)` says whether a page qualifies; others are read
+    through tifffile's zarr store as before.
+    """
+
+    def __init__(self, page: Any, fd: int) -> None:
+        keyframe = page.keyframe if getattr(page, "keyframe", None) is not None else page
+        self._fd = fd
+        self._offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        self._counts = np.asarray(page.databytecounts, dtype=np.int64)
+        self._decode = keyframe.decode
+        self._jpegtables = getattr(keyframe, "jpegtables", None)
+        self._jpegheader = getattr(keyframe, "jpegheader", None)
+        _, _, self.height, self.width, self.samples = keyframe.shaped
+        self.dtype = np.dtype(keyframe.dtype)
+        if keyframe.is_tiled:
+            self.tile_height, self.tile_width = keyframe.tilelength, keyframe.tilewidth
+        else:
+            self.tile_height, self.tile_width = keyframe.rowsperstrip, self.width
+        self.tiles_across = math.ceil(self.width / self.tile_width)
+        self.compression = int(keyframe.compression)
+        # baseline JPEG tiles of YCbCr colour (TIFF's usual): any JPEG decoder reads them as
+        # complete files once the shared tables are put back in (`jpeg_file`)
+        self.plain_jpeg = (self.compression == 7 and keyframe.is_tiled
+                           and int(keyframe.photometric) == 6 and self.samples == 3
+                           and self.dtype == np.uint8)
+
+    @staticmethod
+    def supports(level_series: Any) -> bool:
+        """One page of one plane, samples interleaved, with data to read."""
+        pages = level_series.pages
+        if len(pages) != 1 or pages[0] is None:
+            return False
+        page = pages[0]
+        keyframe = page.keyframe if getattr(page, "keyframe", None) is not None else page
+        separate, depth = keyframe.shaped[0], keyframe.shaped[1]
+        return (separate == 1 and depth == 1 and keyframe.imagedepth == 1
+                and getattr(keyframe, "jpegheader", None) is None  # NDPI's strips: tifffile
+                and len(page.dataoffsets) > 0)
+
+    def segments(self, y0: int, y1: int, x0: int, x1: int) -> list[int]:
+        """Indices of the tiles or strips that cover rows [y0, y1) x columns [x0, x1)."""
+        rows = range(y0 // self.tile_height, (y1 - 1) // self.tile_height + 1)
+        cols = range(x0 // self.tile_width, (x1 - 1) // self.tile_width + 1)
+        return [r * self.tiles_across + c for r in rows for c in cols]
+
+    def segment_box(self, index: int) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1) of segment `index` in the page, clipped to the image."""
+        row, col = divmod(index, self.tiles_across)
+        y0, x0 = row * self.tile_height, col * self.tile_width
+        return (y0, min(y0 + self.tile_height, self.height),
+                x0, min(x0 + self.tile_width, self.width))
+
+    def segment_bytes(self, index: int) -> bytes | None:
+        """The compressed bytes of segment `index` (None for a sparse, unwritten one)."""
+        offset, count = int(self._offsets[index]), int(self._counts[index])
+        if offset <= 0 or count <= 0:
+            return None
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise OSError(f"file ends inside a tile ({len(data)} of {count} bytes read)")
+        return data
+
+    def jpeg_file(self, index: int) -> bytes | None:
+        """Segment `index` as a complete JPEG file (the JPEGTables tag's tables spliced in
+        after its start marker), for decoders that take files; None for a sparse tile."""
+        data = self.segment_bytes(index)
+        if data is None or not self._jpegtables:
+            return data
+        return data[:2] + bytes(self._jpegtables)[2:-2] + data[2:]
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, workers: int) -> np.ndarray:
+        """Rows [y0, y1) x columns [x0, x1) as (h, w, samples) in the file's dtype; sparse
+        tiles read as 0, as tifffile reads them."""
+        out = np.zeros((y1 - y0, x1 - x0, self.samples), dtype=self.dtype)
+        indices = self.segments(y0, y1, x0, x1)
+
+        def decode_run(run: Sequence[int]) -> None:
+            for index in run:
+                self._decode_into(index, out, y0, x0)
+
+        tasks = [lambda run=run: decode_run(run)
+                 for run in split_evenly(indices, workers * _TASKS_PER_WORKER)]
+        run_parallel(tasks, workers)
+        return out
+
+    def _decode_into(self, index: int, out: np.ndarray, y0: int, x0: int) -> None:
+        data = self.segment_bytes(index)
+        if data is None:
+            return
+        tile, _, _ = self._decode(data, index, jpegtables=self._jpegtables,
+                                  jpegheader=self._jpegheader)
+        tile = tile.reshape(tile.shape[-3:])  # (length, width, samples) of depth 1
+        ty0, ty1, tx0, tx1 = self.segment_box(index)
+        # intersection of the segment with the region, in page coordinates
+        iy0, iy1 = max(ty0, y0), min(ty1, y0 + out.shape[0])
+        ix0, ix1 = max(tx0, x0), min(tx1, x0 + out.shape[1])
+        out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = tile[iy0 - ty0:iy1 - ty0,
+                                                          ix0 - tx0:ix1 - tx0]
