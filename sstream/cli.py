@@ -10,22 +10,57 @@ sstream: its traceback is printed with a line asking for a report.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-import click
 import typer
+import typer.core
 from rich.console import Console
 
 from sstream.errors import SstreamError
 
+
+def _clean_metavar(param: object) -> None:
+    """No type after an on/off flag (typer shows `<bool>`), and a repeatable option's or
+    argument's element type with `...` instead of a Python annotation (`<list[Path]>`)."""
+    if not isinstance(param, (typer.core.TyperOption, typer.core.TyperArgument)):
+        return
+    if isinstance(param, typer.core.TyperOption) and param.metavar is None and param.is_flag:
+        param.metavar = ""
+    elif getattr(param, "multiple", False) or param.nargs != 1:
+        from typing import get_args
+
+        element = get_args(param.type_descriptor.annotation) or (str,)
+        label = f"<{getattr(element[0], '__name__', 'str').lower()}>..."
+        param.display_type_rich = lambda ctx: label  # typer: the type column of the help
+
+
+class _Commands(typer.core.TyperGroup):
+    """Typer's command group, with clean metavars in every command's help."""
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> typer.core.TyperCommand | None:
+        command = super().get_command(ctx, cmd_name)
+        for param in command.get_params(ctx) if command is not None else ():
+            _clean_metavar(param)
+        return command
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            _clean_metavar(param)
+        return params
+
+
 app = typer.Typer(
     name="sstream",
+    cls=_Commands,
     help="Exact streaming training of CNNs on multi-megapixel and gigapixel images.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -39,13 +74,24 @@ class UsageError(SstreamError, ValueError):
     """A bad combination of options: exit code 2, like typer's own usage errors."""
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from sstream import __version__
+
+        console.print(f"sstream {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print sstream's version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     compact_memory: bool = typer.Option(
         False, "--compact-memory", envvar="SSTREAM_COMPACT_MEMORY",
         help="CPU: keep the process's resident memory close to its live tensors (glibc "
-             "returns every block above 1 MiB when freed) at ~1.7x the time of a step."),
+             "returns every block above 1 MiB when freed), at a cost in time "
+             "(docs/benchmarks.md)."),
     backend: str = typer.Option(
         "auto", "--backend", envvar="SSTREAM_BACKEND",
         help="What reads slides: auto (tifffile for TIFFs, OpenSlide for MIRAX, DICOM and "
@@ -57,6 +103,7 @@ def _options(
     from sstream.io import BACKENDS
 
     _state["debug"] = debug
+    backend = backend.lower()
     if backend not in BACKENDS:
         err_console.print(f"[bold red]error:[/bold red] --backend must be one of "
                           f"{', '.join(BACKENDS)}, got {backend!r}", highlight=False)
@@ -82,7 +129,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
     except (UsageError, typer.BadParameter) as exc:
         _fail(exc, EXIT_USAGE)
-    except click.ClickException:
+    except typer.Abort:
         raise
     except (SstreamError, ValueError, OSError) as exc:
         _fail(exc, EXIT_FAILURE)
@@ -137,6 +184,31 @@ def _parse_size(text: str | None, option: str) -> tuple[int, int] | None:
     return (height, width)
 
 
+def _tissue_choice(value: str | None) -> str | None:
+    """--tissue: auto and none in any letter case; anything else names a mask file."""
+    return value.lower() if value is not None and value.lower() in ("auto", "none") else value
+
+
+def _renamed(value: object, old_value: object) -> object:
+    """An option's value given by its name, or by its former name (hidden, still read)."""
+    return value if old_value in (None, []) else old_value
+
+
+AMP_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # train's --amp-dtype spellings
+
+
+def _check_max_side(max_side: int) -> None:
+    if max_side < 16:
+        raise UsageError("--max-side must be at least 16")
+
+
+def _print_json(value: object) -> None:
+    """A command's result as JSON on stdout (progress and notes stay on stderr)."""
+    from sstream.cli_render import to_json
+
+    print(to_json(value))
+
+
 def _load_config_file(path: Path) -> dict:
     """Options from a TOML or YAML file; keys are option names (dashes or underscores)."""
     if not path.is_file():
@@ -179,8 +251,8 @@ def train(
     config: Path = typer.Option(None, help="TOML or YAML file with any of these options; the "
                                 "command line wins."),
     resume: Path = typer.Option(None, help="Continue the run in this output directory."),
-    overwrite: bool = typer.Option(False, help="Start afresh in an output directory that "
-                                   "holds a run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an output "
+                                   "directory that holds a run."),
     model: str = typer.Option("tiny", help="tiny, resnet18, resnet34, resnet50, "
                               "convnext_tiny or vgg16."),
     task: str = typer.Option("classification", help="classification (integer labels) or "
@@ -230,7 +302,8 @@ def train(
     engine: str = typer.Option("auto", help="Streaming engine: auto (halos carried between "
                                "tiles where the stream allows it: fastest), halo or crop (keeps "
                                "no halo strips: less memory for small tiles on huge images)."),
-    tissue: str = typer.Option(None, help="auto: pool over tissue only, found on each "
+    tissue: str = typer.Option(None, callback=_tissue_choice,
+                               help="auto: pool over tissue only, found on each "
                                "slide's thumbnail (glass is neither read nor computed); none: "
                                "every position. A CSV's mask column gives slides their own "
                                "mask images. Check masks first with `sstream tissue`.",
@@ -325,17 +398,21 @@ def predict(
                              "instead of IMAGES."),
     out: Path = typer.Option(None, help="Write predictions to this CSV (columns image, "
                              "prob_<class>..., pred[, label])."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output "
+                                   "file."),
     level: int = typer.Option(None, help="Pyramid level to read."),
     mpp: float = typer.Option(None, help="Read the level closest to this resolution."),
     image_size: str = typer.Option(None, help="Centre crop or pad to N or WxH."),
     tile_size: int = typer.Option(512, help="Tile side in input pixels."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: bool = typer.Option(False, help="Mixed precision inference."),
-    tissue: str = typer.Option(None, help="auto, none, or a mask image (one slide); a CSV's "
+    tissue: str = typer.Option(None, callback=_tissue_choice, help="auto, none, or a mask "
+                               "image (one slide); a CSV's "
                                "mask column gives slides their own masks.",
                                show_default="as the model was trained"),
     quiet: bool = typer.Option(False, help="Print only errors."),
+    json_output: bool = typer.Option(False, "--json", help="Print the predictions, "
+                                     "evaluations and failures as JSON instead of tables."),
 ) -> None:
     """Predict class probabilities (or regression values) for slides with a trained
     checkpoint (streaming forward)."""
@@ -353,13 +430,15 @@ def predict(
             csv=str(csv) if csv else None, out=str(out) if out else None, level=level,
             mpp=mpp, image_size=_parse_size(image_size, "--image-size"), tile_size=tile_size,
             device=device, amp=amp, overwrite=overwrite, tissue=tissue)
-        events = PredictEvents() if quiet else RichPredictEvents(err_console)
+        events = PredictEvents() if quiet or json_output else RichPredictEvents(err_console)
         try:
             result = run_prediction(config, events)
         finally:
             if hasattr(events, "close"):
                 events.close()
-        if not quiet:
+        if json_output:
+            _print_json({k: v for k, v in vars(result).items() if k != "task"})
+        elif not quiet:
             console.print(predictions_table(result.predictions, result.task))
             for evaluation in result.evaluations:
                 console.print(evaluation_report(evaluation))
@@ -410,14 +489,17 @@ def saliency(
                                    "scale and the overview's colour range."),
     tile_size: int = typer.Option(
         256, "--tile-size", help="Streaming tile side in pixels. Memory grows with it: a "
-        "20000 x 20000 slide takes 234 MiB at 256, 394 MiB (and 25 % less time) at 512."),
+        "larger tiles take more memory and less time (docs/benchmarks.md)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     tissue: str | None = typer.Option(
-        None, "--tissue", help="auto, none or a mask image: the prediction pools over tissue "
+        None, "--tissue", callback=_tissue_choice,
+        help="auto, none or a mask image: the prediction pools over tissue "
         "and the map is zero on glass.", show_default="as the model was trained"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     view: bool = typer.Option(False, "--view", help="Then serve the slide with the map in "
                               "the browser viewer (sstream view) on port 8000."),
+    json_output: bool = typer.Option(False, "--json", help="Print what was written and "
+                                     "found as JSON."),
 ) -> None:
     """Write a full-resolution saliency map of a slide as a pyramidal TIFF and a PNG overview."""
     from pathlib import Path
@@ -476,6 +558,11 @@ def saliency(
         finally:
             if tasks:
                 bar.stop()
+        if json_output:
+            _print_json(result)
+            if view:
+                serve(Path(slide), [Path(result.out)], "127.0.0.1", 8000)
+            return
         console.print(result.summary, highlight=False)
         console.print(f"map {result.size[0]} x {result.size[1]} ({result.encoding}, level "
                       f"{result.level}, {result.method}): {result.out}", highlight=False)
@@ -494,7 +581,9 @@ def saliency(
 @app.command("verify")
 def verify_command(
     model: str = typer.Option("resnet18", "--model", help="Model name (see train --model)."),
-    size: str = typer.Option("1024", "--size", help="Input size: N (square) or WxH."),
+    image_size: str = typer.Option("1024", "--image-size", help="Input size: N (square) or "
+                                   "WxH."),
+    size: str = typer.Option(None, "--size", hidden=True, help="Former --image-size."),
     tile_size: int = typer.Option(512, "--tile-size", help="Streaming tile side in pixels."),
     stream_layers: str | None = typer.Option(
         None, "--stream-layers", help="Stream up to this stage (as for train).",
@@ -504,7 +593,7 @@ def verify_command(
     weights: Path = typer.Option(None, "--weights", help="torchvision-format backbone "
                                  "weights, as for train."),
     image: Path = typer.Option(None, "--image", help="A slide or image (its centre at "
-                               "--size) instead of random pixels."),
+                               "--image-size) instead of random pixels."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random pixels."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -521,7 +610,7 @@ def verify_command(
     from sstream.verify import verify
 
     with user_errors():
-        parsed = _parse_size(size, "--size")
+        parsed = _parse_size(_renamed(image_size, size), "--image-size")
         assert parsed is not None
         with err_console.status("one training step conventionally, then streamed"):
             result = verify(model, parsed, tile_size, stream_layers, dtype,
@@ -546,26 +635,30 @@ def tissue_command(
     out: Path = typer.Option(None, "--out", "-o", help="Preview PNG: the slide with glass "
                              "dimmed and the tissue outlined.",
                              show_default="<slide>.tissue.png"),
-    tissue: str = typer.Option("auto", "--tissue", help="auto (detect) or a mask image to "
-                               "check against the slide."),
+    tissue: str = typer.Option("auto", "--tissue", callback=_tissue_choice, help="auto "
+                               "(detect) or a mask image to check against the slide."),
     mask: Path = typer.Option(None, "--mask", help="Also write the mask as a PNG (255 = "
                               "tissue) to edit and pass back as --tissue PATH."),
     max_side: int = typer.Option(1024, "--max-side", help="Longer side of the preview (px)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    json_output: bool = typer.Option(False, "--json", help="Print what was found and written "
+                                     "as JSON."),
 ) -> None:
     """Preview the tissue mask of a slide before a long run: what --tissue auto pools over."""
     from sstream.tissue import preview_tissue
 
     with user_errors():
-        if max_side < 16:
-            raise UsageError("--max-side must be at least 16")
+        _check_max_side(max_side)
         if tissue == "none":
             raise UsageError("--tissue none has no mask to preview: use auto or a mask file")
         target = out if out is not None else slide.with_name(slide.name + ".tissue.png")
         result = preview_tissue(slide, target, tissue, mask, max_side, overwrite)
-        console.print(f"{result.slide.name}: tissue {result.fraction:.1%} of the slide "
-                      f"({result.source}); preview: {result.preview}", highlight=False)
-        if result.mask is not None:
+        if json_output:
+            _print_json(result)
+        else:
+            console.print(f"{result.slide.name}: tissue {result.fraction:.1%} of the slide "
+                          f"({result.source}); preview: {result.preview}", highlight=False)
+        if result.mask is not None and not json_output:
             console.print(f"mask ({result.mask_size[0]} x {result.mask_size[1]} px): "
                           f"{result.mask}", highlight=False)
         if result.fraction == 0:
@@ -586,7 +679,8 @@ def view_command(
     port: int = typer.Option(8000, "--port", help="Port (0: any free one)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: "
                              "this machine only; reach it over SSH with ssh -L)."),
-    tissue: str = typer.Option("none", "--tissue", help="Outline the tissue: auto (found as "
+    tissue: str = typer.Option("none", "--tissue", callback=_tissue_choice, help="Outline "
+                               "the tissue: auto (found as "
                                "the jobs find it), a mask image, or none."),
 ) -> None:
     """Serve a deep-zoom viewer of a slide and its saliency maps to a web browser."""
@@ -635,18 +729,39 @@ def info_command(
     with user_errors():
         if thumbnail is not None and len(slides) > 1:
             raise UsageError("--thumbnail writes one slide's thumbnail: give one slide")
-        if mpp is not None and mpp <= 0:
-            raise UsageError("--mpp must be positive")
-        records = [slide_info(path, mpp) for path in slides]
+        if mpp is not None and not 0 < mpp < float("inf"):
+            raise UsageError(f"--mpp must be a positive number, got {mpp}")
+        _check_max_side(max_side)
+        records, failures = _each_slide(slides, lambda path: slide_info(path, mpp))
         if json_output:
-            console.print_json(json.dumps([r.to_dict() for r in records]))
+            console.print_json(json.dumps([r.to_dict() for r in records] + [
+                {"path": str(path), "error": reason} for path, reason in failures]))
         else:
             for record in records:
                 console.print(info_table(record))
+        for _, reason in failures:
+            err_console.print(f"[bold red]error:[/bold red] {reason}", highlight=False,
+                              soft_wrap=True)
+        if failures:
+            raise typer.Exit(EXIT_FAILURE)
         if thumbnail is not None:
             width, height = write_thumbnail(slides[0], thumbnail, max_side, overwrite)
             (err_console if json_output else console).print(
                 f"thumbnail ({width} x {height} px): {thumbnail}", highlight=False)
+
+
+def _each_slide(slides: list[Path], describe: Callable[[Path], Any]
+                ) -> tuple[list[Any], list[tuple[Path, str]]]:
+    """`describe` of each slide, and (slide, one line naming it) for each that fails: one
+    unreadable slide among several does not hide the others."""
+    records, failures = [], []
+    for path in slides:
+        try:
+            records.append(describe(path))
+        except (SstreamError, ValueError, OSError) as exc:
+            reason = _first_line(exc)
+            failures.append((path, reason if str(path) in reason else f"{path}: {reason}"))
+    return records, failures
 
 
 # ---- estimate-memory ------------------------------------------------------------------------
@@ -654,9 +769,10 @@ def info_command(
 
 @app.command("estimate-memory")
 def estimate_memory(
-    size: list[str] = typer.Option(
-        ..., "--size", help="Image size: 8192 (square) or 8192x6144 (width x height); repeat "
-                            "for several."),
+    image_size: list[str] = typer.Option(
+        [], "--image-size", help="Image size: 8192 (square) or 8192x6144 (width x height); "
+                                 "repeat for several.", show_default="required"),
+    size: list[str] = typer.Option([], "--size", hidden=True, help="Former --image-size."),
     model: str = typer.Option("resnet34", "--model", help="Model name (see sstream.models)."),
     stream_layers: str | None = typer.Option(
         None, "--stream-layers", help="Stream up to and including this stage (resnet: "
@@ -665,12 +781,17 @@ def estimate_memory(
     tile_size: list[str] = typer.Option(
         [], "--tile-size", help="Streaming tile side in pixels; repeat for several.",
         show_default="512 1024 2048 4096 (those not larger than the image)"),
-    dtype: str = typer.Option(
-        "float32", "--dtype", help="float32, or float16/bfloat16 (mixed precision: float32 "
-                                   "parameters, gradients and optimizer state)."),
+    amp_dtype: str | None = typer.Option(
+        None, "--amp-dtype", help="Mixed precision in bf16 or fp16 (as train --amp "
+                                  "--amp-dtype): float32 parameters, gradients and optimizer "
+                                  "state.", show_default="float32 throughout"),
+    dtype: str | None = typer.Option(None, "--dtype", hidden=True, help="Former "
+                                     "--amp-dtype: float32, float16 or bfloat16."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (momentum)."),
-    budget: str | None = typer.Option(
-        None, "--budget", help="Memory budget, e.g. 12GiB (2**30 bytes each), 12GB (10**9), "
+    budget: str | None = typer.Option(None, "--budget", hidden=True,
+                                      help="Former --memory-budget."),
+    memory_budget: str | None = typer.Option(
+        None, "--memory-budget", help="Memory budget, e.g. 12GiB (2**30 bytes each), 12GB (10**9), "
                                "500MiB, 12e9: prints the largest tile that fits."),
     engine: str = typer.Option(
         "auto", "--engine", help="Streaming engine to model: auto (halo where the stream "
@@ -691,6 +812,10 @@ def estimate_memory(
     from sstream.runtime import parse_bytes
 
     with user_errors():
+        size, budget = _renamed(image_size, size), _renamed(memory_budget, budget)
+        dtype = _renamed(AMP_DTYPE_NAMES.get(amp_dtype or "", amp_dtype or "float32"), dtype)
+        if not size:
+            raise UsageError("--image-size is required")
         try:
             if budget is not None:
                 parse_bytes(budget)
@@ -790,13 +915,18 @@ def make_sample_data(
     out: Path = typer.Argument(..., help="Output directory (images/, train.csv, val.csv)."),
     count: int = typer.Option(32, help="Number of slides (labels alternate 0, 1)."),
     size: int = typer.Option(768, help="Slide side in pixels (the maximum with --min-size)."),
-    min_size: int = typer.Option(None, help="Draw each side from [min-size, size]."),
+    min_size: int = typer.Option(None, help="Draw each side from \\[min-size, size]."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same files."),
     val_fraction: float = typer.Option(0.25, help="Share of slides in val.csv."),
-    tile: int = typer.Option(256, help="TIFF tile size (multiple of 16)."),
-    overwrite: bool = typer.Option(False, help="Replace existing files."),
+    tiff_tile_size: int = typer.Option(256, "--tiff-tile-size", help="Tile side of the "
+                                       "TIFFs written (multiple of 16; not the streaming "
+                                       "--tile-size)."),
+    tile: int = typer.Option(None, "--tile", hidden=True, help="Former --tiff-tile-size."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     regression: bool = typer.Option(False, help="Regression data: every slide has lesions "
                                     "and its label is their texture contrast in [0, 1]."),
+    json_output: bool = typer.Option(False, "--json", help="Print the files written as "
+                                     "JSON."),
 ) -> None:
     """Generate synthetic slides whose label is visible only at full resolution.
 
@@ -817,10 +947,13 @@ def make_sample_data(
         with Progress(console=err_console) as progress:
             task = progress.add_task("slides", total=count)
             train_csv, val_csv = generate(
-                out, count, sides, seed, val_fraction, tile, overwrite,
+                out, count, sides, seed, val_fraction, _renamed(tiff_tile_size, tile), overwrite,
                 on_slide=lambda done, total: progress.update(task, completed=done),
                 regression=regression)
-        console.print(f"wrote {count} slides, {train_csv} and {val_csv}")
+        if json_output:
+            _print_json({"slides": count, "train_csv": train_csv, "val_csv": val_csv})
+        else:
+            console.print(f"wrote {count} slides, {train_csv} and {val_csv}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ render them. Nothing here computes anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -249,8 +250,10 @@ def evaluation_report(evaluation: Evaluation, names: list[str] | None = None) ->
     return Group(*parts)
 
 
-def info_table(info: Any) -> Table:
-    """`sstream info`'s record of a slide (a `sstream.io.info.SlideInfo`), in 80 columns."""
+def info_table(info: Any) -> Group:
+    """`sstream info`'s record of a slide (a `sstream.io.info.SlideInfo`): its path, the
+    levels' table (within 80 columns), then the summary at the console's width (a table's
+    caption would wrap at the table's)."""
     mpp = "unknown" if info.mpp is None else f"{info.mpp:.4g} µm/px"
     power = "" if info.objective_power is None else f", {info.objective_power:g}x objective"
     caption = [f"{info.format or 'image'} read by {info.backend}; level 0 at {mpp}{power}; "
@@ -260,15 +263,14 @@ def info_table(info: Any) -> Table:
             f"{name} {w} x {h}" for name, (w, h) in info.associated.items()))
     if info.chosen_level is not None:
         caption.append(f"--mpp reads level {info.chosen_level}")
-    table = Table(title=info.path, caption="\n".join(caption), box=box.SIMPLE_HEAD,
-                  title_justify="left", caption_justify="left")
+    table = Table(box=box.SIMPLE_HEAD)
     for name in ("level", "width", "height", "downsample", "µm/px"):
         table.add_column(name, justify="right")
     for index, level in enumerate(info.levels):
         marker = " *" if index == info.chosen_level else ""
         table.add_row(f"{index}{marker}", str(level.width), str(level.height),
                       f"{level.downsample:g}", "-" if level.mpp is None else f"{level.mpp:.4g}")
-    return table
+    return Group(Text(str(info.path), style="italic"), table, Text("\n".join(caption)))
 
 
 def verification_table(result: Any) -> Table:
@@ -334,3 +336,25 @@ def report_table(summary: Any) -> Group:
     runs = "; ".join(f"run {i + 1}: {r.run} (epoch {r.best_epoch} of {r.epochs})"
                      for i, r in enumerate(summary.runs))
     return Group(table, Text(runs + "; sd: sample standard deviation (n - 1)", style="dim"))
+
+
+def to_json(value: Any) -> str:
+    """A job's result as indented JSON: dataclasses and `to_dict`s as objects, paths as
+    strings, numpy arrays as lists."""
+    return json.dumps(_plain(value), indent=2)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return _plain(value.to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)  # paths, dtypes
