@@ -316,6 +316,13 @@ def train(
                                      "small images whose maxima reach most tiles)."),
     dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a rank waits for "
                                        "the others before the job stops."),
+    balance: str = typer.Option("none", help="Class imbalance: none (the cohort as it is; "
+                                "probabilities keep its prevalence), sampler (each epoch "
+                                "draws classes equally often) or loss (cross-entropy weighted "
+                                "by inverse class frequency)."),
+    patience: int = typer.Option(None, help="Stop after this many epochs without a better "
+                                 "best.pt (its validation metric).", show_default="off"),
+    min_epochs: int = typer.Option(0, help="Never stop early before this many epochs."),
     quiet: bool = typer.Option(False, help="No progress output."),
     json_events: bool = typer.Option(False, "--json", help="Machine-readable events, one "
                                      "JSON object per line."),
@@ -384,7 +391,8 @@ def train(
                                   f"continue with: sstream train --resume {result.out}")
             raise typer.Exit(130 if stop["signal"] == signal.SIGINT else 143)
         if not quiet and not json_events and result.rank == 0:
-            err_console.print(f"done: checkpoints, metrics.csv and curves.png in {result.out}")
+            err_console.print(f"done ({result.stop_reason}): checkpoints, metrics.csv and "
+                              f"curves.png in {result.out}")
 
 
 # ---- predict --------------------------------------------------------------------------------

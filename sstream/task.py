@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from sstream.metrics import (
@@ -63,6 +64,7 @@ class Classification:
     """Integer class labels 0..K-1; `num_classes` None until the training labels fix it."""
 
     num_classes: int | None = None
+    class_weights: tuple[float, ...] | None = None   # --balance loss: a weight per class
     kind = "classification"
 
     @property
@@ -95,6 +97,24 @@ class Classification:
     def prepare_model(self, model: nn.Module, labels: list[int]) -> None:
         """Nothing of a new classifier depends on the labels."""
 
+    def balance(self, how: str, labels: list[int]) -> np.ndarray | None:
+        """Prepare class balance (`fit` first): "loss" weights the loss by scikit-learn's
+        "balanced" class weights n / (classes present x n_class) (1 for a class without
+        training images); "sampler" returns a probability per training image, equal for
+        each class present in total; "none" does nothing. None unless "sampler"."""
+        labels_array = np.asarray(labels)
+        present = np.unique(labels_array)
+        if how == "loss":
+            weights = np.ones(self.outputs)
+            weights[present] = compute_class_weight("balanced", classes=present,
+                                                    y=labels_array)
+            self.class_weights = tuple(float(w) for w in weights)
+        if how != "sampler":
+            return None
+        counts = np.bincount(labels_array, minlength=self.outputs)
+        per_image = 1.0 / (len(present) * counts[labels_array])
+        return per_image / per_image.sum()
+
     def label_cells(self, label: int | None) -> list[str]:
         return ["" if label is None else str(label)]
 
@@ -112,7 +132,14 @@ class Classification:
         return {"num_classes": self.outputs, "task": self.kind, "targets": None}
 
     def loss(self, outputs: torch.Tensor, labels: list[int]) -> torch.Tensor:
-        return F.cross_entropy(outputs, torch.tensor(labels, device=outputs.device))
+        """Mean cross-entropy; with `class_weights`, each image's term times its class's
+        weight (not renormalised per batch: one image is a batch here, and a weighted
+        mean of one term would cancel its weight)."""
+        target = torch.tensor(labels, device=outputs.device)
+        if self.class_weights is None:
+            return F.cross_entropy(outputs, target)
+        weights = torch.tensor(self.class_weights, dtype=outputs.dtype, device=outputs.device)
+        return (F.cross_entropy(outputs, target, reduction="none") * weights[target]).mean()
 
     # -- predictions --
     def predictions(self, outputs: np.ndarray) -> np.ndarray:
@@ -236,6 +263,9 @@ class Regression:
 
     def fit(self, labels: list[tuple[float, ...]]) -> None:
         """Nothing to fix before the model exists (the targets come from the header)."""
+
+    def balance(self, how: str, labels: list[tuple[float, ...]]) -> None:
+        """Regression has no classes to balance (TrainConfig refuses --balance)."""
 
     def prepare_model(self, model: nn.Module, labels: list[tuple[float, ...]]) -> None:
         """Set a new model's TargetScale from the training labels (mean, standard deviation;

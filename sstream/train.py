@@ -74,6 +74,11 @@ from sstream.task import LOSSES, TASKS, Classification, Regression, Task, select
 from sstream.tissue import TISSUE_CHOICES, Tissue, output_mask, write_preview
 
 OPTIMIZERS = ("adamw", "sgd")
+# Class balance: none (the cohort as it is: the default, so probabilities keep the cohort's
+# prevalence and AUC, which best.pt follows, does not depend on it); sampler (each epoch
+# draws its images with each class equally likely, as CLAM's --weighted_sample); loss
+# (cross-entropy weighted by inverse class frequency, scikit-learn's "balanced" weights).
+BALANCES = ("none", "sampler", "loss")
 SCHEDULES = ("cosine", "step", "constant")
 RUN_COLUMNS = ["lr", "seconds", "images_per_s", "tiles_per_s", "peak_memory_mb"]
 
@@ -127,6 +132,9 @@ class TrainConfig:
     whole_slide: bool = True            # pooling heads pool tile by tile (no feature map)
     tissue: str | None = None           # auto, none; None: auto on the whole-slide path
     dist_timeout: float = DEFAULT_TIMEOUT_S   # seconds a rank waits for the others
+    balance: str = "none"               # classes: none, sampler or loss (see BALANCES)
+    patience: int | None = None         # stop after this many epochs without a better best.pt
+    min_epochs: int = 0                 # ... but never before this many epochs
 
     def validate(self) -> None:
         """Raise ValueError for options that cannot work together."""
@@ -149,6 +157,11 @@ class TrainConfig:
             (self.tile_size >= 1, "--tile-size must be positive"),
             (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
             (self.dist_timeout > 0, "--dist-timeout must be positive"),
+            (self.balance in BALANCES, f"--balance must be one of {', '.join(BALANCES)}"),
+            (self.balance == "none" or self.task == "classification",
+             "--balance is for classification"),
+            (self.patience is None or self.patience >= 1, "--patience must be at least 1"),
+            (self.min_epochs >= 0, "--min-epochs must be >= 0"),
             (self.step_size >= 1, "--step-size must be at least 1"),
             (self.image_size is None or min(self.image_size) >= 1,
              "--image-size must be positive"),
@@ -193,7 +206,8 @@ class TrainEvents:
 
 
 # Settings a resume may change: they do not alter what has been trained so far.
-RESUMABLE_CHANGES = ("epochs", "device", "out", "accumulate", "dist_timeout")
+RESUMABLE_CHANGES = ("epochs", "device", "out", "accumulate", "dist_timeout", "patience",
+                     "min_epochs")
 
 
 @dataclass
@@ -208,6 +222,7 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     epoch_seconds: float = 0.0
     epoch_tiles: int = 0
+    epochs_since_best: int = 0   # epochs ended since best.pt last improved
 
 
 @dataclass
@@ -217,6 +232,7 @@ class TrainResult:
     interrupted: bool = False
     model: Classifier | None = None
     rank: int = 0             # this process's rank; only rank 0 wrote outputs
+    stop_reason: str = ""     # why training ended: every epoch done, or early stopping
 
 
 # ---- the pieces ---------------------------------------------------------------------------
@@ -227,9 +243,15 @@ def _generator(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
 
 
-def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
-    """The shuffled order of the training images in `epoch` (same on every resume)."""
-    return _generator(seed, epoch, 0).permutation(count)
+def epoch_order(seed: int, epoch: int, count: int, weights: np.ndarray | None = None
+                ) -> np.ndarray:
+    """The order of the training images in `epoch`, the same on every resume: a
+    permutation, or with `weights` (a probability per image, `--balance sampler`) `count`
+    draws with replacement, so that each class is drawn equally often on average."""
+    generator = _generator(seed, epoch, 0)
+    if weights is None:
+        return generator.permutation(count)
+    return generator.choice(count, size=count, replace=True, p=weights)
 
 
 # Images up to this many pixels are read whole (uint8, 3 bytes a pixel: 192 MiB) by the
@@ -469,6 +491,7 @@ class _Trainer:
         self.train_samples = read_label_csv(config.train_csv, self.task)
         labels = [s.label for s in self.train_samples]
         self.task.fit(labels)
+        self.sampling = self.task.balance(config.balance, labels)  # --balance sampler
         self.val_samples = (read_label_csv(config.val_csv, self.task)
                             if config.val_csv else [])
         self.model = build_model(
@@ -587,13 +610,32 @@ class _Trainer:
         rank = self.parallel.rank
         try:
             for epoch in range(self.state.epoch, config.epochs):
+                if self._patience_exhausted():
+                    break
                 if not self._train_epoch(epoch):
                     return TrainResult(self.out, self.state, interrupted=True, model=self.model,
                                        rank=rank)
                 self._end_epoch(epoch)
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        return TrainResult(self.out, self.state, model=self.model, rank=rank)
+        return TrainResult(self.out, self.state, model=self.model, rank=rank,
+                           stop_reason=self._stop_reason())
+
+    def _patience_exhausted(self) -> bool:
+        """Early stopping: `--patience` epochs in a row without a better best.pt, once
+        `--min-epochs` have run."""
+        config, state = self.config, self.state
+        return (config.patience is not None and state.epoch >= config.min_epochs
+                and state.epochs_since_best >= config.patience)
+
+    def _stop_reason(self) -> str:
+        state = self.state
+        best = state.epoch - state.epochs_since_best
+        if self._patience_exhausted() and state.epoch < self.config.epochs:
+            return (f"stopped early after epoch {state.epoch} of {self.config.epochs}: "
+                    f"{state.epochs_since_best} epochs without a better best.pt (--patience "
+                    f"{self.config.patience}); best.pt is epoch {best}")
+        return f"all {self.config.epochs} epochs done; best.pt is epoch {best}"
 
     def _train_epoch(self, epoch: int) -> bool:
         """Train one epoch from `state.image_index`; False when stopped (checkpoint saved).
@@ -602,7 +644,7 @@ class _Trainer:
         may be smaller), one optimizer step each; this rank trains `parallel.shard(group)`.
         """
         config, state, parallel = self.config, self.state, self.parallel
-        order = epoch_order(config.seed, epoch, len(self.train_samples))
+        order = epoch_order(config.seed, epoch, len(self.train_samples), self.sampling)
         count = len(order)
         group = parallel.world_size * config.accumulate
         starts = range(state.image_index, count, group)
@@ -710,6 +752,7 @@ class _Trainer:
         improved = selection_score(row, self.task) > state.best_score
         if improved:
             state.best_score = selection_score(row, self.task)
+        state.epochs_since_best = 0 if improved else state.epochs_since_best + 1
         self.rng_at_step = torch.get_rng_state()
         self._checkpoint("last.pt", *(["best.pt"] if improved else []))
         with self.parallel.agreement("while writing metrics"):

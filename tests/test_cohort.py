@@ -172,3 +172,74 @@ def test_report_takes_each_runs_best_epoch_and_gives_mean_and_sd(tmp_path):
     assert table.exit_code == 0 and "±" in table.output
     missing = runner.invoke(app, ["report", str(tmp_path)])
     assert missing.exit_code == 1 and "no metrics.csv" in missing.output
+
+
+# ---- class balance and early stopping -----------------------------------------------------
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from sklearn.utils.class_weight import compute_class_weight  # noqa: E402
+
+from sstream.task import Classification  # noqa: E402
+from sstream.train import epoch_order  # noqa: E402
+
+
+def test_sampler_draws_classes_equally_and_the_same_on_every_call():
+    labels = [0] * 90 + [1] * 10
+    task = Classification(2)
+    weights = task.balance("sampler", labels)
+    draws = np.concatenate([epoch_order(5, epoch, 100, weights) for epoch in range(40)])
+    share = np.mean(np.array(labels)[draws])
+    assert 0.45 < share < 0.55  # unbalanced order: 0.10
+    assert np.array_equal(epoch_order(5, 3, 100, weights), epoch_order(5, 3, 100, weights))
+    assert task.class_weights is None and task.balance("none", labels) is None
+
+
+def test_loss_balance_weights_each_image_by_its_class():
+    labels = [0, 0, 0, 1, 2, 2]
+    task = Classification(4)
+    assert task.balance("loss", labels) is None
+    expected = compute_class_weight("balanced", classes=np.array([0, 1, 2]), y=labels)
+    assert np.allclose(task.class_weights, [*expected, 1.0])
+    logits = torch.randn(1, 4, dtype=torch.float64)
+    for label in (0, 1, 2):
+        want = task.class_weights[label] * F.cross_entropy(logits, torch.tensor([label]))
+        assert torch.allclose(task.loss(logits, [label]), want)
+
+
+def imbalanced(tmp_path: Path) -> Path:
+    return write_cohort(tmp_path, [0, 0, 0, 0, 0, 1], name="imbalanced")
+
+
+def test_a_balanced_sampler_run_resumes_exactly(tmp_path):
+    """The sampler's draws come from (seed, epoch), as the plain order: an interrupted run
+    resumed ends with the uninterrupted run's weights."""
+    data = imbalanced(tmp_path)
+    settings = dict(epochs=2, accumulate=2, balance="sampler", seed=4)
+    full = train(quick(tmp_path / "a", data, **settings))
+    polls = {"count": 0}
+
+    def stop_mid_epoch() -> bool:
+        polls["count"] += 1
+        return polls["count"] == 3
+
+    stopped = train(quick(tmp_path / "b", data, **settings), should_stop=stop_mid_epoch)
+    assert stopped.interrupted
+    resumed = train(quick(tmp_path / "b", data, **settings), resume=True)
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_patience_stops_after_epochs_without_improvement_but_not_before_min_epochs(tmp_path):
+    data = imbalanced(tmp_path)
+    frozen = dict(epochs=8, optimizer="sgd", lr=1e-30, momentum=0.0, weight_decay=0.0,
+                  schedule="constant", augment=False, val_csv=str(data), patience=2)
+    result = train(quick(tmp_path / "a", data, **frozen))
+    assert result.state.epoch == 3 and "stopped early after epoch 3 of 8" in result.stop_reason
+    assert "best.pt is epoch 1" in result.stop_reason
+    later = train(quick(tmp_path / "b", data, min_epochs=5, **frozen))
+    assert later.state.epoch == 5
+    resumed = train(quick(tmp_path / "b", data, min_epochs=5, **frozen), resume=True)
+    assert resumed.state.epoch == 5  # an exhausted patience stays exhausted on resume
+    full = train(quick(tmp_path / "c", data, **{**frozen, "patience": None, "epochs": 3}))
+    assert full.stop_reason == "all 3 epochs done; best.pt is epoch 1"
