@@ -323,6 +323,10 @@ def train(
     patience: int = typer.Option(None, help="Stop after this many epochs without a better "
                                  "best.pt (its validation metric).", show_default="off"),
     min_epochs: int = typer.Option(0, help="Never stop early before this many epochs."),
+    log: str = typer.Option("tensorboard", help="tensorboard: every epoch's metrics, losses, "
+                            "learning rate, speed and memory in OUT/tensorboard (when "
+                            "tensorboard is installed: pip install sstream[tensorboard]); "
+                            "none: only metrics.csv."),
     quiet: bool = typer.Option(False, help="No progress output."),
     json_events: bool = typer.Option(False, "--json", help="Machine-readable events, one "
                                      "JSON object per line."),
