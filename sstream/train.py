@@ -70,8 +70,8 @@ from sstream.models import (
     training_path,
 )
 from sstream.plots import Panel, Series, line_plot
-from sstream.scalar_log import ScalarLog
 from sstream.runtime import amp_dtype, autocast, parse_bytes, peak_memory_mb, reset_peak_memory
+from sstream.scalar_log import ScalarLog
 from sstream.task import LOSSES, TASKS, Classification, Regression, Task, selection_score
 from sstream.tissue import TISSUE_CHOICES, Tissue, output_mask, write_preview
 
