@@ -75,7 +75,8 @@ def sstream_mps(path: str, side: int, count: int, workers: int, device=None,
     return count * region * region / 1e6 / seconds
 
 
-def raw_mps(path: str, side: int, count: int, workers: int, device=None) -> float:
+def raw_mps(path: str, side: int, count: int, workers: int, device=None,
+            region: int = REGION) -> float:
     """MP/s of imagecodecs decoding the regions' tiles on a pool of `workers` threads, the
     compressed bytes read beforehand: the decode limit of `workers` threads."""
     import imagecodecs
@@ -88,7 +89,7 @@ def raw_mps(path: str, side: int, count: int, workers: int, device=None) -> floa
         across = -(-page.imagewidth // page.tilewidth)
         fh = tf.filehandle
         jobs = []
-        for y0, y1, x0, x1 in regions(side, count):
+        for y0, y1, x0, x1 in regions(side, count, region):
             tiles = [r * across + c for r in range(y0 // TILE, (y1 - 1) // TILE + 1)
                      for c in range(x0 // TILE, (x1 - 1) // TILE + 1)]
             data = []
@@ -107,7 +108,7 @@ def raw_mps(path: str, side: int, count: int, workers: int, device=None) -> floa
         list(pool.map(decode, data))
     seconds = time.perf_counter() - start
     pool.shutdown()
-    return count * REGION * REGION / 1e6 / seconds
+    return count * region * region / 1e6 / seconds
 
 
 def predict_seconds(path: str, tile: int, mode: str, device=None) -> float:
