@@ -75,8 +75,7 @@ def sstream_mps(path: str, side: int, count: int, workers: int, device=None,
     return count * region * region / 1e6 / seconds
 
 
-def raw_mps(path: str, side: int, count: int, workers: int, device=None,
-            region: int = REGION) -> float:
+def raw_mps(path: str, side: int, count: int, workers: int, device=None) -> float:
     """MP/s of imagecodecs decoding the regions' tiles on a pool of `workers` threads, the
     compressed bytes read beforehand: the decode limit of `workers` threads."""
     import imagecodecs
@@ -89,7 +88,7 @@ def raw_mps(path: str, side: int, count: int, workers: int, device=None,
         across = -(-page.imagewidth // page.tilewidth)
         fh = tf.filehandle
         jobs = []
-        for y0, y1, x0, x1 in regions(side, count, region):
+        for y0, y1, x0, x1 in regions(side, count):
             tiles = [r * across + c for r in range(y0 // TILE, (y1 - 1) // TILE + 1)
                      for c in range(x0 // TILE, (x1 - 1) // TILE + 1)]
             data = []
@@ -108,7 +107,7 @@ def raw_mps(path: str, side: int, count: int, workers: int, device=None,
         list(pool.map(decode, data))
     seconds = time.perf_counter() - start
     pool.shutdown()
-    return count * region * region / 1e6 / seconds
+    return count * REGION * REGION / 1e6 / seconds
 
 
 def predict_seconds(path: str, tile: int, mode: str, device=None) -> float:

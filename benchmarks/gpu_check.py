@@ -287,16 +287,8 @@ def decode_overlap(check: Check) -> None:
     from benchmarks.bench_read import predict_seconds
     from sstream.io.parallel import default_read_workers
 
-    from benchmarks.bench_read import raw_mps, sstream_mps, worker_counts
-
     path = jpeg_slide(check)
     side = 1536 if check.small else 8192
-    region = min(2048, side // 2)
-    for workers in worker_counts():
-        ours = sstream_mps(str(path), side, 4, workers, region=region)
-        raw = raw_mps(str(path), side, 4, workers, region=region)
-        check.row("decode", f"{workers} threads: sstream / raw imagecodecs pool",
-                  f"{ours:.0f} / {raw:.0f} MP/s", f"{ours / raw:.2f}x (goal >= 0.8x)")
     workers = default_read_workers()
     alone = _decode_mps(path, side, workers)
     check.row("decode", f"{workers} threads, 2048² regions (alone)", f"{alone:.0f} MP/s", "")

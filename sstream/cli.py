@@ -184,6 +184,23 @@ def _parse_size(text: str | None, option: str) -> tuple[int, int] | None:
     return (height, width)
 
 
+def _check_read(level: int | None = None, mpp: float | None = None,
+                assume_mpp: float | None = None,
+                image_size: tuple[int, int] | None = None) -> None:
+    """The read options checked where every job checks them (`ReadSpec`), answered as
+    usage errors (exit 2)."""
+    from sstream.reading import ReadSpec, ReadSpecError
+
+    try:
+        ReadSpec(level, mpp, assume_mpp, image_size)
+    except ReadSpecError as exc:
+        raise UsageError(str(exc)) from None
+
+
+ASSUME_MPP_HELP = ("Level 0's µm per pixel for slides that do not state it (a CSV's mpp "
+                   "column gives each slide its own); a stated one wins.")
+
+
 def _tissue_choice(value: str | None) -> str | None:
     """--tissue: auto and none in any letter case; anything else names a mask file."""
     return value.lower() if value is not None and value.lower() in ("auto", "none") else value
@@ -273,8 +290,9 @@ def train(
     train_bn_affine: bool = typer.Option(True, help="Train BatchNorm weight/bias (statistics "
                                          "stay frozen either way)."),
     level: int = typer.Option(None, help="Pyramid level to read (0 = full resolution)."),
-    mpp: float = typer.Option(None, help="Read the level closest to this resolution "
-                              "(microns per pixel)."),
+    mpp: float = typer.Option(None, help="Read every slide at exactly this many µm per "
+                              "pixel: the finest level not coarser, resized (antialiased)."),
+    assume_mpp: float = typer.Option(None, help=ASSUME_MPP_HELP),
     image_size: str = typer.Option(None, help="Crop or pad every image to this size "
                                    "(N or WxH; random crop in training, centre in validation)."),
     augment: bool = typer.Option(True, help="Flips, 90-degree rotations, light colour "
@@ -323,10 +341,6 @@ def train(
     patience: int = typer.Option(None, help="Stop after this many epochs without a better "
                                  "best.pt (its validation metric).", show_default="off"),
     min_epochs: int = typer.Option(0, help="Never stop early before this many epochs."),
-    log: str = typer.Option("tensorboard", help="tensorboard: every epoch's metrics, losses, "
-                            "learning rate, speed and memory in OUT/tensorboard (when "
-                            "tensorboard is installed: pip install sstream[tensorboard]); "
-                            "none: only metrics.csv."),
     quiet: bool = typer.Option(False, help="No progress output."),
     json_events: bool = typer.Option(False, "--json", help="Machine-readable events, one "
                                      "JSON object per line."),
@@ -368,6 +382,7 @@ def train(
             settings = TrainConfig.from_dict(given)
             if not settings.train_csv:
                 raise UsageError("--train-csv is required (or --resume DIR)")
+            _check_read(settings.level, settings.mpp, settings.assume_mpp, settings.image_size)
         events: TrainEvents = (TrainEvents() if quiet or not main_rank else JsonTrainEvents()
                                if json_events else RichTrainEvents(err_console))
         stop = {"signal": None}
@@ -412,10 +427,15 @@ def predict(
                              "prob_<class>..., pred[, label])."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output "
                                    "file."),
-    level: int = typer.Option(None, help="Pyramid level to read."),
-    mpp: float = typer.Option(None, help="Read the level closest to this resolution."),
-    image_size: str = typer.Option(None, help="Centre crop or pad to N or WxH."),
-    tile_size: int = typer.Option(512, help="Tile side in input pixels."),
+    level: int = typer.Option(None, help="Pyramid level to read.",
+                              show_default="as the model was trained"),
+    mpp: float = typer.Option(None, help="Read at exactly this many µm per pixel.",
+                              show_default="as the model was trained"),
+    assume_mpp: float = typer.Option(None, help=ASSUME_MPP_HELP),
+    image_size: str = typer.Option(None, help="Centre crop or pad to N or WxH.",
+                                   show_default="as the model was trained"),
+    tile_size: int = typer.Option(None, help="Tile side in input pixels.",
+                                  show_default="training's, else 512"),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: bool = typer.Option(False, help="Mixed precision inference."),
     tissue: str = typer.Option(None, callback=_tissue_choice, help="auto, none, or a mask "
@@ -433,14 +453,14 @@ def predict(
     from sstream.predict import predict as run_prediction
 
     with user_errors():
-        if level is not None and mpp is not None:
-            raise UsageError("give --level or --mpp, not both")
-        if tile_size <= 0:
+        size = _parse_size(image_size, "--image-size")
+        _check_read(level, mpp, assume_mpp, size)
+        if tile_size is not None and tile_size <= 0:
             raise UsageError("--tile-size must be positive")
         config = PredictConfig(
             checkpoint=str(checkpoint), images=[str(i) for i in images or []],
             csv=str(csv) if csv else None, out=str(out) if out else None, level=level,
-            mpp=mpp, image_size=_parse_size(image_size, "--image-size"), tile_size=tile_size,
+            mpp=mpp, assume_mpp=assume_mpp, image_size=size, tile_size=tile_size,
             device=device, amp=amp, overwrite=overwrite, tissue=tissue)
         events = PredictEvents() if quiet or json_output else RichPredictEvents(err_console)
         try:
@@ -448,6 +468,8 @@ def predict(
         finally:
             if hasattr(events, "close"):
                 events.close()
+        for note in result.notes:
+            err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
         if json_output:
             _print_json({k: v for k, v in vars(result).items() if k != "task"})
         elif not quiet:
@@ -480,9 +502,11 @@ def saliency(
         "value is explained.", show_default="the first"),
     level: int | None = typer.Option(
         None, "--level", help="Slide pyramid level to read (the model's input).",
-        show_default="0"),
+        show_default="as the model was trained"),
     mpp: float | None = typer.Option(
-        None, "--mpp", help="Read the level nearest this many microns per pixel (not coarser)."),
+        None, "--mpp", help="Read at exactly this many µm per pixel (the map then has this "
+        "resolution).", show_default="as the model was trained"),
+    assume_mpp: float | None = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
     method: str = typer.Option(
         "gradient", "--method",
         help="gradient: max over colour channels of |d logit / d pixel| (Simonyan et al.); "
@@ -558,26 +582,32 @@ def saliency(
 
         if class_index is not None and target is not None:
             raise UsageError("give --class (classification) or --target (regression), not both")
+        _check_read(level, mpp, assume_mpp)
         try:
             result = compute_saliency(
                 slide, checkpoint, out_path, overview=overview_path,
                 index=class_index if target is None else target,
                 level=level, mpp=mpp, method=method, uint8=uint8, percentile=percentile,
                 tile_size=tile_size, device=device, overwrite=overwrite, progress=progress,
-                tissue=tissue)
+                tissue=tissue, assume_mpp=assume_mpp)
         except SaliencyOptionError as exc:
             raise UsageError(str(exc)) from None
         finally:
             if tasks:
                 bar.stop()
+        for note in result.notes:
+            err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
         if json_output:
             _print_json(result)
             if view:
                 serve(Path(slide), [Path(result.out)], "127.0.0.1", 8000)
             return
         console.print(result.summary, highlight=False)
+        resized = "" if result.resize == 1 else f" resized by {result.resize:.4g}"
+        at = "" if result.mpp is None else f" at {result.mpp:.4g} µm/px"
         console.print(f"map {result.size[0]} x {result.size[1]} ({result.encoding}, level "
-                      f"{result.level}, {result.method}): {result.out}", highlight=False)
+                      f"{result.level}{resized}{at}, {result.method}): {result.out}",
+                      highlight=False)
         if result.overview is not None:
             console.print(f"overview: {result.overview}", highlight=False)
         console.print(f"values {result.min:.3g} .. {result.max:.3g}, scale {result.scale:.3g} "
@@ -606,6 +636,11 @@ def verify_command(
                                  "weights, as for train."),
     image: Path = typer.Option(None, "--image", help="A slide or image (its centre at "
                                "--image-size) instead of random pixels."),
+    level: int = typer.Option(None, "--level", help="--image: the pyramid level to read.",
+                              show_default="0"),
+    mpp: float = typer.Option(None, "--mpp", help="--image: read at exactly this many µm "
+                              "per pixel."),
+    assume_mpp: float = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random pixels."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -619,15 +654,17 @@ def verify_command(
     import json
 
     from sstream.cli_render import verification_table
+    from sstream.reading import ReadSpec
     from sstream.verify import verify
 
     with user_errors():
         parsed = _parse_size(_renamed(image_size, size), "--image-size")
         assert parsed is not None
+        _check_read(level, mpp, assume_mpp)
         with err_console.status("one training step conventionally, then streamed"):
             result = verify(model, parsed, tile_size, stream_layers, dtype,
                             str(weights) if weights else None, str(image) if image else None,
-                            device, seed)
+                            device, seed, read=ReadSpec(level, mpp, assume_mpp))
         if json_output:
             print(json.dumps(result.to_dict(), default=str, indent=2))
         else:
@@ -724,7 +761,9 @@ def serve(slide: Path, overlays: list[Path], host: str, port: int,
 @app.command("info")
 def info_command(
     slides: list[Path] = typer.Argument(..., help="Slides or images to describe."),
-    mpp: float = typer.Option(None, "--mpp", help="Also say which level --mpp would read."),
+    mpp: float = typer.Option(None, "--mpp", help="Also say how --mpp would read each slide: "
+                              "the level, its resize factor, the size read."),
+    assume_mpp: float = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
     thumbnail: Path = typer.Option(None, "--thumbnail", help="Write a PNG thumbnail (one "
                                    "slide)."),
     max_side: int = typer.Option(1024, "--max-side", help="Longer side of the thumbnail."),
@@ -744,7 +783,9 @@ def info_command(
         if mpp is not None and not 0 < mpp < float("inf"):
             raise UsageError(f"--mpp must be a positive number, got {mpp}")
         _check_max_side(max_side)
-        records, failures = _each_slide(slides, lambda path: slide_info(path, mpp))
+        _check_read(mpp=mpp, assume_mpp=assume_mpp)
+        records, failures = _each_slide(
+            slides, lambda path: slide_info(path, mpp, assume_mpp=assume_mpp))
         if json_output:
             console.print_json(json.dumps([r.to_dict() for r in records] + [
                 {"path": str(path), "error": reason} for path, reason in failures]))

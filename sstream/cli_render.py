@@ -88,9 +88,6 @@ class RichTrainEvents(TrainEvents):
         previews = info.get("tissue_previews")
         self.console.print(f"tissue: {tissue}" + (f"; check the masks in {previews}"
                                                    if previews else ""))
-        if info.get("tensorboard"):
-            self.console.print(f"curves in TensorBoard: tensorboard --logdir "
-                               f"{Path(info['tensorboard']).parent.parent}")
         epoch, index = info["resumed_at"]
         if epoch or index:
             self.console.print(f"resuming at epoch {epoch + 1}, image {index + 1}")
@@ -265,7 +262,9 @@ def info_table(info: Any) -> Group:
         caption.append("associated: " + ", ".join(
             f"{name} {w} x {h}" for name, (w, h) in info.associated.items()))
     if info.chosen_level is not None:
-        caption.append(f"--mpp reads level {info.chosen_level}")
+        how = "as it is" if info.resize == 1 else f"resized by {info.resize:.4g}"
+        caption.append(f"--mpp reads level {info.chosen_level} {how}: "
+                       f"{info.read_size[0]} x {info.read_size[1]} px")
     table = Table(box=box.SIMPLE_HEAD)
     for name in ("level", "width", "height", "downsample", "µm/px"):
         table.add_column(name, justify="right")

@@ -26,7 +26,7 @@ import torch
 
 from sstream.errors import SstreamError
 from sstream.gpu_decode import JpegRegionReader, jpeg_decoder
-from sstream.io import SlideImage, open_image
+from sstream.io import SlideImage
 from sstream.io.prefetch import DEFAULT_READ_AHEAD, ReadAhead
 from sstream.io.tissue import TissueMask
 from sstream.task import Classification, Task
@@ -51,14 +51,16 @@ class DatasetError(SstreamError, ValueError):
 class Sample:
     """One CSV row: an image path (resolved against the CSV's folder), its label (as the
     task reads it), its tissue mask file (an optional `mask` column; None where empty or
-    absent) and its patient (an optional `patient` column: the slides of one patient stay
-    on one side of every split; None where empty or absent)."""
+    absent), its patient (an optional `patient` column: the slides of one patient stay
+    on one side of every split; None where empty or absent) and its level 0's µm per pixel
+    for a slide that states none (an optional `mpp` column)."""
 
     image: Path
     label: int | tuple[float, ...] | None  # a class, or regression targets
     row: int  # 1-based line number in the CSV (the header is line 1)
     mask: Path | None = None
     patient: str | None = None
+    mpp: float | None = None
 
 
 def read_label_csv(path: str | Path, task: Task | None = None,
@@ -66,7 +68,8 @@ def read_label_csv(path: str | Path, task: Task | None = None,
     """Read a CSV with header `image,label` (paths relative to the CSV's folder; the label
     columns are the task's: `label`, or `label_<name>` per regression target), an
     optional `mask` column: a tissue mask image per slide (see `sstream.io.tissue`), and an
-    optional `patient` column (`Sample.patient`).
+    optional `patient` column (`Sample.patient`), and an optional `mpp` column (level 0's
+    µm per pixel, for slides that do not state it).
 
     Every problem is collected and raised at once as DatasetError, with line numbers: missing
     or empty file, wrong header, a label the task cannot read (not an integer, out of range,
@@ -95,6 +98,7 @@ def read_label_csv(path: str | Path, task: Task | None = None,
     image_col = header.index("image")
     mask_col = header.index("mask") if "mask" in header else None
     patient_col = header.index("patient") if "patient" in header else None
+    mpp_col = header.index("mpp") if "mpp" in header else None
     samples, problems, seen = [], [], {}
     for line, row in enumerate(rows[1:], start=2):
         image_text = row[image_col].strip() if image_col < len(row) else ""
@@ -125,7 +129,12 @@ def read_label_csv(path: str | Path, task: Task | None = None,
             continue
         patient = row[patient_col].strip() if patient_col is not None and \
             patient_col < len(row) else ""
-        samples.append(Sample(image, label, line, mask, patient or None))
+        mpp_text = row[mpp_col].strip() if mpp_col is not None and mpp_col < len(row) else ""
+        mpp = _positive(mpp_text)
+        if mpp_text and mpp is None:
+            problems.append(f"line {line}: mpp {mpp_text!r} is not a positive number")
+            continue
+        samples.append(Sample(image, label, line, mask, patient or None, mpp))
     if not samples and not problems:
         problems.append("no data rows after the header")
     if problems:
@@ -135,18 +144,13 @@ def read_label_csv(path: str | Path, task: Task | None = None,
     return samples
 
 
-def choose_level(slide: SlideImage, level: int | None, mpp: float | None) -> int:
-    """The pyramid level to read: `level`, or the one best matching `mpp`, or 0."""
-    if level is not None and mpp is not None:
-        raise ValueError("give --level or --mpp, not both")
-    if mpp is not None:
-        return slide.level_for_mpp(mpp)
-    if level is None:
-        return 0
-    if not 0 <= level < slide.level_count:
-        raise ValueError(f"{slide.path}: level {level} does not exist "
-                         f"(the file has levels 0..{slide.level_count - 1})")
-    return level
+def _positive(text: str) -> float | None:
+    """A positive finite number, or None (empty, not a number, or not positive)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 @dataclass(frozen=True)
@@ -419,13 +423,3 @@ def fit_window(height: int, width: int, size: tuple[int, int] | None, mode: str,
             starts.append(int(generator.integers(0, extent - want + 1)))
     return (starts[0], starts[0] + size[0], starts[1], starts[1] + size[1])
 
-
-def open_source(path: str | Path, level: int | None = None, mpp: float | None = None
-                ) -> tuple[SlideImage, PixelSource]:
-    """Open a slide and present the chosen level lazily (caller closes the slide)."""
-    slide = open_image(path)
-    try:
-        return slide, PixelSource.from_slide(slide, choose_level(slide, level, mpp))
-    except Exception:
-        slide.close()
-        raise

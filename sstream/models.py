@@ -111,6 +111,9 @@ class ModelConfig:
             predicted values in the label's units: the head ends with a TargetScale);
             see `sstream.task`.
         targets: the regression targets' names (one per output); None for classification.
+        read: how training read its images (`sstream.reading.ReadSpec.record`: level or
+            mpp, image size); None for checkpoints from before the record (level 0, whole).
+        tile_size: the tile side training streamed with: predict's default. None: unknown.
     """
 
     name: str = "tiny"
@@ -121,6 +124,8 @@ class ModelConfig:
     tissue: str = "none"
     task: str = "classification"
     targets: list[str] | None = None
+    read: dict[str, Any] | None = None
+    tile_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (JSON- and weights_only-safe)."""
@@ -180,6 +185,8 @@ class Classifier(nn.Module):
 
     `forward(x)` runs both on the whole image: the plain-PyTorch reference. For training on
     big images wrap `model.stream` in `StreamingCNN` and apply `model.head` to its output.
+    `forward(x, mask=...)` pools over the mask's positions only, as predict and training do
+    with a tissue mask (`sstream.reading.model_input` gives predict's x and mask).
 
     `train(mode)` keeps BatchNorms marked by `freeze_batchnorm` in eval mode.
     """
@@ -190,8 +197,24 @@ class Classifier(nn.Module):
         self.stream = stream
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stream(x))  # (N, 3, H, W) -> (N, C', H', W') -> (N, classes)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3, H, W) pixels / 255 -> (N, outputs). `mask`: bool (H', W') at the stream's
+        output resolution (tissue); the head's global pooling then runs over True positions
+        only: max as if the others were -inf, mean over the True ones. ValueError for a mask
+        on a head that does not start with global pooling."""
+        features = self.stream(x)  # (N, C', H', W')
+        if mask is None:
+            return self.head(features)
+        pooling = head_global_pool(self.head)
+        if pooling is None:
+            raise ValueError("a mask needs a head that starts with global pooling (stream "
+                             "the whole trunk: no --stream-layers)")
+        keep = mask.to(features.device, torch.bool)  # (H', W')
+        if pooling == "max":
+            pooled = features.masked_fill(~keep, -torch.inf).amax(dim=(2, 3))  # (N, C')
+        else:
+            pooled = (features * keep).sum(dim=(2, 3)) / keep.sum()
+        return self.head[1:](pooled[..., None, None])  # (N, C', 1, 1) -> (N, outputs)
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)

@@ -18,18 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
-from sstream.data import PixelSource, Sample, choose_level, fit_window, read_label_csv
+from sstream.data import Sample, read_label_csv
 from sstream.engine import StreamingCNN
-from sstream.io import atomic_output, open_image
+from sstream.io import atomic_output
 from sstream.models import head_global_pool, load_checkpoint, model_outputs
+from sstream.reading import ReadSpec
 from sstream.runtime import amp_dtype, resolve_device
 from sstream.task import Evaluation, Task, evaluate_patients, task_for_model
 from sstream.tissue import Tissue, output_mask
 
+DEFAULT_TILE = 512  # predict's tile side for checkpoints that do not record training's
+
 
 @dataclass
 class PredictConfig:
-    """Options of `sstream predict`."""
+    """Options of `sstream predict`. The read options (level or mpp, image_size, tissue)
+    and the tile size default to the checkpoint's record of training (None)."""
 
     checkpoint: str
     images: list[str] = field(default_factory=list)
@@ -37,8 +41,9 @@ class PredictConfig:
     out: str | None = None
     level: int | None = None
     mpp: float | None = None
+    assume_mpp: float | None = None  # level 0's µm per pixel for slides that state none
     image_size: tuple[int, int] | None = None
-    tile_size: int = 512
+    tile_size: int | None = None    # None: training's, else DEFAULT_TILE
     device: str = "auto"
     amp: bool = False
     overwrite: bool = False
@@ -62,6 +67,7 @@ class PredictResult:
     task: Task
     evaluations: list[Evaluation] = field(default_factory=list)  # slide, then patient level
     written: list[Path] = field(default_factory=list)   # the report files beside `out`
+    notes: list[str] = field(default_factory=list)      # where reading departs from training
 
 
 class PredictEvents:
@@ -97,17 +103,19 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
         FileExistsError: the output CSV exists and not `overwrite`.
     """
     events = events or PredictEvents()
-    if config.level is not None and config.mpp is not None:
-        raise ValueError("give --level or --mpp, not both")
     if config.out and Path(config.out).exists() and not config.overwrite:
         raise FileExistsError(f"{config.out} exists; use --overwrite to replace it")
     device = resolve_device(config.device)
     model = load_checkpoint(config.checkpoint).to(device).eval()
-    scnn = StreamingCNN(model.stream, config.tile_size)
+    trained = ReadSpec.for_model(model.config)
+    spec = trained.overridden(config.level, config.mpp, config.image_size, config.tissue,
+                              config.assume_mpp)
+    scnn = StreamingCNN(model.stream, config.tile_size or model.config.tile_size
+                        or DEFAULT_TILE)
     scnn.on_tile = events.on_tile
     task = task_for_model(model)
     inputs = _inputs(config, task)
-    tissue = Tissue.parse(config.tissue, model.config.tissue)
+    tissue = Tissue.parse(spec.tissue, model.config.tissue)
     if tissue.is_file and len(inputs) > 1:
         raise ValueError("--tissue PATH is the mask of one slide; give each slide its mask "
                          "in the CSV's mask column")
@@ -121,15 +129,10 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
     for name, sample in inputs:
         label = sample.label
         try:
-            with open_image(sample.image) as slide:
-                level = choose_level(slide, config.level, config.mpp)
-                width, height = slide.level_dimensions[level]
-                window = fit_window(height, width, config.image_size, "center")
-                source = PixelSource.from_slide(slide, level, window)
-                source.tissue = tissue.mask_for(slide, sample.mask)
-                mask = output_mask(source, scnn)
-                events.on_slide_start(name, len(scnn.plan(source.shape)))
-                outputs = model_outputs(model, scnn, source, config.amp, dtype, mask)
+            with spec.open(sample) as read:
+                mask = output_mask(read.source, scnn)
+                events.on_slide_start(name, len(scnn.plan(read.source.shape)))
+                outputs = model_outputs(model, scnn, read.source, config.amp, dtype, mask)
         except (ValueError, OSError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             failures.append((name, reason))
@@ -147,7 +150,7 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
         written = write_evaluations(out, evaluations, predictions, task)
     return PredictResult(predictions, failures,
                          evaluations[0].metrics if evaluations else None, out, task,
-                         evaluations, written)
+                         evaluations, written, spec.notes(trained))
 
 
 def evaluate_predictions(predictions: list[Prediction], task: Task) -> list[Evaluation]:

@@ -69,19 +69,20 @@ import time
 import types
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sstream.data import PixelSource, choose_level
+from sstream.data import PixelSource
 from sstream.engine import StreamingCNN
 from sstream.errors import SstreamError
-from sstream.io import TiffMapWriter, atomic_output, open_image, read_downsampled
+from sstream.io import TiffMapWriter, atomic_output, read_downsampled
 from sstream.io.colormap import inferno
 from sstream.models import Classifier, load_checkpoint, minimum_input_size, streamed_logits
+from sstream.reading import ReadSpec
 from sstream.runtime import resolve_device
 from sstream.task import task_for_model
 from sstream.tissue import Tissue, output_mask, pixel_mask
@@ -151,6 +152,8 @@ class SaliencyResult:
     nonzero: int
     tiles: int
     seconds: float
+    resize: float = 1.0          # the level resized by this to read at `mpp` (1: as it is)
+    notes: list[str] = field(default_factory=list)  # where reading departs from training
 
 
 def default_output_paths(slide_path: str | os.PathLike,
@@ -183,6 +186,7 @@ def compute_saliency(
     overwrite: bool = False,
     progress: SaliencyProgress | None = None,
     tissue: str | None = None,
+    assume_mpp: float | None = None,
 ) -> SaliencyResult:
     """Write the saliency map of a slide (pyramidal TIFF) and optionally a PNG overview.
 
@@ -193,8 +197,10 @@ def compute_saliency(
         out: the map's TIFF path. overview: the PNG path, or None for no overview.
         index: the class whose logit is explained (None: the predicted class), or for a
             regression model the target whose value is explained (None: the first).
-        level, mpp: the slide level to read (as the model was trained), by index or by
-            microns per pixel (the coarsest level not coarser than `mpp`); default level 0.
+        level, mpp: the slide level to read as it is, or exactly `mpp` µm per pixel
+            (`sstream.reading.ReadSpec`); None: as the model was trained (its checkpoint's
+            record; level 0 for older checkpoints). The whole image is read, whatever crop
+            training used. assume_mpp: level 0's µm per pixel if the slide states none.
         method: "gradient" (max over channels of |gradient|) or "gradient-x-input" (sum over
             channels of pixel x gradient); see the module docstring.
         uint8: write a uint8 map quantised with the percentile scale instead of float32.
@@ -225,8 +231,6 @@ def compute_saliency(
     if method not in METHODS:
         raise SaliencyOptionError(f"unknown method {method!r}; choose one of "
                                   f"{', '.join(METHODS)}")
-    if level is not None and mpp is not None:
-        raise SaliencyOptionError("give level (--level) or mpp (--mpp), not both")
     if not 0 < percentile <= 100:
         raise SaliencyOptionError(f"percentile must be in (0, 100], got {percentile}")
     out = Path(out)
@@ -252,15 +256,17 @@ def compute_saliency(
         for param, _ in wanted_grad:
             param.requires_grad_(False)  # only the input gradient is wanted
         stack.callback(lambda: [param.requires_grad_(flag) for param, flag in wanted_grad])
-        slide = stack.enter_context(open_image(slide_path))
-        level = choose_level(slide, level, mpp)
-        source = PixelSource.from_slide(slide, level)
-        height, width = source.height, source.width
-        source.tissue = Tissue.parse(tissue, model.config.tissue).mask_for(slide)
+        trained = replace(ReadSpec.for_model(model.config), image_size=None)
+        spec = trained.overridden(level, mpp, None, tissue, assume_mpp)
+        Tissue.parse(spec.tissue)  # a bad choice fails before the slide is read
+        read = stack.enter_context(spec.open(slide_path))
+        slide, source, resolution = read.slide, read.source, read.resolution
+        level, height, width = resolution.level, source.height, source.width
         smallest = minimum_input_size(model)
         if min(height, width) < smallest:
-            raise ValueError(f"{slide.path}: level {level} is {width} x {height} pixels, "
-                             f"smaller than the {smallest} x {smallest} the model accepts")
+            raise ValueError(f"{slide.path}: the image read ({spec.resolution_text}) is "
+                             f"{width} x {height} pixels, smaller than the {smallest} x "
+                             f"{smallest} the model accepts")
         stream = StreamingCNN(model.stream, tile_size)
         tiles = len(stream.plan(source.shape))
         mask = output_mask(source, stream)
@@ -280,9 +286,10 @@ def compute_saliency(
         outputs = streamed_logits(model, stream, source, mask, input_grad_sink=bands)
         chosen, prediction = task.explained(outputs[0], index)
 
-        level_mpp = slide.level_mpp(level)
+        level_mpp = resolution.mpp
         record = {"sstream": "saliency", "slide": slide.path.name, "level": level,
-                  "method": method, **prediction}
+                  "mpp": level_mpp, "resize": resolution.resize, "method": method,
+                  **prediction}
         if not uint8:
             bands.writer = stack.enter_context(TiffMapWriter(
                 out, (height, width), np.float32, tile_size=MAP_TILE, mpp=level_mpp,
@@ -320,7 +327,8 @@ def compute_saliency(
         size=(width, height), mpp=level_mpp, encoding="uint8" if uint8 else "float32",
         min=bands.min, max=bands.max, scale=scale, percentile=percentile,
         nonzero=bands.histogram.count, tiles=tiles,
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started, resize=resolution.resize,
+        notes=spec.notes(trained))
 
 
 def _refuse_unwritable(path: Path, overwrite: bool) -> None:

@@ -13,8 +13,7 @@ head's dropout draws from). A checkpoint is taken at an optimizer-step boundary,
 interrupting and resuming gives the same weights as an uninterrupted run (on CPU).
 
 Output directory: `config.json` (the resolved configuration), `last.pt`, `best.pt`,
-`metrics.csv` (one row per epoch) and `curves.png`, each written atomically, and with
-tensorboard installed `tensorboard/` (`sstream.scalar_log`); for
+`metrics.csv` (one row per epoch) and `curves.png`, each written atomically; for
 classification with a validation set, `val_confusion.png` and `val_roc.png` of best.pt's
 validation.
 
@@ -43,19 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from sstream.data import (
-    Augmentation,
-    PixelSource,
-    Sample,
-    choose_level,
-    fit_window,
-    read_label_csv,
-)
+from sstream.data import Augmentation, PixelSource, Sample, read_label_csv
 from sstream.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from sstream.engine import ENGINES, StreamingCNN
 from sstream.engine.memory import estimate_training_memory, largest_fitting_row
 from sstream.errors import SstreamError
-from sstream.io import SlideImage, atomic_output, open_image
+from sstream.io import atomic_output, open_image
 from sstream.models import (
     Classifier,
     ModelConfig,
@@ -70,8 +62,8 @@ from sstream.models import (
     training_path,
 )
 from sstream.plots import Panel, Series, line_plot
+from sstream.reading import ReadSpec
 from sstream.runtime import amp_dtype, autocast, parse_bytes, peak_memory_mb, reset_peak_memory
-from sstream.scalar_log import ScalarLog
 from sstream.task import LOSSES, TASKS, Classification, Regression, Task, selection_score
 from sstream.tissue import TISSUE_CHOICES, Tissue, output_mask, write_preview
 
@@ -81,7 +73,6 @@ OPTIMIZERS = ("adamw", "sgd")
 # draws its images with each class equally likely, as CLAM's --weighted_sample); loss
 # (cross-entropy weighted by inverse class frequency, scikit-learn's "balanced" weights).
 BALANCES = ("none", "sampler", "loss")
-LOGS = ("tensorboard", "none")
 SCHEDULES = ("cosine", "step", "constant")
 RUN_COLUMNS = ["lr", "seconds", "images_per_s", "tiles_per_s", "peak_memory_mb"]
 
@@ -113,7 +104,8 @@ class TrainConfig:
     pretrained: bool = False
     train_bn_affine: bool = True
     level: int | None = None
-    mpp: float | None = None
+    mpp: float | None = None                    # exactly this many µm per pixel (resampled)
+    assume_mpp: float | None = None             # level 0's µm per pixel where a slide says none
     image_size: tuple[int, int] | None = None   # (height, width) crop/pad; None: whole level
     augment: bool = True
     optimizer: str = "adamw"
@@ -138,14 +130,12 @@ class TrainConfig:
     balance: str = "none"               # classes: none, sampler or loss (see BALANCES)
     patience: int | None = None         # stop after this many epochs without a better best.pt
     min_epochs: int = 0                 # ... but never before this many epochs
-    log: str = "tensorboard"            # tensorboard (when installed) or none
 
     def validate(self) -> None:
         """Raise ValueError for options that cannot work together."""
         if not self.train_csv:
             raise ValueError("--train-csv is required")
-        if self.level is not None and self.mpp is not None:
-            raise ValueError("give --level or --mpp, not both")
+        self.read_spec()
         checks = [
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.task in TASKS, f"--task must be one of {', '.join(TASKS)}"),
@@ -166,12 +156,7 @@ class TrainConfig:
              "--balance is for classification"),
             (self.patience is None or self.patience >= 1, "--patience must be at least 1"),
             (self.min_epochs >= 0, "--min-epochs must be >= 0"),
-            (self.log in LOGS, f"--log must be one of {', '.join(LOGS)}"),
             (self.step_size >= 1, "--step-size must be at least 1"),
-            (self.image_size is None or min(self.image_size) >= 1,
-             "--image-size must be positive"),
-            (self.mpp is None or self.mpp > 0, "--mpp must be positive"),
-            (self.level is None or self.level >= 0, "--level must be >= 0"),
             (self.tissue in (None, *TISSUE_CHOICES), "--tissue must be auto or none for "
              "training (a mask file belongs to one slide: give each slide its mask in the "
              "CSV's mask column)"),
@@ -179,6 +164,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def read_spec(self, tissue: str | None = None) -> ReadSpec:
+        """How this run reads its images (ReadSpecError for options that cannot work)."""
+        return ReadSpec(self.level, self.mpp, self.assume_mpp, self.image_size, tissue)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,7 +201,7 @@ class TrainEvents:
 
 # Settings a resume may change: they do not alter what has been trained so far.
 RESUMABLE_CHANGES = ("epochs", "device", "out", "accumulate", "dist_timeout", "patience",
-                     "min_epochs", "log")
+                     "min_epochs")
 
 
 @dataclass
@@ -268,33 +257,26 @@ IN_MEMORY_PIXELS = 2**26
 def load_training_image(sample: Sample, config: TrainConfig, train: bool,
                         seed_keys: tuple[int, ...], dtype: torch.dtype = torch.float32,
                         tissue: Tissue | None = None) -> PixelSource:
-    """One image (level, crop/pad, augmentation) as a PixelSource of pixels / 255 in `dtype`:
-    held as uint8 up to IN_MEMORY_PIXELS, else read lazily from the open slide (the source
-    owns it: `close()` it when done). With `tissue`, the source carries the slide's tissue
-    mask, and random crops are centred on a random tissue point."""
+    """One image (resolution, crop/pad, augmentation: `config.read_spec()`) as a PixelSource
+    of pixels / 255 in `dtype`: held as uint8 up to IN_MEMORY_PIXELS, else read lazily from
+    the open slide (the source owns it: `close()` it when done). With `tissue`, the source
+    carries the slide's tissue mask, and random crops are centred on a random tissue point."""
     generator = _generator(config.seed, *seed_keys)
-    slide: SlideImage | None = open_image(sample.image)
+    spec = config.read_spec(tissue.choice if tissue is not None else None)
+    read = spec.open(sample, generator if train else None)
     try:
-        level = choose_level(slide, config.level, config.mpp)
-        width, height = slide.level_dimensions[level]
-        mask = None if tissue is None else tissue.mask_for(slide, sample.mask)
-        point = None if mask is None or not train else mask.random_point(generator)
-        around = None if point is None else (point[1] * height / slide.dimensions[1],
-                                             point[0] * width / slide.dimensions[0])
-        window = fit_window(height, width, config.image_size, "random" if train else "center",
-                            generator if train else None, around)
         augmentation = Augmentation.draw(generator) if (train and config.augment) else None
-        region = PixelSource.from_slide(slide, level, window)
+        region = read.source
         if region.height * region.width > IN_MEMORY_PIXELS:
-            source = region.augmented(augmentation, dtype, slide)
-            slide = None  # owned by the lazy source now
+            source = region.augmented(augmentation, dtype, read.slide)  # owns the slide now
         else:
             source = PixelSource.from_array(region.to_rgb_array(), augmentation, dtype=dtype,
                                             level0=region.level0)
-    finally:
-        if slide is not None:
-            slide.close()
-    source.tissue = mask
+            read.close()
+    except BaseException:
+        read.close()
+        raise
+    source.tissue = region.tissue
     return source
 
 
@@ -352,12 +334,11 @@ def _check_images(samples: list[Sample], config: TrainConfig, minimum: int, what
     """Open every image before training starts; report all unreadable or too small ones.
 
     Returns the largest (height, width) met, the size a memory budget must hold."""
-    problems, largest = [], (0, 0)
+    problems, largest, spec = [], (0, 0), config.read_spec()
     for sample in samples:
         try:
             with open_image(sample.image) as slide:
-                level = choose_level(slide, config.level, config.mpp)
-                width, height = slide.level_dimensions[level]
+                width, height = spec.resolve(slide, sample.mpp).size
         except ValueError as exc:
             problems.append(f"line {sample.row}: {exc}")
             continue
@@ -490,8 +471,6 @@ class _Trainer:
         with parallel.agreement("while writing tissue previews"):
             self.previews = self._write_tissue_previews() if parallel.is_main else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sstream-prefetch")
-        self.scalars = (ScalarLog.open(self.out / "tensorboard", config.log)
-                        if parallel.is_main else None)
 
     def _build(self, config: TrainConfig) -> None:
         self.task = training_task(config)
@@ -510,6 +489,7 @@ class _Trainer:
         self.tissue = training_tissue(config, self.model,
                                       self.train_samples + self.val_samples)
         self.model.config.tissue = self.tissue.record  # predict and saliency do the same
+        self.model.config.read = config.read_spec().record()  # and read as training did
         freeze_batchnorm(self.model.stream, train_affine=config.train_bn_affine)
         minimum = minimum_input_size(self.model)
         largest = _check_images(self.train_samples, config, minimum, str(config.train_csv))
@@ -519,6 +499,7 @@ class _Trainer:
                              if config.memory_budget else (config.tile_size, config.engine))
         self.model.to(self.device)
         self.scnn = StreamingCNN(self.model.stream, tile_size, engine)
+        self.model.config.tile_size = tile_size  # predict's default
         self.scnn.on_tile = self.events.on_tile
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.dtype = self.params[0].dtype if self.params else torch.get_default_dtype()
@@ -613,8 +594,7 @@ class _Trainer:
                               "tissue": self.tissue.choice,
                               "tissue_previews": self.previews and str(self.previews),
                               "resumed_at": (self.state.epoch, self.state.image_index),
-                              "ranks": self.parallel.world_size,
-                              "tensorboard": self.scalars and str(self.scalars.folder)})
+                              "ranks": self.parallel.world_size})
         rank = self.parallel.rank
         try:
             for epoch in range(self.state.epoch, config.epochs):
@@ -626,8 +606,6 @@ class _Trainer:
                 self._end_epoch(epoch)
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
-            if self.scalars is not None:
-                self.scalars.close()
         return TrainResult(self.out, self.state, model=self.model, rank=rank,
                            stop_reason=self._stop_reason())
 
@@ -770,8 +748,6 @@ class _Trainer:
                 write_metrics(self.out, state.history, self.task)
                 if improved and self.val_samples:  # the figures of best.pt's validation
                     self.task.write_figures(self.out / "val_", *self.validation)
-                if self.scalars is not None:
-                    self.scalars.add_epoch(row)
         self.events.on_epoch_end(row)
 
     def validate(self) -> dict[str, float]:

@@ -18,17 +18,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from sstream.data import PixelSource, fit_window
 from sstream.engine import StreamingCNN
 from sstream.engine.memory import LiveBytes, estimate_training_memory
-from sstream.io import open_image
 from sstream.models import (
     Classifier,
     ModelConfig,
@@ -37,6 +35,7 @@ from sstream.models import (
     streamed_logits,
     training_path,
 )
+from sstream.reading import ReadSpec
 from sstream.runtime import resolve_device
 
 __all__ = ["TOLERANCES", "Verification", "verify"]
@@ -82,7 +81,8 @@ class Verification:
 def verify(model: str = "resnet18", size: tuple[int, int] = (1024, 1024),
            tile_size: int = 512, stream_layers: str | None = None, dtype: str = "float64",
            weights: str | None = None, image: str | None = None, device: str = "auto",
-           seed: int = 0, memory: int | None = None) -> Verification:
+           seed: int = 0, memory: int | None = None, read: ReadSpec | None = None
+           ) -> Verification:
     """Compare one conventional and one streamed training step (module docstring).
 
     Args:
@@ -92,6 +92,8 @@ def verify(model: str = "resnet18", size: tuple[int, int] = (1024, 1024),
         tile_size: the streaming tile side in pixels.
         dtype: "float64" (exactness: tolerance 1e-9) or "float32" (1e-4).
         image: a slide or image to use instead of uniform noise.
+        read: how `image` is read (level or mpp, tissue is not used); its image size is
+            `size` (or the crop that fits). Default: level 0.
         memory: bytes the conventional step may use (default: MEMORY_SHARE of what the device
             has available).
 
@@ -107,7 +109,7 @@ def verify(model: str = "resnet18", size: tuple[int, int] = (1024, 1024),
     classifier = _build(model, stream_layers, weights, torch_dtype, target)
     available = memory if memory is not None else int(MEMORY_SHARE * _available(target))
     verified, because = _fitting_size(classifier, size, tile_size, available)
-    pixels = _input(image, verified, seed, torch_dtype).to(target)
+    pixels = _input(image, verified, seed, torch_dtype, read or ReadSpec()).to(target)
     scnn = StreamingCNN(classifier.stream, tile_size)
     label = torch.tensor([1], device=target)
     plain = _step(classifier, lambda x: classifier(x), pixels, label, target)
@@ -164,18 +166,16 @@ def _fitting_size(model: Classifier, size: tuple[int, int], tile: int, available
                   f"{crop[1]} x {crop[0]} crop")
 
 
-def _input(image: str | None, size: tuple[int, int], seed: int, dtype: torch.dtype
-           ) -> torch.Tensor:
-    """(1, 3, H, W) pixels / 255: uniform noise by `seed`, or the centre of `image`'s level
-    0 (padded with white where it is smaller)."""
+def _input(image: str | None, size: tuple[int, int], seed: int, dtype: torch.dtype,
+           read: ReadSpec) -> torch.Tensor:
+    """(1, 3, H, W) pixels / 255: uniform noise by `seed`, or the centre of `image` as
+    `read` reads it (padded with white where it is smaller)."""
     if image is None:
         generator = torch.Generator().manual_seed(seed)
         return torch.rand((1, 3, *size), generator=generator, dtype=dtype)
-    with open_image(image) as slide:
-        width, height = slide.dimensions
-        source = PixelSource.from_slide(slide, 0, fit_window(height, width, size, "center"))
-        source.dtype = dtype
-        return source.to_tensor()
+    with replace(read, image_size=size, tissue=None).open(image, read_ahead=0) as opened:
+        opened.source.dtype = dtype
+        return opened.source.to_tensor()
 
 
 @dataclass

@@ -219,7 +219,7 @@ CASES: dict[str, Case] = {
                             "--epochs must be at least 1"),
     "bad image size": Case(lambda r: train_args(r, "--image-size", "12xfoo"), USAGE,
                            "--image-size must be a positive integer or WxH"),
-    "level with mpp": Case(lambda r: train_args(r, "--level", "0", "--mpp", "0.5"), FAILURE,
+    "level with mpp": Case(lambda r: train_args(r, "--level", "0", "--mpp", "0.5"), USAGE,
                            "--level or --mpp, not both"),
     "unknown optimizer": Case(lambda r: train_args(r, "--optimizer", "lion"), FAILURE,
                               "--optimizer must be one of"),

@@ -13,6 +13,7 @@ from PIL import Image
 
 from sstream.io.atomic import atomic_output
 from sstream.io.reader import SlideImage, open_image, read_downsampled
+from sstream.io.resample import resolve_read
 
 # where backends keep the scanner's objective magnification
 _OBJECTIVE_KEYS = ("openslide.objective-power", "aperio.AppMag")
@@ -30,7 +31,9 @@ class LevelInfo:
 class SlideInfo:
     """A slide's format, backend, pyramid, resolution and associated images.
 
-    `chosen_level` is the level `--mpp`/`--level` would read (None when neither was asked).
+    `chosen_level` is the level `--mpp` would read (None when it was not asked), `resize`
+    the factor that level is resized by to be read at exactly that mpp (1: as it is), and
+    `read_size` the (width, height) of the image read.
     """
 
     path: str
@@ -42,20 +45,25 @@ class SlideInfo:
     associated: dict[str, tuple[int, int]] = field(default_factory=dict)  # name: (w, h)
     chosen_level: int | None = None
     file_bytes: int = 0
+    resize: float | None = None
+    read_size: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def slide_info(path: str | os.PathLike, mpp: float | None = None, backend: str | None = None
-               ) -> SlideInfo:
-    """Open the slide and describe it; with `mpp`, also the level that mpp reads.
+def slide_info(path: str | os.PathLike, mpp: float | None = None, backend: str | None = None,
+               assume_mpp: float | None = None) -> SlideInfo:
+    """Open the slide and describe it; with `mpp`, also how that mpp reads it (the level,
+    the resize factor, the size: `sstream.io.resample.resolve_read`, with `assume_mpp` for
+    a slide that states no resolution).
 
     Raises:
-        ImageReadError: the file cannot be read. ValueError: a non-positive mpp, or a slide
-            that does not state its resolution when `mpp` is given.
+        ImageReadError: the file cannot be read, or states no resolution when `mpp` is given
+            without `assume_mpp`. ValueError: a non-positive mpp.
     """
     with open_image(path, backend) as slide:
+        read = None if mpp is None else resolve_read(slide, mpp=mpp, assume_mpp=assume_mpp)
         return SlideInfo(
             path=str(slide.path), format=slide.vendor, backend=slide.backend,
             levels=[LevelInfo(w, h, round(slide.level_downsamples[i], 4), slide.level_mpp(i))
@@ -63,8 +71,10 @@ def slide_info(path: str | os.PathLike, mpp: float | None = None, backend: str |
             mpp=slide.mpp, objective_power=_objective_power(slide),
             associated={name: _size(slide.associated_image(name))
                         for name in slide.associated},
-            chosen_level=None if mpp is None else slide.level_for_mpp(mpp),
-            file_bytes=_file_bytes(Path(slide.path)))
+            chosen_level=None if read is None else read.level,
+            file_bytes=_file_bytes(Path(slide.path)),
+            resize=None if read is None else read.resize,
+            read_size=None if read is None else read.size)
 
 
 def write_thumbnail(path: str | os.PathLike, out: str | os.PathLike, max_side: int = 1024,

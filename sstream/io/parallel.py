@@ -99,8 +99,6 @@ def run_parallel(tasks: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
 
 def split_evenly(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
     """`items` in at most `parts` contiguous runs of near-equal length."""
-    if not items:
-        return []
     parts = max(1, min(parts, len(items)))
     size = math.ceil(len(items) / parts)
     return [items[i:i + size] for i in range(0, len(items), size)]

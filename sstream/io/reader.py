@@ -276,7 +276,7 @@ class SlideImage:
         ix0, iy0 = max(lx0, 0), max(ly0, 0)
         ix1, iy1 = min(lx0 + w, lv.width), min(ly0 + h, lv.height)
         inside = (ix0, iy0, ix1, iy1) == (lx0, ly0, lx0 + w, ly0 + h)
-        if ix0 >= ix1 or iy0 >= iy1:
+        if not inside and (ix0 >= ix1 or iy0 >= iy1):
             return np.full((h, w, 3), fill, dtype=np.uint8)
         with self._reading():
             try:
