@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_EPOCHS ?= 8
 
-.PHONY: install test lint demo bench bench-quick browser clean
+.PHONY: install test lint docs demo bench bench-quick browser clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sstream tests benchmarks
+
+# docs/cli.md is generated from the app (tests/test_cli_docs.py fails when it is stale)
+docs: $(STAMP)
+	$(BIN)/python -m sstream.cli_docs > docs/cli.md
 
 DEMO := demo_output
 # the first validation slide with lesions (label 1): the saliency map should light them up

@@ -3,7 +3,7 @@
 A stream is exact to tile only if every operation in it is *local*: output position j (per
 axis) depends on a bounded window of input positions. This module traces the stream with
 torch.fx, checks every node against a table of operations known to be local, and propagates
-the window arithmetic of ../shared/ENGINE.md through the graph, branches included:
+the window arithmetic of docs/design.md (section 3) through the graph, branches included:
 
     output j of a node depends on stream-input positions [j*S - lo, j*S + hi]
 

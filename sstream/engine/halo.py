@@ -18,7 +18,7 @@ output: each output is computed once). A window node computes its region by runn
 on the input rows [c0, A_u[r+1]) with c0 = max(0, (A_v[r] - ceil(p/s)) * s): c0 is a multiple
 of s, so the module's sampling grid is the global one; the module's own padding at an interior
 crop edge touches only the first ceil(p/s) outputs, which are dropped; at a true image border
-the crop's border is the image's (the exactness argument of ENGINE.md, applied per layer). A
+the crop's border is the image's (the exactness argument of docs/design.md, applied per layer). A
 plain `nn.Conv2d` is run functionally, without the dropped outputs: on exactly the input rows
 [A_v[r]*s - p, (A_v[r+1] - 1)*s - p + e), with zeros beyond the image's border supplied by its
 own padding (`_padded_span`; in deep layers, whose regions are a few outputs wide, the dropped
@@ -259,10 +259,11 @@ class HaloProgram:
 
     def output_windows(self) -> dict[fx.Node, tuple[_OutputWindow, _OutputWindow]] | None:
         """Per node and axis (R, a, b): the stream's output j depends on this node's positions
-        [j*R - a, j*R + b] only; nodes the output does not depend on are absent. ENGINE.md's
-        window arithmetic run from the output back: through a window op (extent e, stride s,
-        left padding p), R <- R*s, a <- a*s + p, b <- b*s + e - 1 - p; branches take the
-        maximum. None where branches disagree on R (no node is then known to be unneeded)."""
+        [j*R - a, j*R + b] only; nodes the output does not depend on are absent. The
+        window arithmetic of docs/design.md run from the output back: through a window op
+        (extent e, stride s, left padding p), R <- R*s, a <- a*s + p, b <- b*s + e - 1 - p;
+        branches take the maximum. None where branches disagree on R (no node is then known
+        to be unneeded)."""
         windows: dict[fx.Node, tuple[_OutputWindow, _OutputWindow]] = {
             self.result.node: ((1, 0, 0), (1, 0, 0))}
         for entry in reversed(self.nodes):

@@ -1,6 +1,6 @@
 """StreamingCNN: run a local CNN tile by tile, forward and backward, with exact results.
 
-The algorithm (Pinckaers et al., TPAMI 2020, with the window arithmetic of ENGINE.md):
+The algorithm (Pinckaers et al., TPAMI 2020, with the window arithmetic of docs/design.md):
 
 1. forward, without autograd: for every tile of the plan, run the stream on the tile's input
    crop and copy the kept part of its output into the full feature map (N, C', H', W');

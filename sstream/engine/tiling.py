@@ -3,7 +3,7 @@
 Coordinates: `in_*` are stream-input pixels, `out_*` are output (feature-map) pixels, and
 `keep_*` are pixels of one crop's output. Boxes are half-open (y0, y1, x0, x1).
 
-Per axis, output tile [j0, j1) is computed from the input crop [c0, c1) with (ENGINE.md)
+Per axis, output tile [j0, j1) is computed from the input crop [c0, c1) with (docs/design.md)
 
     c0 = max(0, floor((j0*S - lo) / S) * S)     aligned to the output stride S, so every
                                                 layer's sampling grid matches the whole image
