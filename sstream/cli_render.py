@@ -88,6 +88,9 @@ class RichTrainEvents(TrainEvents):
         previews = info.get("tissue_previews")
         self.console.print(f"tissue: {tissue}" + (f"; check the masks in {previews}"
                                                    if previews else ""))
+        if info.get("tensorboard"):
+            self.console.print(f"curves in TensorBoard: tensorboard --logdir "
+                               f"{Path(info['tensorboard']).parent.parent}")
         epoch, index = info["resumed_at"]
         if epoch or index:
             self.console.print(f"resuming at epoch {epoch + 1}, image {index + 1}")

@@ -13,7 +13,8 @@ head's dropout draws from). A checkpoint is taken at an optimizer-step boundary,
 interrupting and resuming gives the same weights as an uninterrupted run (on CPU).
 
 Output directory: `config.json` (the resolved configuration), `last.pt`, `best.pt`,
-`metrics.csv` (one row per epoch) and `curves.png`, each written atomically; for
+`metrics.csv` (one row per epoch) and `curves.png`, each written atomically, and with
+tensorboard installed `tensorboard/` (`sstream.scalar_log`); for
 classification with a validation set, `val_confusion.png` and `val_roc.png` of best.pt's
 validation.
 
@@ -64,6 +65,7 @@ from sstream.models import (
 from sstream.plots import Panel, Series, line_plot
 from sstream.reading import ReadSpec
 from sstream.runtime import amp_dtype, autocast, parse_bytes, peak_memory_mb, reset_peak_memory
+from sstream.scalar_log import ScalarLog
 from sstream.task import LOSSES, TASKS, Classification, Regression, Task, selection_score
 from sstream.tissue import TISSUE_CHOICES, Tissue, output_mask, write_preview
 
@@ -73,6 +75,7 @@ OPTIMIZERS = ("adamw", "sgd")
 # draws its images with each class equally likely, as CLAM's --weighted_sample); loss
 # (cross-entropy weighted by inverse class frequency, scikit-learn's "balanced" weights).
 BALANCES = ("none", "sampler", "loss")
+LOGS = ("tensorboard", "none")
 SCHEDULES = ("cosine", "step", "constant")
 RUN_COLUMNS = ["lr", "seconds", "images_per_s", "tiles_per_s", "peak_memory_mb"]
 
@@ -130,6 +133,7 @@ class TrainConfig:
     balance: str = "none"               # classes: none, sampler or loss (see BALANCES)
     patience: int | None = None         # stop after this many epochs without a better best.pt
     min_epochs: int = 0                 # ... but never before this many epochs
+    log: str = "tensorboard"            # tensorboard (when installed) or none
 
     def validate(self) -> None:
         """Raise ValueError for options that cannot work together."""
@@ -156,6 +160,7 @@ class TrainConfig:
              "--balance is for classification"),
             (self.patience is None or self.patience >= 1, "--patience must be at least 1"),
             (self.min_epochs >= 0, "--min-epochs must be >= 0"),
+            (self.log in LOGS, f"--log must be one of {', '.join(LOGS)}"),
             (self.step_size >= 1, "--step-size must be at least 1"),
             (self.tissue in (None, *TISSUE_CHOICES), "--tissue must be auto or none for "
              "training (a mask file belongs to one slide: give each slide its mask in the "
@@ -201,7 +206,7 @@ class TrainEvents:
 
 # Settings a resume may change: they do not alter what has been trained so far.
 RESUMABLE_CHANGES = ("epochs", "device", "out", "accumulate", "dist_timeout", "patience",
-                     "min_epochs")
+                     "min_epochs", "log")
 
 
 @dataclass
@@ -471,6 +476,8 @@ class _Trainer:
         with parallel.agreement("while writing tissue previews"):
             self.previews = self._write_tissue_previews() if parallel.is_main else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sstream-prefetch")
+        self.scalars = (ScalarLog.open(self.out / "tensorboard", config.log)
+                        if parallel.is_main else None)
 
     def _build(self, config: TrainConfig) -> None:
         self.task = training_task(config)
@@ -594,7 +601,8 @@ class _Trainer:
                               "tissue": self.tissue.choice,
                               "tissue_previews": self.previews and str(self.previews),
                               "resumed_at": (self.state.epoch, self.state.image_index),
-                              "ranks": self.parallel.world_size})
+                              "ranks": self.parallel.world_size,
+                              "tensorboard": self.scalars and str(self.scalars.folder)})
         rank = self.parallel.rank
         try:
             for epoch in range(self.state.epoch, config.epochs):
@@ -606,6 +614,8 @@ class _Trainer:
                 self._end_epoch(epoch)
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+            if self.scalars is not None:
+                self.scalars.close()
         return TrainResult(self.out, self.state, model=self.model, rank=rank,
                            stop_reason=self._stop_reason())
 
@@ -748,6 +758,8 @@ class _Trainer:
                 write_metrics(self.out, state.history, self.task)
                 if improved and self.val_samples:  # the figures of best.pt's validation
                     self.task.write_figures(self.out / "val_", *self.validation)
+                if self.scalars is not None:
+                    self.scalars.add_epoch(row)
         self.events.on_epoch_end(row)
 
     def validate(self) -> dict[str, float]:

@@ -243,3 +243,28 @@ def test_patience_stops_after_epochs_without_improvement_but_not_before_min_epoc
     assert resumed.state.epoch == 5  # an exhausted patience stays exhausted on resume
     full = train(quick(tmp_path / "c", data, **{**frozen, "patience": None, "epochs": 3}))
     assert full.stop_reason == "all 3 epochs done; best.pt is epoch 1"
+
+
+# ---- TensorBoard ------------------------------------------------------------------------------
+
+from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
+    EventAccumulator,
+)
+
+
+def test_tensorboard_holds_every_metric_of_metrics_csv_and_log_none_writes_none(tmp_path):
+    data = write_cohort(tmp_path, [0, 1, 0, 1])
+    result = train(quick(tmp_path, data, val_csv=str(data), epochs=2))
+    events = EventAccumulator(str(result.out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "val/auc", "val/balanced_accuracy", "val/sensitivity",
+            "lr", "speed/images_per_s", "memory/peak_mb"} <= tags
+    rows = list(csv.DictReader(open(result.out / "metrics.csv")))
+    for tag, column in (("loss/train", "train_loss"), ("val/auc", "val_auc"), ("lr", "lr")):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2]
+        assert np.allclose([s.value for s in scalars], [float(r[column]) for r in rows],
+                           rtol=1e-6)
+    quiet = train(quick(tmp_path / "b", data, log="none"))
+    assert not (quiet.out / "tensorboard").exists()
