@@ -498,8 +498,9 @@ def saliency(
                                 "SVS, OME-TIFF, PNG, JPEG)."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c",
                                    help="sstream checkpoint (.pt) of the trained model."),
-    class_index: int | None = typer.Option(
-        None, "--class", help="Class whose logit is explained.",
+    class_index: str | None = typer.Option(
+        None, "--class", help="Class whose logit is explained: its name (string labels) or "
+        "index.",
         show_default="the predicted class"),
     target: int | None = typer.Option(
         None, "--target", help="Regression models: the target (0-based) whose predicted "

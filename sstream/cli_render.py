@@ -218,8 +218,16 @@ def predictions_table(predictions: list[Prediction], task: Task) -> Table:
     for p in predictions:
         cells = [*task.prediction_cells(np.array(p.values)),
                  *(task.label_cells(p.label) if with_labels else [])]
-        table.add_row(p.image, *(_fmt(float(c)) if c else c for c in cells))
+        table.add_row(p.image, *(_number_or_name(c) for c in cells))
     return table
+
+
+def _number_or_name(cell: str) -> str:
+    """A number to 4 significant digits; a class name as it is."""
+    try:
+        return _fmt(float(cell))
+    except ValueError:
+        return cell
 
 
 def metrics_line(metrics: dict[str, float]) -> str:
@@ -241,7 +249,7 @@ def evaluation_report(evaluation: Evaluation, names: list[str] | None = None) ->
                  "1000 bootstrap resamples)")
     parts: list[Any] = [Text(head, style="bold"), Text(metrics_line(metrics))]
     if evaluation.confusion is not None:
-        names = names or [str(k) for k in range(len(evaluation.confusion))]
+        names = names or evaluation.names or [str(k) for k in range(len(evaluation.confusion))]
         table = Table(title="confusion (rows: true, columns: predicted)", box=box.SIMPLE_HEAD,
                       title_justify="left")
         table.add_column("")

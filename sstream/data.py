@@ -93,6 +93,8 @@ def read_label_csv(path: str | Path, task: Task | None = None,
     if require_labels or any(c == "label" or c.startswith("label_") for c in header):
         try:
             label_cols = task.label_columns(header)
+            task.scan([row[label_cols[0]].strip() for row in rows[1:]
+                       if label_cols[0] < len(row)])  # class names, before any row is parsed
         except ValueError as exc:
             raise DatasetError(f"{path}: header is {','.join(rows[0])!r}: {exc}") from None
     image_col = header.index("image")

@@ -111,6 +111,8 @@ class ModelConfig:
             predicted values in the label's units: the head ends with a TargetScale);
             see `sstream.task`.
         targets: the regression targets' names (one per output); None for classification.
+        class_names: the classes' names, in output order, where the labels were names
+            (`tumor`, `normal`); None for integer labels (the names are "0".."K-1").
         read: how training read its images (`sstream.reading.ReadSpec.record`: level or
             mpp, image size); None for checkpoints from before the record (level 0, whole).
         tile_size: the tile side training streamed with: predict's default. None: unknown.
@@ -124,6 +126,7 @@ class ModelConfig:
     tissue: str = "none"
     task: str = "classification"
     targets: list[str] | None = None
+    class_names: list[str] | None = None
     read: dict[str, Any] | None = None
     tile_size: int | None = None
 

@@ -175,7 +175,7 @@ def compute_saliency(
     checkpoint: str | os.PathLike | Classifier,
     out: str | os.PathLike,
     overview: str | os.PathLike | None = None,
-    index: int | None = None,
+    index: int | str | None = None,
     level: int | None = None,
     mpp: float | None = None,
     method: str = "gradient",
@@ -247,6 +247,7 @@ def compute_saliency(
     task = task_for_model(model)
     if index is not None:
         try:
+            index = task.output_index(index)  # a class's name or index
             task.output_name(index)
         except ValueError as exc:
             raise SaliencyOptionError(str(exc)) from None

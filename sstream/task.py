@@ -5,7 +5,8 @@ or values in the label's units), the validation metrics and which one picks `bes
 columns of a predictions CSV, and what saliency explains. Train, predict and saliency ask
 it instead of branching on the kind of label:
 
-- `Classification`: integer labels in a `label` column, cross-entropy, softmax
+- `Classification`: integer labels or class names (`tumor`, `normal`: indexed in sorted
+  order, the names recorded in the model's config) in a `label` column, cross-entropy, softmax
   probabilities, accuracy, balanced accuracy, AUC, macro F1 and (two classes) sensitivity
   and specificity (best: AUC).
 - `Regression`: float labels in a `label` column, or several targets in `label_<name>`
@@ -64,6 +65,7 @@ class Classification:
     """Integer class labels 0..K-1; `num_classes` None until the training labels fix it."""
 
     num_classes: int | None = None
+    names: tuple[str, ...] | None = None   # class names (string labels); None: "0".."K-1"
     class_weights: tuple[float, ...] | None = None   # --balance loss: a weight per class
     kind = "classification"
 
@@ -78,8 +80,28 @@ class Classification:
             raise ValueError("expected a 'label' column")
         return [header.index("label")]
 
+    def scan(self, texts: list[str]) -> None:
+        """See every row's label before any is parsed: labels none of which is an integer
+        are class names, indexed in sorted order (for two classes the second name is the
+        positive class of sensitivity and ROC). Only while the number of classes is open
+        (a training CSV); integers mixed with other texts stay integer labels, whose
+        parsing names the odd ones. ValueError for a single name."""
+        if self.num_classes is not None or self.names is not None:
+            return
+        found = sorted({t for t in texts if t})
+        if not found or any(_is_integer(t) for t in found):
+            return
+        if len(found) < 2:
+            raise ValueError(f"only one class ({', '.join(found)}) in the labels")
+        self.names, self.num_classes = tuple(found), len(found)
+
     def parse_label(self, texts: list[str]) -> int:
         """One row's label; ValueError naming what is wrong (the CSV reader adds the line)."""
+        if self.names is not None:
+            if texts[0] not in self.names:
+                raise ValueError(f"label {texts[0]!r} is not one of the classes "
+                                 f"{', '.join(self.names)}")
+            return self.names.index(texts[0])
         try:
             label = int(texts[0])
         except ValueError:
@@ -116,7 +138,7 @@ class Classification:
         return per_image / per_image.sum()
 
     def label_cells(self, label: int | None) -> list[str]:
-        return ["" if label is None else str(label)]
+        return ["" if label is None else self.class_names[label]]
 
     def label_header(self) -> list[str]:
         return ["label"]
@@ -127,9 +149,15 @@ class Classification:
         assert self.num_classes is not None, "fit() first"
         return self.num_classes
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Each class's name: the CSV's string labels, else its index as text."""
+        return self.names or tuple(str(k) for k in range(self.outputs))
+
     def model_fields(self) -> dict[str, Any]:
         """What ModelConfig records of the task."""
-        return {"num_classes": self.outputs, "task": self.kind, "targets": None}
+        return {"num_classes": self.outputs, "task": self.kind, "targets": None,
+                "class_names": list(self.names) if self.names else None}
 
     def loss(self, outputs: torch.Tensor, labels: list[int]) -> torch.Tensor:
         """Mean cross-entropy; with `class_weights`, each image's term times its class's
@@ -156,10 +184,10 @@ class Classification:
         return [_finite(metrics.get("val_auc")), _finite(metrics.get("val_accuracy"))]
 
     def prediction_header(self) -> list[str]:
-        return [*(f"prob_{k}" for k in range(self.outputs)), "pred"]
+        return [*(f"prob_{name}" for name in self.class_names), "pred"]
 
     def prediction_cells(self, prediction: np.ndarray) -> list[str]:
-        return [*(f"{p:.6f}" for p in prediction), str(int(np.argmax(prediction)))]
+        return [*(f"{p:.6f}" for p in prediction), self.class_names[int(np.argmax(prediction))]]
 
     def validation_panels(self) -> list[tuple[str, list[tuple[str, str]]]]:
         """curves.png's panels besides the loss: (title, [(series, metrics column)])."""
@@ -175,14 +203,15 @@ class Classification:
         confusion matrix of labelled predictions."""
         auc, low, high = bootstrap_auc(predictions, np.array(labels), resamples, seed)
         return Evaluation(level, len(labels), self.metrics(predictions, labels), (low, high),
-                          confusion(np.array(labels), predictions.argmax(1), self.outputs))
+                          confusion(np.array(labels), predictions.argmax(1), self.outputs),
+                          list(self.class_names))
 
     def write_figures(self, prefix: Path, predictions: np.ndarray, labels: list[int]
                       ) -> list[Path]:
         """`<prefix>confusion.png` and `<prefix>roc.png` (one curve per class, one-vs-rest;
         class 1's for two classes) of labelled predictions."""
         labels_array = np.array(labels)
-        names = [str(k) for k in range(self.outputs)]
+        names = list(self.class_names)
         matrix = confusion(labels_array, predictions.argmax(1), self.outputs)
         written = [confusion_plot(f"{prefix}confusion.png", matrix.tolist(), names)]
         curves = [Series(f"class {names[k]}", fpr, tpr)
@@ -194,12 +223,24 @@ class Classification:
         return written
 
     # -- saliency --
+    def output_index(self, chosen: int | str) -> int:
+        """The index of a class given by name or index (`saliency --class`); ValueError
+        naming the classes when there is no such class."""
+        if isinstance(chosen, str) and chosen in self.class_names:
+            return self.class_names.index(chosen)
+        if isinstance(chosen, int) or _is_integer(chosen):
+            return int(chosen)
+        raise ValueError(f"no class {chosen!r}: the model's classes are "
+                         f"{', '.join(self.class_names)}")
+
     def output_name(self, index: int) -> str:
-        """'class K'; ValueError when the model has no such class."""
+        """'class NAME' ('class K' without names); ValueError when the model has no such
+        class."""
         if not 0 <= index < self.outputs:
             raise ValueError(f"class {index} out of range: the model has {self.outputs} "
-                             f"classes (0..{self.outputs - 1})")
-        return f"class {index}"
+                             f"classes (0..{self.outputs - 1}: "
+                             f"{', '.join(self.class_names)})")
+        return f"class {self.class_names[index]}"
 
     def explained(self, outputs: torch.Tensor, index: int | None) -> tuple[int, dict]:
         """Which output saliency differentiates (`index`, else the predicted class) and
@@ -209,15 +250,17 @@ class Classification:
         chosen = predicted if index is None else index
         self.output_name(chosen)
         return chosen, {"class": chosen, "predicted_class": predicted,
+                        "class_names": list(self.class_names),
                         "probabilities": [round(p, 6) for p in
                                           torch.softmax(logits, 0).tolist()],
                         "logits": [round(v, 6) for v in logits.tolist()]}
 
     def summary(self, record: dict) -> str:
         """One line of what `explained` recorded."""
+        names = self.class_names
         probabilities = ", ".join(f"{p:.3f}" for p in record["probabilities"])
-        return (f"class {record['class']} (predicted {record['predicted_class']}; "
-                f"probabilities {probabilities})")
+        return (f"class {names[record['class']]} (predicted {names[record['predicted_class']]}"
+                f"; probabilities {probabilities})")
 
 
 @dataclass
@@ -260,6 +303,13 @@ class Regression:
                 raise ValueError(f"{column} is {text}, not a finite number")
             values.append(value)
         return tuple(values)
+
+    def scan(self, texts: list[str]) -> None:
+        """Targets are numbers: nothing to learn from the texts before parsing them."""
+
+    def output_index(self, chosen: int | str) -> int:
+        """A target given by index (`saliency --target`)."""
+        return int(chosen)
 
     def fit(self, labels: list[tuple[float, ...]]) -> None:
         """Nothing to fix before the model exists (the targets come from the header)."""
@@ -388,11 +438,13 @@ class Evaluation:
     metrics: dict[str, float]
     auc_ci: tuple[float, float] | None = None
     confusion: np.ndarray | None = None
+    names: list[str] | None = None              # the classes, in the confusion's order
 
     def to_dict(self) -> dict[str, Any]:
         return {"level": self.level, "count": self.count, "metrics": self.metrics,
                 "auc_ci95": None if self.auc_ci is None else list(self.auc_ci),
-                "confusion": None if self.confusion is None else self.confusion.tolist()}
+                "confusion": None if self.confusion is None else self.confusion.tolist(),
+                "classes": self.names}
 
 
 def evaluate_patients(task: Task, predictions: np.ndarray, labels: list, patients: list[str],
@@ -419,7 +471,16 @@ def task_for_model(model: nn.Module, loss: str = "mse") -> Task:
         task = Regression(tuple(config.targets), loss)
         task.scale = model.head.scale
         return task
-    return Classification(config.num_classes)
+    return Classification(config.num_classes,
+                          tuple(config.class_names) if config.class_names else None)
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _target_names(header: list[str]) -> tuple[str, ...]:

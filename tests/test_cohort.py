@@ -268,3 +268,50 @@ def test_tensorboard_holds_every_metric_of_metrics_csv_and_log_none_writes_none(
                            rtol=1e-6)
     quiet = train(quick(tmp_path / "b", data, log="none"))
     assert not (quiet.out / "tensorboard").exists()
+
+
+# ---- class names ------------------------------------------------------------------------------
+
+from sstream.models import load_checkpoint  # noqa: E402
+
+
+def test_string_labels_are_classes_recorded_in_the_checkpoint_and_named_in_outputs(tmp_path):
+    names = ["tumor", "normal", "tumor", "normal"]
+    data = write_cohort(tmp_path, names)
+    result = train(quick(tmp_path, data, val_csv=str(data)))
+    model = load_checkpoint(result.out / "best.pt")
+    assert model.config.class_names == ["normal", "tumor"] and model.config.num_classes == 2
+
+    out = tmp_path / "predictions.csv"
+    run = runner.invoke(app, ["predict", "--checkpoint", str(result.out / "best.pt"), "--csv",
+                              str(data), "--out", str(out), "--tile-size", "32",
+                              "--device", "cpu"])
+    assert run.exit_code == 0, run.output
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["image", "prob_normal", "prob_tumor", "pred", "label"]
+    assert [r["label"] for r in rows] == names
+    assert all(r["pred"] in ("normal", "tumor") for r in rows)
+    report = json.loads(out.with_name("predictions.metrics.json").read_text())
+    assert report[0]["classes"] == ["normal", "tumor"]
+
+    slide = tmp_path / "images" / "data_0.png"
+    for chosen, index in (("tumor", 1), ("0", 0)):
+        run = runner.invoke(app, ["saliency", str(slide), "-c", str(result.out / "best.pt"),
+                                  "--class", chosen, "--no-overview", "--overwrite",
+                                  "--device", "cpu", "--tile-size", "32"])
+        assert run.exit_code == 0, run.output
+        assert f"class {['normal', 'tumor'][index]} (predicted" in run.output
+    run = runner.invoke(app, ["saliency", str(slide), "-c", str(result.out / "best.pt"),
+                              "--class", "stroma", "--no-overview", "--overwrite"])
+    assert run.exit_code == 2 and "normal, tumor" in run.output
+
+
+def test_a_validation_class_the_training_set_lacks_is_refused_by_line(tmp_path):
+    train_csv = write_cohort(tmp_path, ["a", "b", "a", "b"], name="train")
+    val_csv = write_cohort(tmp_path, ["a", "c"], name="val")
+    try:
+        train(quick(tmp_path, train_csv, val_csv=str(val_csv)))
+    except ValueError as exc:
+        assert "line 3: label 'c' is not one of the classes a, b" in str(exc)
+    else:
+        raise AssertionError("an unknown class was accepted")
