@@ -75,7 +75,8 @@ def sstream_mps(path: str, side: int, count: int, workers: int, device=None,
     return count * region * region / 1e6 / seconds
 
 
-def raw_mps(path: str, side: int, count: int, workers: int, device=None) -> float:
+def raw_mps(path: str, side: int, count: int, workers: int, device=None,
+            region: int = REGION) -> float:
     """MP/s of imagecodecs decoding the regions' tiles on a pool of `workers` threads, the
     compressed bytes read beforehand: the decode limit of `workers` threads."""
     import imagecodecs
@@ -88,7 +89,7 @@ def raw_mps(path: str, side: int, count: int, workers: int, device=None) -> floa
         across = -(-page.imagewidth // page.tilewidth)
         fh = tf.filehandle
         jobs = []
-        for y0, y1, x0, x1 in regions(side, count):
+        for y0, y1, x0, x1 in regions(side, count, region):
             tiles = [r * across + c for r in range(y0 // TILE, (y1 - 1) // TILE + 1)
                      for c in range(x0 // TILE, (x1 - 1) // TILE + 1)]
             data = []
@@ -107,14 +108,16 @@ def raw_mps(path: str, side: int, count: int, workers: int, device=None) -> floa
         list(pool.map(decode, data))
     seconds = time.perf_counter() - start
     pool.shutdown()
-    return count * REGION * REGION / 1e6 / seconds
+    return count * region * region / 1e6 / seconds
 
 
-def predict_seconds(path: str, tile: int, mode: str, device=None) -> float:
+def predict_seconds(path: str, tile: int, mode: str, device=None, read_ahead: int = 2,
+                    decoder: str = "cpu") -> float:
     """Seconds of one whole-slide forward of `tiny` (max pooling) on the slide: mode "wall"
-    reads lazily with read-ahead, "compute" runs on the slide decoded beforehand, "decode"
-    only reads every region the forward reads (all threads), "serial" reads lazily without
-    read-ahead."""
+    reads lazily with `read_ahead` regions decoded ahead (by `decoder`: "cpu" or "nvjpeg"),
+    "compute" runs on the slide decoded beforehand, "decode" only reads every region the
+    forward reads (all threads), "serial" reads lazily without read-ahead."""
+    os.environ["SSTREAM_JPEG_DECODER"] = decoder
     import torch
 
     from sstream.data import PixelSource
@@ -130,7 +133,8 @@ def predict_seconds(path: str, tile: int, mode: str, device=None) -> float:
         if mode == "compute":
             source = PixelSource.from_array(slide.read_level(0))
         else:
-            source = PixelSource.from_slide(slide, 0, read_ahead=0 if mode == "serial" else 2)
+            source = PixelSource.from_slide(slide, 0,
+                                            read_ahead=0 if mode == "serial" else read_ahead)
         boxes = forward_reads(scnn, source.shape)
         if device.type == "cuda":
             torch.cuda.synchronize()

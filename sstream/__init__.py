@@ -26,6 +26,7 @@ from sstream.engine import (
     TensorSource,
     UnsupportedModuleError,
 )
+from sstream.errors import SstreamError
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,7 @@ _LAZY = {
     "ModelConfig": ("sstream.models", "ModelConfig"),
 }
 
-__all__ = ["ImageSource", "StreamGeometry", "StreamingCNN", "TensorSource",
+__all__ = ["ImageSource", "SstreamError", "StreamGeometry", "StreamingCNN", "TensorSource",
            "UnsupportedModuleError", *_LAZY]
 
 

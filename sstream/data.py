@@ -15,6 +15,7 @@ All of it is per pixel or a permutation of pixels, so it commutes with region re
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -330,7 +331,10 @@ class PixelSource:
         elif self.device != pixels.device:
             pixels = pixels.to(self.device)
         pixels = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w) uint8
-        pixels = pixels.to(self.dtype) / 255.0
+        if pixels.device.type == "cpu":
+            pixels = pixels.to(self.dtype) / 255.0
+        else:  # CUDA divides by a scalar as a product with its reciprocal: not always
+            pixels = _pixel_values(self.dtype, pixels.device)[pixels.long()]  # v / 255
         if self.colour is not None:
             pixels = (pixels * self.colour.to(self.device, self.dtype)).clamp_(0.0, 1.0)
         return pixels
@@ -401,6 +405,12 @@ class PixelSource:
                            slide=slide,
                            level0=augmentation.point_map(self.level0, self.height, self.width),
                            read_ahead=self.read_ahead).to(self.device)
+
+
+@functools.cache
+def _pixel_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 256 values v / 255 as the CPU divides (correctly rounded), on `device`."""
+    return (torch.arange(256, dtype=dtype) / 255.0).to(device)
 
 
 def fit_window(height: int, width: int, size: tuple[int, int] | None, mode: str,

@@ -113,3 +113,13 @@ def test_make_sample_data_json(tmp_path):
     written = json.loads(result.stdout)
     assert written["slides"] == 2 and (tmp_path / "d" / "train.csv").samefile(
         written["train_csv"])
+
+
+def test_device_help_is_one_text():
+    import typer
+
+    group = typer.main.get_command(app)
+    context = typer.Context(group)
+    helps = {param.help for name in ("train", "predict", "saliency", "verify")
+             for param in group.get_command(context, name).params if param.name == "device"}
+    assert len(helps) == 1, helps

@@ -20,6 +20,7 @@ def test_top_level_names_resolve_to_the_jobs():
     assert sstream.estimate_memory is estimate_memory
     assert callable(sstream.saliency) and sstream.saliency.compute_saliency is compute_saliency
     assert issubclass(sstream.UnsupportedModuleError, ValueError)
+    assert issubclass(sstream.UnsupportedModuleError, sstream.SstreamError)
 
 
 def test_help_lists_every_command():

@@ -24,7 +24,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import imagecodecs
 import numpy as np
+import tifffile
 
 __all__ = ["TiffTiles", "default_read_workers", "run_parallel", "set_read_workers"]
 
@@ -99,6 +101,8 @@ def run_parallel(tasks: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
 
 def split_evenly(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
     """`items` in at most `parts` contiguous runs of near-equal length."""
+    if not items:
+        return []
     parts = max(1, min(parts, len(items)))
     size = math.ceil(len(items) / parts)
     return [items[i:i + size] for i in range(0, len(items), size)]
@@ -133,6 +137,7 @@ class TiffTiles:
         self.plain_jpeg = (self.compression == 7 and keyframe.is_tiled
                            and int(keyframe.photometric) == 6 and self.samples == 3
                            and self.dtype == np.uint8)
+        self._jpeg_args = _jpeg_arguments(keyframe) if keyframe.is_tiled else None
 
     @staticmethod
     def supports(level_series: Any) -> bool:
@@ -180,29 +185,54 @@ class TiffTiles:
 
     def read(self, y0: int, y1: int, x0: int, x1: int, workers: int) -> np.ndarray:
         """Rows [y0, y1) x columns [x0, x1) as (h, w, samples) in the file's dtype; sparse
-        tiles read as 0, as tifffile reads them."""
-        out = np.zeros((y1 - y0, x1 - x0, self.samples), dtype=self.dtype)
-        indices = self.segments(y0, y1, x0, x1)
+        tiles read as 0, as tifffile reads them.
+
+        Each task decodes its run of segments into one reused segment-sized buffer (JPEG:
+        imagecodecs writes into it, no allocation per tile) and copies the part inside the
+        region into place; numpy copies without the GIL, so the copies run in parallel too."""
+        out = np.empty((y1 - y0, x1 - x0, self.samples), dtype=self.dtype)
 
         def decode_run(run: Sequence[int]) -> None:
+            buffer = np.empty((self.tile_height, self.tile_width, self.samples), self.dtype)
             for index in run:
-                self._decode_into(index, out, y0, x0)
+                self._decode_into(index, buffer, out, y0, x0)
 
-        tasks = [lambda run=run: decode_run(run)
-                 for run in split_evenly(indices, workers * _TASKS_PER_WORKER)]
-        run_parallel(tasks, workers)
+        run_parallel([lambda run=run: decode_run(run) for run in split_evenly(
+            self.segments(y0, y1, x0, x1), workers * _TASKS_PER_WORKER)], workers)
         return out
 
-    def _decode_into(self, index: int, out: np.ndarray, y0: int, x0: int) -> None:
-        data = self.segment_bytes(index)
-        if data is None:
-            return
-        tile, _, _ = self._decode(data, index, jpegtables=self._jpegtables,
-                                  jpegheader=self._jpegheader)
-        tile = tile.reshape(tile.shape[-3:])  # (length, width, samples) of depth 1
+    def _decode_into(self, index: int, buffer: np.ndarray, out: np.ndarray, y0: int,
+                     x0: int) -> None:
+        """Decode segment `index` and copy its part inside the region `out` (whose corner is
+        (y0, x0) in the page) into place."""
         ty0, ty1, tx0, tx1 = self.segment_box(index)
         # intersection of the segment with the region, in page coordinates
         iy0, iy1 = max(ty0, y0), min(ty1, y0 + out.shape[0])
         ix0, ix1 = max(tx0, x0), min(tx1, x0 + out.shape[1])
-        out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = tile[iy0 - ty0:iy1 - ty0,
-                                                          ix0 - tx0:ix1 - tx0]
+        target = out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
+        data = self.segment_bytes(index)
+        if data is None:  # a sparse tile
+            target[...] = 0
+            return
+        if self._jpeg_args is not None:  # whole tiles: the decoder writes into the buffer
+            tile = imagecodecs.jpeg_decode(data, out=buffer, **self._jpeg_args)
+        else:
+            tile, _, _ = self._decode(data, index, jpegtables=self._jpegtables,
+                                      jpegheader=self._jpegheader)
+            tile = tile.reshape(tile.shape[-3:])  # (length, width, samples) of depth 1
+        target[...] = tile[iy0 - ty0:iy1 - ty0, ix0 - tx0:ix1 - tx0]
+
+
+def _jpeg_arguments(keyframe: Any) -> dict[str, Any] | None:
+    """imagecodecs.jpeg_decode's arguments for the page's JPEG tiles, as tifffile passes
+    them (so the pixels are tifffile's); None for other compressions or where tifffile does
+    not say how it decodes JPEG."""
+    if int(keyframe.compression) != 7 or getattr(keyframe, "jpegheader", None) is not None:
+        return None
+    colorspace_of = getattr(getattr(tifffile, "tifffile", None), "jpeg_decode_colorspace", None)
+    if colorspace_of is None:
+        return None
+    colorspace, outcolorspace = colorspace_of(keyframe.photometric, keyframe.planarconfig,
+                                              keyframe.extrasamples, keyframe.is_jfif)
+    return {"bitspersample": keyframe.bitspersample, "tables": keyframe.jpegtables,
+            "colorspace": colorspace, "outcolorspace": outcolorspace}
