@@ -10,6 +10,9 @@ The engine (`StreamingCNN`) is imported eagerly; the jobs load on first use, so 
     sstream.saliency(slide, checkpoint, out)      the saliency module, callable as its
                                                   compute_saliency function
     sstream.estimate_memory(...)  sstream.load_checkpoint(path)  sstream.build_model(config)
+    sstream.ReadSpec(mpp=0.5).open(slide)         how a slide is read (sstream.reading)
+    sstream.model_input(model, slide)             predict's pixels and tissue mask for a
+                                                  loaded model: model(x.pixels, mask=x.mask)
     from sstream.train import train, TrainConfig
     from sstream.predict import predict, PredictConfig
 """
@@ -36,6 +39,8 @@ _LAZY = {
     "load_checkpoint": ("sstream.models", "load_checkpoint"),
     "build_model": ("sstream.models", "build_model"),
     "ModelConfig": ("sstream.models", "ModelConfig"),
+    "ReadSpec": ("sstream.reading", "ReadSpec"),
+    "model_input": ("sstream.reading", "model_input"),
 }
 
 __all__ = ["ImageSource", "SstreamError", "StreamGeometry", "StreamingCNN", "TensorSource",

@@ -17,7 +17,9 @@ With `tissue` ("auto": found on the thumbnail as the jobs find it, or a mask fil
 
 Overlays are saliency maps (`sstream saliency`): uint8 maps are shown on the scale their
 description records; float maps are scaled by the 99.5th percentile of the non-zero |values|
-of their coarsest level. Colours: inferno, opacity rising with the value.
+of their coarsest level. Colours: inferno, opacity rising with the value. A map placed by
+physical size: one read at another resolution than level 0 (a level, or `--mpp`) covers the
+slide by its µm per pixel (its record's `mpp`) where both state one, else by its aspect.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Layer:
     scale: float = 1.0       # overlay: the value shown at full colour
     signed: bool = False     # overlay: uint8 with 128 = 0
     encoding: str = "rgb"    # rgb (the slide), uint8 or float32 (maps)
+    mpp: float | None = None  # overlay: µm per map pixel, where its record says
+    per_slide_pixel: tuple[float, float] = (1.0, 1.0)  # overlay: map pixels per slide pixel
 
 
 class TileSource:
@@ -72,10 +76,7 @@ class TileSource:
         self._maps = {}
         for index, path in enumerate(overlays):
             layer, levels = _open_map(Path(path), f"overlay{index}")
-            if (layer.width, layer.height) != (width, height) and not _same_aspect(
-                    layer, width, height):
-                raise ValueError(f"{path}: a {layer.width} x {layer.height} map does not "
-                                 f"overlay a {width} x {height} slide")
+            _place(layer, width, height, self.slide.mpp, path)
             self.layers.append(layer)
             self._maps[layer.name] = levels
         self.max_level = max(0, math.ceil(math.log2(max(width, height))))
@@ -206,24 +207,37 @@ def _open_map(path: Path, name: str) -> tuple[Layer, _MapLevels]:
         record = json.loads(levels.description or "{}")
     except json.JSONDecodeError:
         record = {}
+    mpp = record.get("mpp") if isinstance(record, dict) else None
+    mpp = float(mpp) if isinstance(mpp, (int, float)) and mpp > 0 else None
     if levels.dtype == np.uint8:
         signed = record.get("offset") == 128
-        return Layer(name, path, width, height, 255.0, signed, "uint8"), levels
+        return Layer(name, path, width, height, 255.0, signed, "uint8", mpp), levels
     coarsest = np.abs(np.asarray(levels.arrays[-1][:], dtype=np.float64))
     nonzero = coarsest[coarsest > 0]
     scale = float(np.percentile(nonzero, FLOAT_PERCENTILE)) if nonzero.size else 1.0
-    return Layer(name, path, width, height, scale or 1.0, False, "float32"), levels
+    return Layer(name, path, width, height, scale or 1.0, False, "float32", mpp), levels
 
 
-def _same_aspect(layer: Layer, width: int, height: int) -> bool:
-    return abs(layer.width / width - layer.height / height) < 0.01
+def _place(layer: Layer, width: int, height: int, slide_mpp: float | None, path: Path
+           ) -> None:
+    """Set how the map covers the width x height slide: by physical size where the map
+    and the slide state their µm per pixel, else by width. ValueError where it does not
+    cover the slide (a side more than 1% or a pixel apart)."""
+    per = slide_mpp / layer.mpp if layer.mpp is not None and slide_mpp is not None else \
+        layer.width / width
+    layer.per_slide_pixel = (per, per)
+    for side, slide_side, per in ((layer.width, width, layer.per_slide_pixel[0]),
+                                  (layer.height, height, layer.per_slide_pixel[1])):
+        if abs(side - slide_side * per) > max(1.0, 0.01 * side):
+            raise ValueError(f"{path}: a {layer.width} x {layer.height} map does not "
+                             f"overlay a {width} x {height} slide")
 
 
 def _overlay_region(levels: _MapLevels, layer: Layer, box: tuple[int, int, int, int],
                     size: tuple[int, int], slide: Layer) -> Image.Image:
     """RGBA overlay of the box: inferno colours, opacity rising with |value| / scale."""
     x, y, w, h = box
-    fx, fy = layer.width / slide.width, layer.height / slide.height
+    fx, fy = layer.per_slide_pixel
     full_h, full_w = levels.arrays[0].shape[:2]
     pick = 0
     for index, array in enumerate(levels.arrays):  # coarsest level still fine enough

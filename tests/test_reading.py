@@ -8,6 +8,7 @@ The scans are lossless TIFF pyramids of one smooth synthetic field, so that two 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -258,3 +259,28 @@ def test_info_shows_the_level_and_resize_factor_an_mpp_reads(scans):
     as_json = runner.invoke(app, ["info", str(scans["fine"]), "--mpp", "1.0", "--json"])
     record = json.loads(as_json.output)[0]
     assert (record["chosen_level"], record["resize"]) == (1, 1.0)
+
+
+def test_view_places_an_mpp_map_by_its_physical_size(scans, tmp_path):
+    """The map of a 0.5 µm/px read covers the 0.25 µm/px slide at half its pixels per slide
+    pixel; a map whose stated µm per pixel does not fit the slide is refused."""
+    from sstream.io import TiffMapWriter
+    from sstream.view import make_server
+
+    checkpoint = write_checkpoint(tmp_path / "sal.pt", read={"mpp": 0.5})
+    out = tmp_path / "map.tif"
+    compute_saliency(scans["fine"], checkpoint, out, tile_size=64, device="cpu")
+    server = make_server(scans["fine"], [out], port=0)
+    try:
+        assert server.source.layers[1].per_slide_pixel == (0.5, 0.5)
+        tile = server.source.tile("overlay0", server.source.max_level, 0, 0)
+        assert Image.open(io.BytesIO(tile)).size == (256, 256)
+    finally:
+        server.server_close()
+        server.source.close()
+    wrong = tmp_path / "wrong.tif"
+    with TiffMapWriter(wrong, (FIELD // 2, FIELD // 2), np.float32, tile_size=64,
+                       description=json.dumps({"mpp": 1.0})) as writer:
+        writer.write_band(0, np.ones((FIELD // 2, FIELD // 2), np.float32))
+    with pytest.raises(ValueError, match="does not overlay"):
+        make_server(scans["fine"], [wrong], port=0)

@@ -98,17 +98,23 @@ def _resample(read: Reader, axes: tuple[_Axis, _Axis], box: tuple[int, int, int,
               ) -> np.ndarray:
     """The box (y0, y1, x0, x1) of the output, inside it, from the level `read` reads: rows,
     then columns, each a sparse product of integer weights and integer values. Every partial
-    sum is an integer below 2**53 (255 * 1.5 * 2**28 at most), so float64 holds it exactly
-    whatever the order of the sums; rounded once at the end."""
+    sum is an integer that the float type holds exactly (rows: below 255 * 1.5 * 2**14 <
+    2**24 in float32; columns: below 2**53 in float64), so the sums do not depend on their
+    order; rounded once at the end."""
     y0, y1, x0, x1 = box
     rows, sy0, height = _band_matrix(axes[0], y0, y1)
     cols, sx0, width = _band_matrix(axes[1], x0, x1)
     level = read(sy0, sy0 + height, sx0, sx0 + width)  # (height, width, 3) uint8
-    down = rows @ level.reshape(height, width * 3).astype(np.float64)  # (ny, width * 3)
-    across = cols @ down.reshape(y1 - y0, width, 3).transpose(1, 0, 2).reshape(width, -1)
-    scaled = np.floor((across + (1 << (2 * WEIGHT_BITS - 1))) / (1 << (2 * WEIGHT_BITS)))
-    out = np.clip(scaled, 0, 255).astype(np.uint8)  # (nx, ny * 3)
-    return np.ascontiguousarray(out.reshape(x1 - x0, y1 - y0, 3).transpose(1, 0, 2))
+    down = rows.astype(np.float32) @ level.reshape(height, width * 3).astype(np.float32)
+    by_column = np.ascontiguousarray(down.reshape(y1 - y0, width, 3).transpose(1, 0, 2),
+                                     dtype=np.float64).reshape(width, -1)
+    across = cols @ by_column  # (nx, ny * 3)
+    across += 1 << (2 * WEIGHT_BITS - 1)
+    across *= 2.0 ** (-2 * WEIGHT_BITS)  # a power of two: exact
+    np.floor(across, out=across)
+    np.clip(across, 0, 255, out=across)
+    out = across.astype(np.uint8).reshape(x1 - x0, y1 - y0, 3)
+    return np.ascontiguousarray(out.transpose(1, 0, 2))
 
 
 def _output_size(in_size: int, scale: float) -> int:
