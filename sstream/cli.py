@@ -212,6 +212,7 @@ def _renamed(value: object, old_value: object) -> object:
 
 
 AMP_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # train's --amp-dtype spellings
+DEVICE_HELP = "auto (CUDA when a GPU is there, else the CPU), cpu, cuda or cuda:N."
 
 
 def _check_max_side(max_side: int) -> None:
@@ -311,7 +312,7 @@ def train(
     amp: bool = typer.Option(False, help="Mixed precision (fp16 + GradScaler on CUDA, bf16 "
                              "on CPU)."),
     amp_dtype: str = typer.Option(None, help="Force the AMP dtype: bf16 or fp16."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     seed: int = typer.Option(0, help="Seed for order, crops, augmentation and init."),
     tile_size: int = typer.Option(512, help="Tile side in input pixels (memory follows it)."),
     memory_budget: str = typer.Option(None, help="Choose the largest tile whose predicted "
@@ -440,7 +441,7 @@ def predict(
                                    show_default="as the model was trained"),
     tile_size: int = typer.Option(None, help="Tile side in input pixels.",
                                   show_default="training's, else 512"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     amp: bool = typer.Option(False, help="Mixed precision inference."),
     tissue: str = typer.Option(None, callback=_tissue_choice, help="auto, none, or a mask "
                                "image (one slide); a CSV's "
@@ -531,7 +532,7 @@ def saliency(
     tile_size: int = typer.Option(
         256, "--tile-size", help="Streaming tile side in pixels. Memory grows with it: a "
         "larger tiles take more memory and less time (docs/benchmarks.md)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     tissue: str | None = typer.Option(
         None, "--tissue", callback=_tissue_choice,
         help="auto, none or a mask image: the prediction pools over tissue "
@@ -646,7 +647,7 @@ def verify_command(
     mpp: float = typer.Option(None, "--mpp", help="--image: read at exactly this many µm "
                               "per pixel."),
     assume_mpp: float = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random pixels."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
