@@ -19,18 +19,21 @@ With a head that starts with global pooling (`global_pool`, pooling.py), step 1 
 output region into the pooled values (N, C') as it comes, and those enter the graph instead of
 the feature map; step 3 re-runs only the blocks whose share of the feature-map gradient is not
 zero (at most N x C' with max pooling), sized per image. Nothing of the feature map's size
-exists then: the memory does not grow with the image's area.
+exists then: the memory does not grow with the image's area. Attention pooling
+(`attention_pool`, attention.py) does the same with an online softmax; its backward re-runs
+every tile the mask needs.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from sstream.engine.attention import AttentionPool, AttentionRun, attention_weight_blocks
 from sstream.engine.geometry import StreamGeometry, analyse, meta_call, training_flags
 from sstream.engine.halo import HaloProgram, HaloRun
 from sstream.engine.pooling import GlobalPool, check_mode, masked_tiles, sparse_plan
@@ -40,9 +43,10 @@ from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan, make_plan
 TileProgress = Callable[[str, int, int], None]
 """Called as (phase, tiles done, tiles in all) after every tile; phase "forward"/"backward"."""
 
-OutputGradient = Callable[[Box], "torch.Tensor | None"]
+OutputGradient = Callable[[Box], "torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None"]
 """The gradient of the stream's output block (y0, y1, x0, x1) (output pixels), or None where
-it is zero."""
+it is zero, or a function of the block's output giving it (attention pooling's gradient
+depends on the features: the re-run's output is used, so the block is computed once)."""
 
 InputGradSink = Callable[[Box, torch.Tensor], None]
 """Receives (box, gradient) for final blocks of the input gradient, box = (y0, y1, x0, x1) in
@@ -236,24 +240,78 @@ class StreamingCNN(nn.Module):
         for a mask of another shape or one that selects nothing (for some batch element).
         """
         check_mode(mode)
+        run, output_mask = self._pooling_runner(image, mask, input_grad_sink)
+        pooled = _PooledRun(run, GlobalPool(mode, run.plan.output_size, output_mask),
+                            functools.partial(self.plan, run.source.shape),
+                            self.geometry.stride)
+        return self._recorded(pooled, image, input_grad_sink), pooled.pool.indices
+
+    def attention_pool(self, image: torch.Tensor | ImageSource, attention: nn.Module,
+                       mask: torch.Tensor | None = None,
+                       input_grad_sink: InputGradSink | None = None) -> torch.Tensor:
+        """Attention pooling of the stream's output (attention.py), never assembling it.
+
+        `attention` maps a block of the output (N, C', h, w) to logits (N, K, h, w), position
+        by position (1x1 convolutions; no neighbours); returns pooled (N, K, C'): per head k
+        the softmax over positions of the logits, weighing the feature vectors. The forward
+        is an online softmax over the tiles (running maximum, rescaled sums).
+
+        Differentiable as `global_pool`, with the attention's parameters too: the backward
+        re-runs every tile the mask needs (the crop engine) and gives exactly the gradients
+        of pooling the whole feature map. `mask` as in `global_pool`; ValueError for logits
+        of the wrong shape.
+        """
+        run, output_mask = self._pooling_runner(image, mask, input_grad_sink)
+        pooled = AttentionRun(run, AttentionPool(attention, output_mask))
+        return self._recorded(pooled, image, input_grad_sink, attention.parameters())
+
+    def attention_weights(self, image: torch.Tensor | ImageSource, attention: nn.Module,
+                          mask: torch.Tensor | None = None,
+                          ) -> Iterator[tuple[Box, torch.Tensor]]:
+        """The softmax weights of `attention_pool` block by block, without grad: (output box,
+        weights (N, K, h, w)), the boxes in raster order. Two passes over the image (the
+        first finds the normaliser); nothing of the output's size is held. Blocks the mask
+        leaves out are not given: their weights are 0."""
+        first, output_mask = self._pooling_runner(image, mask, None)
+        pool = AttentionPool(attention, output_mask)
+        AttentionRun(first, pool).forward()
+        second, _ = self._pooling_runner(image, mask, None)
+        return attention_weight_blocks(second, pool)
+
+    def output_regions(self, image: torch.Tensor | ImageSource,
+                       mask: torch.Tensor | None = None,
+                       ) -> Iterator[tuple[Box, torch.Tensor]]:
+        """The stream's output region by region, without grad: (output box, region
+        (N, C', h, w)), raster order, the boxes partitioning the output (regions the `mask`
+        needs no output of are left out). For per-position maps of any size."""
+        run, output_mask = self._pooling_runner(image, mask, None)
+        with torch.no_grad():
+            yield from run.output_regions(output_mask)
+
+    def _pooling_runner(self, image: torch.Tensor | ImageSource, mask: torch.Tensor | None,
+                        sink: InputGradSink | None) -> tuple[_TileRunner, OutputMask | None]:
+        """The tile runner of a pooling call (halo forward where it can, crop backward) and
+        its output mask (ValueError for a mask that does not fit)."""
         self._refuse_current_modes()
         source = _as_source(image)
         plan = self.plan(source.shape)
         output_mask = None if mask is None else OutputMask(mask, plan.output_size,
                                                            source.shape[0])
         program = self._halo_program(source.shape, plan, training=False)
-        run = _TileRunner(self.stream, plan, source, input_grad_sink, self.on_tile, program)
-        pooled = _PooledRun(run, GlobalPool(mode, plan.output_size, output_mask),
-                            functools.partial(self.plan, source.shape), self.geometry.stride)
-        params = [p for p in self.stream.parameters() if p.requires_grad]
+        return _TileRunner(self.stream, plan, source, sink, self.on_tile, program), output_mask
+
+    def _recorded(self, pooled: _PooledRun | AttentionRun, image: torch.Tensor | ImageSource,
+                  sink: InputGradSink | None, more_params: Iterable[nn.Parameter] = (),
+                  ) -> torch.Tensor:
+        """`pooled.forward()`, entered into the autograd graph when anything wants a
+        gradient: a trainable parameter, the image tensor, or the sink."""
+        params = [p for p in [*self.stream.parameters(), *more_params] if p.requires_grad]
         image_anchor = image if isinstance(image, torch.Tensor) else _NO_TENSOR
-        sink_anchor = torch.empty(0, requires_grad=input_grad_sink is not None)
-        wants_graph = bool(params) or image_anchor.requires_grad or input_grad_sink is not None
+        sink_anchor = torch.empty(0, requires_grad=sink is not None)
+        wants_graph = bool(params) or image_anchor.requires_grad or sink is not None
         if wants_graph and torch.is_grad_enabled():
-            values = _StreamFunction.apply(pooled, image_anchor, sink_anchor, *params)
-        else:
-            values = pooled.forward()
-        return values, pooled.pool.indices
+            return _StreamFunction.apply(pooled, image_anchor, sink_anchor, *params)
+        return pooled.forward()
 
     def input_gradient(self, image: torch.Tensor | ImageSource,
                        grad_output: torch.Tensor | OutputGradient, sink: InputGradSink) -> None:
@@ -497,6 +555,8 @@ class _TileRunner:
                     crop = self.crop(tile).detach().requires_grad_(blocks is not None)
                     with torch.enable_grad(), self.autocast():
                         kept = self.kept(tile, self.stream(crop))
+                    if callable(grad_kept):
+                        grad_kept = grad_kept(kept.detach())
                     inputs = ([crop] if blocks is not None else []) + params
                     grads = torch.autograd.grad(kept, inputs, grad_kept.to(kept.dtype),
                                                 allow_unused=True)
@@ -585,10 +645,11 @@ def _cuts(starts: Sequence[int], length: int) -> list[int]:
 
 class _StreamFunction(torch.autograd.Function):
     """Puts what a streamed run computes into the autograd graph: the feature map
-    (`_TileRunner`) or the pooled values (`_PooledRun`); backward streams the tiles."""
+    (`_TileRunner`) or the pooled values (`_PooledRun`, `AttentionRun`); backward streams
+    the tiles."""
 
     @staticmethod
-    def forward(ctx: Any, run: _TileRunner | _PooledRun, image: torch.Tensor,
+    def forward(ctx: Any, run: _TileRunner | _PooledRun | AttentionRun, image: torch.Tensor,
                 sink_anchor: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.run, ctx.params = run, params
         ctx.image_meta = (image.dtype, image.device, image.shape)
