@@ -3,10 +3,11 @@ one that reads a native level of the same output size (issue 28's goal: at most 
 
 Two scans of one field, both JPEG-tiled like a scanner's: the 0.25 µm/px scan has no level
 at 0.5 µm/px (its level 0 is read and halved by the antialiased resampler,
-`sstream.io.resample`), the 0.5 µm/px scan is read as it is. A tiny model that records
-`--mpp 0.5` predicts each (tissue none, so both compute every tile); the read alone (every
-tile's region through the source, no model) is timed too. Each number is the best of two
-runs, each in a fresh process. Sizes (output side): quick 1024 px, full 4096 px.
+`sstream.io.resample`), the 0.5 µm/px scan is read as it is. A model that records
+`--mpp 0.5` predicts each (tiny and resnet18; tissue none, so both compute every tile); the
+read alone (every tile's region through the source, no model) is timed too. Each number is
+the best of two runs, each in a fresh process. Sizes (output side): quick 1024 px, full
+4096 px.
 
 `python benchmarks/bench_resample.py [--quick]` prints the table alone.
 """
@@ -54,7 +55,6 @@ def predict_seconds(slide: str, checkpoint: str, device: torch.device) -> float:
     """(In a fresh process.) Seconds of `predict` of one slide with the checkpoint's read."""
     from sstream.predict import PredictConfig, predict
 
-    torch.set_num_threads(torch.get_num_threads())
     began = time.perf_counter()
     result = predict(PredictConfig(checkpoint, [slide], device=str(device), tile_size=TILE))
     assert not result.failures, result.failures
@@ -87,13 +87,14 @@ def run(quick: bool = False) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fine, native = _write_scans(Path(tmp), side)
-        torch.manual_seed(0)
-        model = build_model(ModelConfig("tiny", 2, read={"mpp": MPP}, tissue="none"))
-        checkpoint = Path(tmp) / "tiny_mpp05.pt"
-        torch.save(checkpoint_payload(model), checkpoint)
-        for what, function, args in (
-                ("predict (tiny)", "predict_seconds", (str(checkpoint),)),
-                ("read only", "read_seconds", ())):
+        jobs = []
+        for name in ("tiny", "resnet18"):
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(name, 2, read={"mpp": MPP}, tissue="none"))
+            checkpoint = Path(tmp) / f"{name}_mpp05.pt"
+            torch.save(checkpoint_payload(model), checkpoint)
+            jobs.append((f"predict ({name})", "predict_seconds", (str(checkpoint),)))
+        for what, function, args in (*jobs, ("read only", "read_seconds", ())):
             native_s = _best(function, str(native), *args)
             resampled_s = _best(function, str(fine), *args)
             rows.append([what, f"{side} x {side}", round(native_s, 2), round(resampled_s, 2),

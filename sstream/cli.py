@@ -437,8 +437,8 @@ def predict(
     mpp: float = typer.Option(None, help="Read at exactly this many µm per pixel.",
                               show_default="as the model was trained"),
     assume_mpp: float = typer.Option(None, help=ASSUME_MPP_HELP),
-    image_size: str = typer.Option(None, help="Centre crop or pad to N or WxH.",
-                                   show_default="as the model was trained"),
+    image_size: str = typer.Option(None, help="Centre crop or pad to N or WxH; whole: the "
+                                   "whole image.", show_default="as the model was trained"),
     tile_size: int = typer.Option(None, help="Tile side in input pixels.",
                                   show_default="training's, else 512"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -458,14 +458,16 @@ def predict(
     from sstream.predict import predict as run_prediction
 
     with user_errors():
-        size = _parse_size(image_size, "--image-size")
+        whole = image_size is not None and image_size.lower() == "whole"
+        size = None if whole else _parse_size(image_size, "--image-size")
         _check_read(level, mpp, assume_mpp, size)
         if tile_size is not None and tile_size <= 0:
             raise UsageError("--tile-size must be positive")
         config = PredictConfig(
             checkpoint=str(checkpoint), images=[str(i) for i in images or []],
             csv=str(csv) if csv else None, out=str(out) if out else None, level=level,
-            mpp=mpp, assume_mpp=assume_mpp, image_size=size, tile_size=tile_size,
+            mpp=mpp, assume_mpp=assume_mpp, image_size=size, whole_image=whole,
+            tile_size=tile_size,
             device=device, amp=amp, overwrite=overwrite, tissue=tissue)
         events = PredictEvents() if quiet or json_output else RichPredictEvents(err_console)
         try:

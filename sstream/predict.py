@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class PredictConfig:
     mpp: float | None = None
     assume_mpp: float | None = None  # level 0's µm per pixel for slides that state none
     image_size: tuple[int, int] | None = None
+    whole_image: bool = False       # read whole images, whatever crop training used
     tile_size: int | None = None    # None: training's, else DEFAULT_TILE
     device: str = "auto"
     amp: bool = False
@@ -110,6 +111,10 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
     trained = ReadSpec.for_model(model.config)
     spec = trained.overridden(config.level, config.mpp, config.image_size, config.tissue,
                               config.assume_mpp)
+    if config.whole_image:
+        if config.image_size is not None:
+            raise ValueError("give --image-size N|WxH or whole, not both")
+        spec = replace(spec, image_size=None)
     scnn = StreamingCNN(model.stream, config.tile_size or model.config.tile_size
                         or DEFAULT_TILE)
     scnn.on_tile = events.on_tile

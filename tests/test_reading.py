@@ -284,3 +284,21 @@ def test_view_places_an_mpp_map_by_its_physical_size(scans, tmp_path):
         writer.write_band(0, np.ones((FIELD // 2, FIELD // 2), np.float32))
     with pytest.raises(ValueError, match="does not overlay"):
         make_server(scans["fine"], [wrong], port=0)
+
+
+def test_a_model_trained_on_crops_predicts_on_crops_unless_told_whole(scans):
+    checkpoint = write_checkpoint(scans["root"] / "crops.pt", read={"image_size": [96, 96]})
+    on_crops = predict(PredictConfig(str(checkpoint), [str(scans["coarse"])], device="cpu"))
+    whole = predict(PredictConfig(str(checkpoint), [str(scans["coarse"])], device="cpu",
+                                  whole_image=True))
+    assert on_crops.notes == []
+    assert whole.notes == ["model trained on 96 x 96 crops, reading whole images"]
+    assert not np.allclose(on_crops.predictions[0].values, whole.predictions[0].values)
+    centre = (FIELD // 2 - 96) // 2
+    with open_image(scans["coarse"]) as slide:
+        crop = slide.read_region((centre, centre), 0, (96, 96))
+    model = load_checkpoint(checkpoint).eval()
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(crop).permute(2, 0, 1)[None] / 255.0),
+                                 dim=1)[0].double().numpy()
+    assert np.abs(np.array(on_crops.predictions[0].values) - expected).max() < 1e-6
