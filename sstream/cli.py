@@ -296,8 +296,15 @@ def train(
     assume_mpp: float = typer.Option(None, help=ASSUME_MPP_HELP),
     image_size: str = typer.Option(None, help="Crop or pad every image to this size "
                                    "(N or WxH; random crop in training, centre in validation)."),
-    augment: bool = typer.Option(True, help="Flips, 90-degree rotations, light colour "
-                                 "jitter (seeded)."),
+    augment: str = typer.Option("standard", help="standard: flips, 90-degree rotations, "
+                                "light colour jitter; stain: also HED stain jitter (Tellez et "
+                                "al., drawn once per image); none. Seeded."),
+    no_augment: bool = typer.Option(False, "--no-augment", hidden=True,
+                                    help="The same as --augment none."),
+    stain_normalize: str = typer.Option(None, help="macenko or reinhard: normalise each "
+                                        "slide's stain colours to a reference H&E, fitted "
+                                        "on its thumbnail; predict and saliency do the same.",
+                                        show_default="none"),
     optimizer: str = typer.Option("adamw", help="adamw or sgd."),
     lr: float = typer.Option(1e-3, help="Learning rate."),
     weight_decay: float = typer.Option(1e-4, help="Weight decay."),
@@ -367,6 +374,8 @@ def train(
         names = [f.name for f in fields(TrainConfig)]
         given = {name: value for name, value in ctx.params.items() if name in names}
         given["image_size"] = _parse_size(image_size, "--image-size")
+        if no_augment:
+            given["augment"] = "none"
         for key in ("train_csv", "val_csv", "out", "weights"):
             given[key] = str(given[key]) if given[key] is not None else None
         from_file = _load_config_file(config) if config is not None else {}

@@ -261,6 +261,9 @@ class PixelSource:
         self._slide = slide  # closed by `close()`: the source owns it
         self.level0 = level0  # where this image's points lie on the slide
         self.tissue: TissueMask | None = None  # the slide's tissue, when the job wants it
+        # a per-pixel colour function of (1, 3, h, w) pixels fixed per image (stain
+        # normalisation, stain augmentation: `sstream.stain`), applied after `colour`
+        self.stain: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.read_ahead = read_ahead  # regions decoded ahead once the engine announces them
         self._ahead: ReadAhead[Box, np.ndarray] | None = None
         self.device = torch.device("cpu")  # where `read` hands its tensors
@@ -337,6 +340,8 @@ class PixelSource:
             pixels = _pixel_values(self.dtype, pixels.device)[pixels.long()]  # v / 255
         if self.colour is not None:
             pixels = (pixels * self.colour.to(self.device, self.dtype)).clamp_(0.0, 1.0)
+        if self.stain is not None:
+            pixels = self.stain(pixels)
         return pixels
 
     def to_rgb_array(self) -> np.ndarray:

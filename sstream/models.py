@@ -113,6 +113,9 @@ class ModelConfig:
         targets: the regression targets' names (one per output); None for classification.
         class_names: the classes' names, in output order, where the labels were names
             (`tumor`, `normal`); None for integer labels (the names are "0".."K-1").
+        stain_normalize: the stain normalisation training applied ("macenko" or
+            "reinhard", fitted on each slide: `sstream.stain`), which predict and saliency
+            apply too; None for none.
         read: how training read its images (`sstream.reading.ReadSpec.record`: level or
             mpp, image size); None for checkpoints from before the record (level 0, whole).
         tile_size: the tile side training streamed with: predict's default. None: unknown.
@@ -127,6 +130,7 @@ class ModelConfig:
     task: str = "classification"
     targets: list[str] | None = None
     class_names: list[str] | None = None
+    stain_normalize: str | None = None
     read: dict[str, Any] | None = None
     tile_size: int | None = None
 

@@ -24,6 +24,7 @@ from sstream.io import atomic_output
 from sstream.models import head_global_pool, load_checkpoint, model_outputs
 from sstream.reading import ReadSpec
 from sstream.runtime import amp_dtype, resolve_device
+from sstream.stain import slide_normaliser
 from sstream.task import Evaluation, Task, evaluate_patients, task_for_model
 from sstream.tissue import Tissue, output_mask
 
@@ -135,6 +136,7 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
         label = sample.label
         try:
             with spec.open(sample) as read:
+                read.source.stain = slide_normaliser(model.config.stain_normalize, read)
                 mask = output_mask(read.source, scnn)
                 events.on_slide_start(name, len(scnn.plan(read.source.shape)))
                 outputs = model_outputs(model, scnn, read.source, config.amp, dtype, mask)

@@ -84,6 +84,7 @@ from sstream.io.colormap import inferno
 from sstream.models import Classifier, load_checkpoint, minimum_input_size, streamed_logits
 from sstream.reading import ReadSpec
 from sstream.runtime import resolve_device
+from sstream.stain import slide_normaliser
 from sstream.task import task_for_model
 from sstream.tissue import Tissue, output_mask, pixel_mask
 
@@ -262,6 +263,7 @@ def compute_saliency(
         Tissue.parse(spec.tissue)  # a bad choice fails before the slide is read
         read = stack.enter_context(spec.open(slide_path))
         slide, source, resolution = read.slide, read.source, read.resolution
+        source.stain = slide_normaliser(model.config.stain_normalize, read)  # as trained
         level, height, width = resolution.level, source.height, source.width
         smallest = minimum_input_size(model)
         if min(height, width) < smallest:

@@ -66,6 +66,7 @@ from sstream.plots import Panel, Series, line_plot
 from sstream.reading import ReadSpec
 from sstream.runtime import amp_dtype, autocast, parse_bytes, peak_memory_mb, reset_peak_memory
 from sstream.scalar_log import ScalarLog
+from sstream.stain import STAIN_NORMALISERS, HedJitter, chain, fit_normaliser
 from sstream.task import LOSSES, TASKS, Classification, Regression, Task, selection_score
 from sstream.tissue import TISSUE_CHOICES, Tissue, output_mask, write_preview
 
@@ -76,6 +77,8 @@ OPTIMIZERS = ("adamw", "sgd")
 # (cross-entropy weighted by inverse class frequency, scikit-learn's "balanced" weights).
 BALANCES = ("none", "sampler", "loss")
 LOGS = ("tensorboard", "none")
+# standard: flips, 90-degree turns, light colour jitter; stain: also HED jitter (sstream.stain)
+AUGMENTS = ("standard", "stain", "none")
 SCHEDULES = ("cosine", "step", "constant")
 RUN_COLUMNS = ["lr", "seconds", "images_per_s", "tiles_per_s", "peak_memory_mb"]
 
@@ -110,7 +113,8 @@ class TrainConfig:
     mpp: float | None = None                    # exactly this many µm per pixel (resampled)
     assume_mpp: float | None = None             # level 0's µm per pixel where a slide says none
     image_size: tuple[int, int] | None = None   # (height, width) crop/pad; None: whole level
-    augment: bool = True
+    augment: bool | str = "standard"    # standard (True), stain (also HED jitter), none (False)
+    stain_normalize: str | None = None  # macenko or reinhard, fitted on each slide (sstream.stain)
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -134,6 +138,10 @@ class TrainConfig:
     patience: int | None = None         # stop after this many epochs without a better best.pt
     min_epochs: int = 0                 # ... but never before this many epochs
     log: str = "tensorboard"            # tensorboard (when installed) or none
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, bool):  # the spelling of configs before --augment stain
+            self.augment = "standard" if self.augment else "none"
 
     def validate(self) -> None:
         """Raise ValueError for options that cannot work together."""
@@ -161,6 +169,9 @@ class TrainConfig:
             (self.patience is None or self.patience >= 1, "--patience must be at least 1"),
             (self.min_epochs >= 0, "--min-epochs must be >= 0"),
             (self.log in LOGS, f"--log must be one of {', '.join(LOGS)}"),
+            (self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}"),
+            (self.stain_normalize in (None, *STAIN_NORMALISERS),
+             f"--stain-normalize must be one of {', '.join(STAIN_NORMALISERS)}"),
             (self.step_size >= 1, "--step-size must be at least 1"),
             (self.tissue in (None, *TISSUE_CHOICES), "--tissue must be auto or none for "
              "training (a mask file belongs to one slide: give each slide its mask in the "
@@ -270,7 +281,12 @@ def load_training_image(sample: Sample, config: TrainConfig, train: bool,
     spec = config.read_spec(tissue.choice if tissue is not None else None)
     read = spec.open(sample, generator if train else None)
     try:
-        augmentation = Augmentation.draw(generator) if (train and config.augment) else None
+        augmentation = Augmentation.draw(generator) if (train and config.augment != "none") \
+            else None
+        stain = chain(  # per pixel, fixed per image: tiles see one transform
+            fit_normaliser(config.stain_normalize, read.slide, read.resolution.level)
+            if config.stain_normalize else None,
+            HedJitter.draw(generator) if (train and config.augment == "stain") else None)
         region = read.source
         if region.height * region.width > IN_MEMORY_PIXELS:
             source = region.augmented(augmentation, dtype, read.slide)  # owns the slide now
@@ -282,6 +298,7 @@ def load_training_image(sample: Sample, config: TrainConfig, train: bool,
         read.close()
         raise
     source.tissue = region.tissue
+    source.stain = stain
     return source
 
 
@@ -496,6 +513,7 @@ class _Trainer:
         self.tissue = training_tissue(config, self.model,
                                       self.train_samples + self.val_samples)
         self.model.config.tissue = self.tissue.record  # predict and saliency do the same
+        self.model.config.stain_normalize = config.stain_normalize  # ... and this
         self.model.config.read = config.read_spec().record()  # and read as training did
         freeze_batchnorm(self.model.stream, train_affine=config.train_bn_affine)
         minimum = minimum_input_size(self.model)

@@ -315,3 +315,116 @@ def test_a_validation_class_the_training_set_lacks_is_refused_by_line(tmp_path):
         assert "line 3: label 'c' is not one of the classes a, b" in str(exc)
     else:
         raise AssertionError("an unknown class was accepted")
+
+
+# ---- stain ----------------------------------------------------------------------------------
+
+from sstream.data import PixelSource  # noqa: E402
+from sstream.engine import StreamingCNN  # noqa: E402
+from sstream.models import ModelConfig, build_model, freeze_batchnorm, streamed_logits  # noqa: E402,I001
+from sstream.stain import (  # noqa: E402
+    REFERENCE_MAX_CONCENTRATIONS,
+    REFERENCE_STAINS,
+    HedJitter,
+    Macenko,
+    Reinhard,
+    _lab,
+    _reference_lab_statistics,
+)
+from tests.conftest import float64_training, relative_error  # noqa: E402
+
+
+def stained_image(shape=(64, 80), seed=0, stains=None) -> tuple[np.ndarray, np.ndarray]:
+    """An H&E-like uint8 image made from stain vectors (columns H, E) and random
+    concentrations, with a glass border; and the concentrations."""
+    generator = np.random.default_rng(seed)
+    stains = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]) if stains is None else stains
+    stains = stains / np.linalg.norm(stains, axis=0)
+    concentrations = generator.uniform(0.3, 1.5, (*shape, 2))
+    concentrations[:, :6] = 0  # glass
+    rgb = np.exp(-(concentrations @ stains.T))
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8), concentrations
+
+
+def test_a_streamed_step_with_stain_transforms_equals_autograd_on_the_transformed_image():
+    rgb, _ = stained_image()
+    transforms = {"hed": HedJitter.draw(np.random.default_rng(1), 0.2),
+                  "macenko": Macenko.fit(rgb), "reinhard": Reinhard.fit(rgb)}
+    with float64_training():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig("tiny", 2))
+        freeze_batchnorm(model.stream, train_affine=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for name, transform in transforms.items():
+            source = PixelSource.from_array(rgb, dtype=torch.float64)
+            source.stain = transform
+            model.zero_grad()
+            streamed = streamed_logits(model, StreamingCNN(model.stream, 32), source)
+            F.cross_entropy(streamed, torch.tensor([1])).backward()
+            streamed_grads = [p.grad.clone() for p in params]
+            model.zero_grad()
+            whole = transform(PixelSource.from_array(rgb, dtype=torch.float64).to_tensor())
+            assert not torch.equal(whole, PixelSource.from_array(
+                rgb, dtype=torch.float64).to_tensor()), name  # the transform does something
+            plain = model(whole)
+            F.cross_entropy(plain, torch.tensor([1])).backward()
+            assert relative_error(streamed, plain) < 1e-9, name
+            for grad, param in zip(streamed_grads, params):
+                assert relative_error(grad, param.grad) < 1e-9, name
+
+
+def test_macenko_finds_the_stains_and_recolours_with_the_reference():
+    stains = np.array([[0.55, 0.25], [0.80, 0.85], [0.30, 0.45]])
+    rgb, concentrations = stained_image((48, 48), 2, stains)
+    fitted = Macenko.fit(rgb)
+    unit = stains / np.linalg.norm(stains, axis=0)
+    cosines = np.sum(np.array(fitted.stains) * unit, axis=0)
+    assert (cosines > 0.99).all(), cosines
+    normalised = fitted(torch.as_tensor(rgb / 255.0).permute(2, 0, 1)[None])
+    od = -np.log(np.clip(normalised[0].permute(1, 2, 0).numpy(), 1 / 255, 1))
+    tissue_od = od[:, 6:].reshape(-1, 3)
+    reference_concentrations = tissue_od @ np.linalg.pinv(REFERENCE_STAINS).T
+    # every tissue pixel's OD now lies in the plane of the reference stains, and the
+    # concentrations' 99th percentiles are the reference's
+    residual = tissue_od - reference_concentrations @ REFERENCE_STAINS.T
+    assert np.abs(residual).max() < 0.05
+    assert np.allclose(np.percentile(reference_concentrations, 99, axis=0),
+                       REFERENCE_MAX_CONCENTRATIONS, rtol=0.05)
+    assert concentrations.shape[-1] == 2
+
+
+def test_reinhard_moves_the_tissue_statistics_to_the_reference():
+    rgb, _ = stained_image((48, 48), 3, np.array([[0.3, 0.1], [0.9, 0.6], [0.2, 0.7]]))
+    normalised = Reinhard.fit(rgb)(torch.as_tensor(rgb / 255.0).permute(2, 0, 1)[None])
+    tissue = normalised[0].permute(1, 2, 0)[:, 6:].reshape(-1, 3)
+    lab = _lab(tissue).numpy()
+    mean, std = _reference_lab_statistics()
+    assert np.allclose(lab.mean(0), mean, atol=0.02) and np.allclose(lab.std(0), std, rtol=0.1)
+
+
+def test_identity_hed_jitter_keeps_the_pixels():
+    pixels = torch.rand(1, 3, 8, 8, dtype=torch.float64) * 0.9 + 0.05
+    assert torch.allclose(HedJitter()(pixels), pixels, atol=1e-12)
+
+
+def test_training_with_stain_options_records_the_normaliser_for_predict(tmp_path):
+    rgb, _ = stained_image((48, 56))
+    (tmp_path / "images").mkdir()
+    rows = []
+    for index in range(2):
+        Image.fromarray(np.roll(rgb, index * 7, axis=1)).save(tmp_path / "images" / f"{index}.png")
+        rows.append(f"images/{index}.png,{index}")
+    data = tmp_path / "data.csv"
+    data.write_text("image,label\n" + "\n".join(rows) + "\n")
+    run = runner.invoke(app, ["train", "--train-csv", str(data), "--out", str(tmp_path / "run"),
+                              "--epochs", "1", "--tile-size", "32", "--device", "cpu",
+                              "--augment", "stain", "--stain-normalize", "macenko", "--quiet",
+                              "--log", "none"])
+    assert run.exit_code == 0, run.output
+    model = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert model.config.stain_normalize == "macenko"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == "stain"
+    bad = runner.invoke(app, ["train", "--train-csv", str(data), "--out", str(tmp_path / "b"),
+                              "--stain-normalize", "vahadane"])
+    assert bad.exit_code != 0 and "--stain-normalize must be one of macenko, reinhard" in \
+        bad.output
