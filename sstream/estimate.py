@@ -130,7 +130,8 @@ def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192"
                     stream_layers: str | None = None,
                     tile_sizes: Sequence[str | int] = (), dtype: str = "float32",
                     optimizer: str = "adamw", budget: str | None = None,
-                    num_classes: int = 2, engine: str = "auto") -> dict[str, Any]:
+                    num_classes: int = 2, engine: str = "auto", pooling: str = "max",
+                    ) -> dict[str, Any]:
     """Predicted peak training memory per image size, conventional and per tile size.
 
     Args:
@@ -143,6 +144,7 @@ def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192"
         budget: memory budget as typed ("12GiB", "12GB", "12e9"), or None.
         engine: StreamingCNN's engine to model: "auto" (halo where the stream allows it),
             "halo" or "crop".
+        pooling: the head's pooling, as for `sstream train` ("max", "avg", "attention").
 
     Returns:
         {"model", "stream_layers", "dtype", "optimizer", "budget_bytes",
@@ -169,7 +171,7 @@ def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192"
             if tile > min(height, width):
                 raise ValueError(f"tile size {tile} is larger than the image {width}x{height}")
     model = build_model(ModelConfig(model_name, num_classes=num_classes,
-                                    stream_layers=stream_layers))
+                                    stream_layers=stream_layers, pooling=pooling))
     result: dict[str, Any] = {"model": model_name, "stream_layers": stream_layers,
                               "engine": engine, "dtype": dtype, "optimizer": optimizer,
                               "budget_bytes": budget_bytes, "rows": [], "advice": [],

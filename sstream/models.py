@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sstream.engine.attention import AttentionPooling
 from sstream.engine.geometry import eval_mode, meta_call
 from sstream.engine.pooling import head_global_pool
 from sstream.errors import SstreamError
@@ -85,7 +86,7 @@ __all__ = [
 ]
 
 MODEL_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "convnext_tiny", "vgg16")
-POOLINGS = ("max", "avg")
+POOLINGS = ("max", "avg", "attention")
 CHECKPOINT_FORMAT = "sstream-checkpoint/1"
 INTEGRITY_KEY = "integrity"  # {"blake2b": payload_digest of everything else}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,7 +102,9 @@ class ModelConfig:
         num_classes: outputs of the final linear layer (classes, or regression targets).
         stream_layers: split point: stream up to and including this named stage (see the
             module docstring; `split_names(name)` lists them); None streams the whole trunk.
-        pooling: global pooling of the head, "max" or "avg".
+        pooling: global pooling of the head, "max", "avg" or "attention" (CLAM-SB's gated
+            attention, one head: `sstream.engine.attention.AttentionPooling`).
+        attention_hidden: the gated attention's hidden size (pooling "attention").
         dropout: dropout probability before the final linear layer (in the head, so it may be
             random: the head is not re-run per tile).
         tissue: what the global pooling ran over in training: "auto" (detected tissue, see
@@ -125,6 +128,7 @@ class ModelConfig:
     num_classes: int = 2
     stream_layers: str | None = None
     pooling: str = "max"
+    attention_hidden: int = 128
     dropout: float = 0.0
     tissue: str = "none"
     task: str = "classification"
@@ -160,6 +164,9 @@ class ModelConfig:
                              "whole trunk)")
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; valid: {', '.join(POOLINGS)}")
+        if int(self.attention_hidden) != self.attention_hidden or self.attention_hidden < 1:
+            raise ValueError(f"attention_hidden must be a positive integer, got "
+                             f"{self.attention_hidden}")
         if int(self.num_classes) != self.num_classes or self.num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
@@ -216,6 +223,8 @@ class Classifier(nn.Module):
         if pooling is None:
             raise ValueError("a mask needs a head that starts with global pooling (stream "
                              "the whole trunk: no --stream-layers)")
+        if pooling == "attention":
+            return self.head[1:](self.head[0](features, mask))  # (N, 1, C') -> (N, outputs)
         keep = mask.to(features.device, torch.bool)  # (H', W')
         if pooling == "max":
             pooled = features.masked_fill(~keep, -torch.inf).amax(dim=(2, 3))  # (N, C')
@@ -397,13 +406,21 @@ def build_model(config: ModelConfig, weights: str | Path | None = None,
     names = [name for name, _ in backbone.stages]
     split = len(names) if config.stream_layers is None else names.index(config.stream_layers) + 1
     stream = nn.Sequential(OrderedDict([("normalize", Normalize()), *backbone.stages[:split]]))
-    pool = nn.AdaptiveMaxPool2d(1) if config.pooling == "max" else nn.AdaptiveAvgPool2d(1)
+    pool = _pooling(config, backbone.channels)
     head = nn.Sequential(OrderedDict([
         *backbone.stages[split:], ("pool", pool), ("flatten", nn.Flatten(1)),
         *backbone.extra_head, ("dropout", nn.Dropout(config.dropout)),
         ("fc", nn.Linear(backbone.channels, config.num_classes)),
         *([("scale", TargetScale(config.num_classes))] if config.task == "regression" else [])]))
     return Classifier(config, stream, head)
+
+
+def _pooling(config: ModelConfig, channels: int) -> nn.Module:
+    """The head's first module: global max or average pooling, or gated attention pooling
+    (made only when asked for: its weights draw from the RNG)."""
+    if config.pooling == "attention":
+        return AttentionPooling(channels, config.attention_hidden)
+    return nn.AdaptiveMaxPool2d(1) if config.pooling == "max" else nn.AdaptiveAvgPool2d(1)
 
 
 def _summarise(keys: list[str], limit: int = 4) -> str:
@@ -497,14 +514,19 @@ def streamed_logits(model: Classifier, scnn: StreamingCNN,
     `model.stream`), under autograd if grad is enabled.
 
     A head that starts with global pooling (`head_global_pool`) gets the pooled (N, C')
-    vector from `scnn.global_pool`: no feature map exists, at any slide size, and the
-    backward re-runs only the tiles the gradient reaches (the whole-slide path; with
-    `whole_slide=False`, the feature-map path, as for other heads). Other heads get the
-    assembled feature map. `mask` (bool at the stream's output resolution: tissue)
-    restricts the pooling and needs the whole-slide path; `input_grad_sink` receives the
-    input gradient block by block (saliency). ValueError for a mask without it.
+    vector from `scnn.global_pool` (or `scnn.attention_pool`): no feature map exists, at
+    any slide size, and the backward re-runs only the tiles the gradient reaches (the
+    whole-slide path; with `whole_slide=False`, the feature-map path, as for other heads).
+    Other heads get the assembled feature map. `mask` (bool at the stream's output
+    resolution: tissue) restricts the pooling and needs the whole-slide path;
+    `input_grad_sink` receives the input gradient block by block (saliency). ValueError
+    for a mask without it.
     """
     pool = head_global_pool(model.head) if whole_slide else None
+    if pool == "attention":
+        pooled = scnn.attention_pool(source, model.head[0].attention, mask,  # (N, 1, C')
+                                     input_grad_sink)
+        return model.head[1:](pooled)  # (N, 1, C') -> (N, classes)
     if pool is not None:
         pooled, _ = scnn.global_pool(source, pool, mask=mask, input_grad_sink=input_grad_sink)
         return model.head[1:](pooled[..., None, None])  # (N, C') -> (N, classes)

@@ -104,7 +104,8 @@ class TrainConfig:
     loss: str = "mse"                   # regression: mse, l1 or huber
     standardise: bool = True            # regression: the loss sees standardised targets
     stream_layers: str | None = None
-    pooling: str = "max"
+    pooling: str = "max"                # max, avg or attention (gated, CLAM-SB)
+    attention_hidden: int = 128         # the gated attention's hidden size
     dropout: float = 0.0
     weights: str | None = None
     pretrained: bool = False
@@ -506,7 +507,8 @@ class _Trainer:
                             if config.val_csv else [])
         self.model = build_model(
             ModelConfig(config.model, stream_layers=config.stream_layers,
-                        pooling=config.pooling, dropout=config.dropout,
+                        pooling=config.pooling, attention_hidden=config.attention_hidden,
+                        dropout=config.dropout,
                         **self.task.model_fields()),
             weights=config.weights, pretrained=config.pretrained)
         self.task.prepare_model(self.model, labels)

@@ -81,8 +81,8 @@ class Verification:
 def verify(model: str = "resnet18", size: tuple[int, int] = (1024, 1024),
            tile_size: int = 512, stream_layers: str | None = None, dtype: str = "float64",
            weights: str | None = None, image: str | None = None, device: str = "auto",
-           seed: int = 0, memory: int | None = None, read: ReadSpec | None = None
-           ) -> Verification:
+           seed: int = 0, memory: int | None = None, read: ReadSpec | None = None,
+           pooling: str = "max") -> Verification:
     """Compare one conventional and one streamed training step (module docstring).
 
     Args:
@@ -96,6 +96,7 @@ def verify(model: str = "resnet18", size: tuple[int, int] = (1024, 1024),
             `size` (or the crop that fits). Default: level 0.
         memory: bytes the conventional step may use (default: MEMORY_SHARE of what the device
             has available).
+        pooling: the head's pooling, as for `sstream train` ("max", "avg", "attention").
 
     Raises:
         ValueError: an unknown model, split point or dtype, a bad size, an unreadable image.
@@ -106,7 +107,7 @@ def verify(model: str = "resnet18", size: tuple[int, int] = (1024, 1024),
         raise ValueError("--size and --tile-size must be positive")
     torch_dtype = getattr(torch, dtype)
     target = resolve_device(device)
-    classifier = _build(model, stream_layers, weights, torch_dtype, target)
+    classifier = _build(model, stream_layers, weights, torch_dtype, target, pooling)
     available = memory if memory is not None else int(MEMORY_SHARE * _available(target))
     verified, because = _fitting_size(classifier, size, tile_size, available)
     pixels = _input(image, verified, seed, torch_dtype, read or ReadSpec()).to(target)
@@ -128,9 +129,9 @@ def verify(model: str = "resnet18", size: tuple[int, int] = (1024, 1024),
 
 
 def _build(name: str, stream_layers: str | None, weights: str | None, dtype: torch.dtype,
-           device: torch.device) -> Classifier:
+           device: torch.device, pooling: str = "max") -> Classifier:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name, 2, stream_layers), weights=weights)
+    model = build_model(ModelConfig(name, 2, stream_layers, pooling), weights=weights)
     freeze_batchnorm(model, train_affine=True)
     return model.to(device=device, dtype=dtype).train()
 

@@ -201,6 +201,52 @@ class AttentionRun:
         return [sums[id(p)] for p in params]
 
 
+class GatedAttention(nn.Module):
+    """CLAM's gated attention (Ilse et al. 2018, sec. 2.4) as 1x1 convolutions, so that it
+    runs on any block of the feature map: (N, C', h, w) -> logits (N, K, h, w),
+    l = w . (tanh(V y) * sigmoid(U y)) per position."""
+
+    def __init__(self, channels: int, hidden: int, heads: int = 1) -> None:
+        super().__init__()
+        self.value = nn.Conv2d(channels, hidden, 1)  # V
+        self.gate = nn.Conv2d(channels, hidden, 1)  # U
+        # w, without a bias: it would shift all of a head's logits alike, which the softmax
+        # ignores (its gradient is zero)
+        self.score = nn.Conv2d(hidden, heads, 1, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        gated = torch.tanh(self.value(features)) * torch.sigmoid(self.gate(features))
+        return self.score(gated)  # (N, K, h, w)
+
+
+class AttentionPooling(nn.Module):
+    """A head's attention pooling over the whole feature map: (N, C', H', W') -> (N, K, C').
+
+    This is the plain-PyTorch reference; `StreamingCNN.attention_pool(image, self.attention)`
+    gives the same numbers without the feature map. `mask` (bool (H', W') or (N, H', W'))
+    restricts the softmax to True positions."""
+
+    def __init__(self, channels: int, hidden: int, heads: int = 1) -> None:
+        super().__init__()
+        self.attention = GatedAttention(channels, hidden, heads)
+
+    def weights(self, features: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The softmax weights (N, K, H', W') over positions (0 off the mask)."""
+        logits = self.attention(features)  # (N, K, H', W')
+        if mask is not None:
+            keep = mask.to(logits.device, torch.bool)
+            keep = keep if keep.dim() == 3 else keep.expand(logits.shape[0], *keep.shape)
+            logits = logits.masked_fill(~keep[:, None], -torch.inf)
+        return torch.softmax(logits.flatten(2), dim=2).view_as(logits)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        weights = self.weights(features, mask).flatten(2)  # (N, K, H'*W')
+        # a broadcast product, not einsum (see tests/engine/test_attention.py's reference)
+        return (weights[:, :, None, :] * features.flatten(2)[:, None]).sum(-1)  # (N, K, C')
+
+
 def _finite_or_zero(values: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(values), values, torch.zeros_like(values))
 

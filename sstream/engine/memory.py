@@ -650,7 +650,10 @@ def _pooled_forward_peak(common: _Common, scnn: StreamingCNN, shape: tuple[int, 
 
     def forward() -> None:
         with torch.no_grad():
-            meta.global_pool(_MetaSource(proxy, common.dtype), pooling)
+            # attention pooling's forward holds what averaging does, plus per-region
+            # logits and (N, K, C') sums: the same tiles, a few channels more per region
+            mode = "avg" if pooling == "attention" else pooling
+            meta.global_pool(_MetaSource(proxy, common.dtype), mode)
 
     peak = _trace(forward, common.stream.tensors).peak
     small = meta.halo_program(proxy, training=False)

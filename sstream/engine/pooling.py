@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from sstream.engine.attention import AttentionPooling
 from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan
 
 POOLING_MODES = ("max", "avg")
@@ -51,10 +52,13 @@ def check_mode(mode: str) -> str:
 
 def head_global_pool(head: nn.Module) -> str | None:
     """"max" or "avg" when `head` (an nn.Sequential) starts with global pooling (every
-    model zoo head whose whole trunk streams), else None: then the stream's output can be
-    pooled tile by tile (`StreamingCNN.global_pool`) and the rest of the head applied to the
+    model zoo head whose whole trunk streams), "attention" when it starts with
+    `AttentionPooling`, else None: then the stream's output can be pooled tile by tile
+    (`StreamingCNN.global_pool`, `attention_pool`) and the rest of the head applied to the
     pooled vector."""
     first = head[0] if isinstance(head, nn.Sequential) and len(head) else None
+    if isinstance(first, AttentionPooling):
+        return "attention"
     if isinstance(first, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)) and \
             first.output_size in (1, (1, 1)):
         return "max" if isinstance(first, nn.AdaptiveMaxPool2d) else "avg"

@@ -1,0 +1,58 @@
+"""Attention pooling in the jobs: training (--pooling attention) on the whole-slide path with
+tissue masks, equal to the feature-map path and to the plain model; verify and the memory
+estimate take it too."""
+
+from __future__ import annotations
+
+import torch
+
+from sstream.engine import StreamingCNN
+from sstream.models import ModelConfig, build_model, streamed_logits, training_path
+from sstream.train import train
+from tests.conftest import float64_training, relative_error
+from tests.test_train_predict import StartInfo, config
+
+
+def test_attention_pooling_trains_on_the_whole_slide_path_as_on_the_feature_map(tmp_path):
+    """Two SGD steps (four images, accumulate 2, augmentation and dropout on): the
+    whole-slide path's weights equal the feature-map path's, float64."""
+    settings = config(tmp_path, epochs=1, optimizer="sgd", weight_decay=0.0,
+                      pooling="attention", attention_hidden=8)
+    runs = {}
+    with float64_training():
+        for path in ("whole-slide", "feature map"):
+            settings.whole_slide = path == "whole-slide"
+            events = StartInfo()
+            settings.out = str(tmp_path / path.replace(" ", "_"))
+            result = train(settings, events)
+            assert events.info["path"] == path and result.state.step == 2
+            runs[path] = result.model.state_dict()
+    assert any(name.startswith("head.pool.attention") for name in runs["feature map"])
+    for name, value in runs["feature map"].items():
+        error = (runs["whole-slide"][name] - value).abs().max() / (value.abs().max() or 1)
+        assert error < 1e-9, name
+
+
+def test_a_masked_attention_model_streams_as_the_plain_model():
+    """Classifier.forward(x, mask) (softmax over the mask on the whole feature map) equals
+    `streamed_logits` with the mask, logits and every gradient, float64."""
+    with float64_training():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig("tiny", 3, pooling="attention", attention_hidden=6))
+        model.eval()
+        image = torch.rand(1, 3, 96, 80)
+        scnn = StreamingCNN(model.stream, 32)
+        mask = torch.rand(scnn.output_size(image.shape)) < 0.6
+        mask[0, 0] = True
+        grads = []
+        for run in (lambda: model(image, mask), lambda: streamed_logits(model, scnn, image, mask)):
+            model.zero_grad(set_to_none=True)
+            logits = run()
+            (logits * torch.arange(3.0)).sum().backward()
+            grads.append((logits.detach(), {n: p.grad.clone() for n, p in
+                                            model.named_parameters()}))
+    assert training_path(model) == "whole-slide"
+    (plain, plain_grads), (streamed, streamed_grads) = grads
+    assert relative_error(streamed, plain) < 1e-9
+    for name, grad in plain_grads.items():
+        assert relative_error(streamed_grads[name], grad) < 1e-9, name
