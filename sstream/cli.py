@@ -96,19 +96,36 @@ def _options(
         "auto", "--backend", envvar="SSTREAM_BACKEND",
         help="What reads slides: auto (tifffile for TIFFs, OpenSlide for MIRAX, DICOM and "
              "other formats), tifffile or openslide."),
+    read_workers: int | None = typer.Option(
+        None, "--read-workers", envvar="SSTREAM_READ_WORKERS", metavar="N",
+        help="Threads that decode a region's tiles [default: the cores available]."),
+    jpeg_decoder: str = typer.Option(
+        "auto", "--jpeg-decoder", envvar="SSTREAM_JPEG_DECODER", metavar="auto|nvjpeg|cpu",
+        help="JPEG-tiled slides read for a CUDA model: auto/nvjpeg decode on the GPU "
+             "(nvJPEG), cpu on the CPU pool."),
 ) -> None:
     """Exact streaming training of CNNs on multi-megapixel and gigapixel images."""
     import os
 
+    from sstream.gpu_decode import JPEG_DECODERS
     from sstream.io import BACKENDS
 
     _state["debug"] = debug
-    backend = backend.lower()
-    if backend not in BACKENDS:
-        err_console.print(f"[bold red]error:[/bold red] --backend must be one of "
-                          f"{', '.join(BACKENDS)}, got {backend!r}", highlight=False)
-        raise typer.Exit(EXIT_USAGE)
-    os.environ["SSTREAM_BACKEND"] = backend  # every open_image of this process (and ranks)
+    for name, value, choices in (("--backend", backend, BACKENDS),
+                                 ("--jpeg-decoder", jpeg_decoder, JPEG_DECODERS)):
+        if value.lower() not in choices:
+            err_console.print(f"[bold red]error:[/bold red] {name} must be one of "
+                              f"{', '.join(choices)}, got {value!r}", highlight=False)
+            raise typer.Exit(EXIT_USAGE)
+    # every open_image and PixelSource of this process (and of the ranks it starts)
+    os.environ["SSTREAM_BACKEND"] = backend.lower()
+    os.environ["SSTREAM_JPEG_DECODER"] = jpeg_decoder.lower()
+    if read_workers is not None:
+        if read_workers < 1:
+            err_console.print(f"[bold red]error:[/bold red] --read-workers must be at least "
+                              f"1, got {read_workers}", highlight=False)
+            raise typer.Exit(EXIT_USAGE)
+        os.environ["SSTREAM_READ_WORKERS"] = str(read_workers)
     if compact_memory:
         from sstream.runtime import compact_cpu_memory
 

@@ -35,6 +35,8 @@ from sstream.task import Classification, Task
 Box = tuple[int, int, int, int]
 RegionReader = Callable[[int, int, int, int], np.ndarray]
 """(y0, y1, x0, x1) -> uint8 RGB array (y1 - y0, x1 - x0, 3); regions may cross the border."""
+DeviceRegionReader = Callable[[int, int, int, int], torch.Tensor]
+"""A RegionReader that hands out a uint8 (h, w, 3) tensor on a device (nvJPEG)."""
 PointMap = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 """(y, x) image coordinates (float arrays that broadcast; pixel (i, j) spans [i, i + 1) x
 [j, j + 1)) -> the same points as (y, x) in level-0 pixels of the slide they were read from."""
@@ -179,8 +181,13 @@ class Augmentation:
     def is_identity(self) -> bool:
         return self == Augmentation()
 
-    def apply(self, rgb: np.ndarray) -> np.ndarray:
-        """Apply the geometric part to a whole (h, w, 3) array (a view where possible)."""
+    def apply(self, rgb: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Apply the geometric part to a whole (h, w, 3) array (a view where possible) or
+        tensor (regions decoded on a GPU)."""
+        if isinstance(rgb, torch.Tensor):
+            if self.flip:
+                rgb = torch.flip(rgb, dims=(1,))
+            return torch.rot90(rgb, self.rotations, dims=(0, 1)) if self.rotations else rgb
         if self.flip:
             rgb = rgb[:, ::-1]
         return np.rot90(rgb, self.rotations) if self.rotations else rgb
@@ -267,8 +274,9 @@ class PixelSource:
         self.read_ahead = read_ahead  # regions decoded ahead once the engine announces them
         self._ahead: ReadAhead[Box, np.ndarray] | None = None
         self.device = torch.device("cpu")  # where `read` hands its tensors
-        self._level_read: tuple[SlideImage, int, Box] | None = None  # set by from_slide
-        self._device_read: Callable[[int, int, int, int], torch.Tensor] | None = None
+        # a RegionReader that decodes on a device (nvJPEG), made per device where possible
+        self._device_reader: Callable[[torch.device], DeviceRegionReader | None] | None = None
+        self._device_read: DeviceRegionReader | None = None
 
     def to(self, device: torch.device | str) -> PixelSource:
         """Hand regions out on `device`: the uint8 pixels are copied there (pinned, without
@@ -278,13 +286,8 @@ class PixelSource:
         decoded there (`sstream.gpu_decode`; not under flips and rotations)."""
         self.device = torch.device(device)
         self._device_read = None
-        if self.device.type == "cuda" and self._level_read is not None \
-                and jpeg_decoder() == "nvjpeg":
-            slide, level, (wy0, _, wx0, _) = self._level_read
-            if JpegRegionReader.supports(slide, level):
-                decode = JpegRegionReader(slide, level, self.device)
-                self._device_read = lambda y0, y1, x0, x1: decode(wy0 + y0, wy0 + y1,
-                                                                  wx0 + x0, wx0 + x1)
+        if self.device.type == "cuda" and self._device_reader is not None:
+            self._device_read = self._device_reader(self.device)
         return self
 
     def prefer_device(self, device: torch.device) -> None:
@@ -395,7 +398,14 @@ class PixelSource:
             return (wy0 + y) * scale_y, (wx0 + x) * scale_x
 
         source = cls(read_rgb, wy1 - wy0, wx1 - wx0, level0=level0, read_ahead=read_ahead)
-        source._level_read = (slide, level, (wy0, wy1, wx0, wx1))
+
+        def device_reader(device: torch.device) -> DeviceRegionReader | None:
+            if jpeg_decoder() == "cpu" or not JpegRegionReader.supports(slide, level):
+                return None
+            decode = JpegRegionReader(slide, level, device)
+            return lambda y0, y1, x0, x1: decode(wy0 + y0, wy0 + y1, wx0 + x0, wx0 + x1)
+
+        source._device_reader = device_reader
         return source
 
     def augmented(self, augmentation: Augmentation | None, dtype: torch.dtype,
@@ -406,10 +416,19 @@ class PixelSource:
         augmentation = augmentation or Augmentation()
         height, width = augmentation.shape(self.height, self.width)
         reader = augmentation.region_reader(self._read_rgb, self.height, self.width)
-        return PixelSource(reader, height, width, colour=augmentation.colour(), dtype=dtype,
-                           slide=slide,
-                           level0=augmentation.point_map(self.level0, self.height, self.width),
-                           read_ahead=self.read_ahead).to(self.device)
+        source = PixelSource(reader, height, width, colour=augmentation.colour(),
+                             dtype=dtype, slide=slide, read_ahead=self.read_ahead,
+                             level0=augmentation.point_map(self.level0, self.height,
+                                                           self.width))
+        inner = self._device_reader
+        if inner is not None:
+            def device_reader(device: torch.device) -> DeviceRegionReader | None:
+                read = inner(device)
+                return None if read is None else augmentation.region_reader(
+                    read, self.height, self.width)
+
+            source._device_reader = device_reader
+        return source.to(self.device)
 
 
 @functools.cache

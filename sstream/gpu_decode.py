@@ -7,10 +7,15 @@ the way. `JpegRegionReader` reads a region of a level whose tiles are baseline Y
 usual whole-slide TIFF: Aperio SVS, the pyramids sstream writes) as a uint8 (h, w, 3) tensor
 on the device; levels of any other kind are read by the slide's own reader.
 
-Pixels differ from the CPU decoders' in the last bits (JPEG leaves the inverse DCT's rounding
-to the decoder; libjpeg-turbo and nvJPEG round differently), as two CPU decoders do. Whether
-it is faster than the CPU pool depends on the machine: `benchmarks/gpu_check.py` measures
-both, and `sstream --jpeg-decoder nvjpeg` (or SSTREAM_JPEG_DECODER=nvjpeg) turns it on.
+Why it is the default on CUDA: the CPU pool's threads share the interpreter with the thread
+that drives the GPU, so on a fast GPU decoding in threads steals the launch thread's time
+instead of hiding behind it, whereas nvJPEG leaves the CPU free (docs/benchmarks.md has the
+measurements). `sstream --jpeg-decoder cpu` (SSTREAM_JPEG_DECODER=cpu) turns it off.
+
+Pixels differ from the CPU decoder's: JPEG leaves the inverse DCT's rounding and the chroma
+upsampling to the decoder, so nvJPEG and libjpeg-turbo differ by under half a level on
+average, up to a few tens at sharp colour edges (measured on synthetic slides), as two CPU
+decoders can.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from sstream.io import SlideImage
 
 __all__ = ["JPEG_DECODERS", "JpegRegionReader", "jpeg_decoder"]
 
-JPEG_DECODERS = ("cpu", "nvjpeg")
+JPEG_DECODERS = ("auto", "nvjpeg", "cpu")
 
 
 def jpeg_decoder() -> str:
-    """The JPEG decoder chosen for slides read onto a GPU: SSTREAM_JPEG_DECODER (set by
-    `sstream --jpeg-decoder`), "cpu" by default."""
-    choice = os.environ.get("SSTREAM_JPEG_DECODER", "cpu").strip().lower() or "cpu"
+    """The JPEG decoder for slides read onto a GPU: SSTREAM_JPEG_DECODER (set by `sstream
+    --jpeg-decoder`): "auto" (the default) and "nvjpeg" decode JPEG-tiled levels with nvJPEG
+    when the model runs on CUDA, "cpu" always with the CPU pool."""
+    choice = os.environ.get("SSTREAM_JPEG_DECODER", "auto").strip().lower() or "auto"
     if choice not in JPEG_DECODERS:
         raise ValueError(f"SSTREAM_JPEG_DECODER must be one of {', '.join(JPEG_DECODERS)}, "
                          f"got {choice!r}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sstream.data import PixelSource
+from sstream.data import Augmentation, PixelSource
 from sstream.engine import StreamingCNN
 from sstream.io import open_image, write_synthetic_slide
 from tests.conftest import relative_error
@@ -27,7 +27,8 @@ def slide_path(tmp_path_factory):
     return path
 
 
-def test_regions_on_the_gpu_equal_the_cpus(slide_path):
+def test_regions_on_the_gpu_equal_the_cpus(slide_path, monkeypatch):
+    monkeypatch.setenv("SSTREAM_JPEG_DECODER", "cpu")  # the CPU decodes, the GPU converts
     with open_image(slide_path) as slide:
         cpu = PixelSource.from_slide(slide, 0, read_ahead=0)
         gpu = PixelSource.from_slide(slide, 0).to(CUDA)
@@ -48,11 +49,19 @@ def test_nvjpeg_decodes_as_the_cpu_does(slide_path, monkeypatch):
             assert gpu.shape == cpu.shape
             difference = np.abs(gpu - cpu)  # chroma upsampling differs at colour edges
             assert difference.mean() < 1 and np.percentile(difference, 99) <= 8
-        monkeypatch.setenv("SSTREAM_JPEG_DECODER", "nvjpeg")
         source = PixelSource.from_slide(slide, 0).to(CUDA)
-        assert source._device_read is not None  # the option takes the nvJPEG path
+        assert source._device_read is not None  # nvJPEG by default on CUDA
         region = source.read((0, 256, 0, 256))
         assert region.device.type == "cuda" and region.shape == (1, 3, 256, 256)
+        for flip, rotations in ((True, 1), (False, 3)):  # training's flips and rotations
+            augmentation = Augmentation(flip=flip, rotations=rotations)
+            on_gpu = source.augmented(augmentation, torch.float32)
+            on_cpu = PixelSource.from_slide(slide, 0).augmented(augmentation, torch.float32)
+            assert on_gpu._device_read is not None
+            box = (30, 400, 100, 650)
+            assert (on_gpu.read(box).cpu() - on_cpu.read(box)).abs().mean() < 1 / 255
+        monkeypatch.setenv("SSTREAM_JPEG_DECODER", "cpu")
+        assert PixelSource.from_slide(slide, 0).to(CUDA)._device_read is None
 
 
 def test_engine_and_pooled_head_are_exact_on_cuda():
@@ -76,7 +85,8 @@ def test_engine_and_pooled_head_are_exact_on_cuda():
             assert relative_error(streamed, plain) < 1e-9
 
 
-def test_a_slide_streams_onto_the_gpu_with_read_ahead(slide_path):
+def test_a_slide_streams_onto_the_gpu_with_read_ahead(slide_path, monkeypatch):
+    monkeypatch.setenv("SSTREAM_JPEG_DECODER", "cpu")
     stream = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).to(CUDA)
     scnn = StreamingCNN(stream, 128)
     with open_image(slide_path) as slide:
