@@ -37,13 +37,28 @@ def _clean_metavar(param: object) -> None:
         param.display_type_rich = lambda ctx: label  # typer: the type column of the help
 
 
+# options whose values are names from a fixed list (or a path, for --tissue): any letter case
+CHOICE_OPTIONS = frozenset({"amp_dtype", "backend", "balance", "device", "dtype", "engine",
+                            "log", "loss", "method", "model", "optimizer", "pooling",
+                            "schedule", "task"})
+
+
+def _lower_choice(param: object) -> None:
+    """`--engine HALO` is `--engine halo`: a choice option's value is read in lower case."""
+    if getattr(param, "name", None) in CHOICE_OPTIONS and param.callback is None:
+        param.callback = lambda ctx, param, value: (value.lower() if isinstance(value, str)
+                                                    else value)
+
+
 class _Commands(typer.core.TyperGroup):
-    """Typer's command group, with clean metavars in every command's help."""
+    """Typer's command group, with clean metavars in every command's help and choices read
+    in any letter case."""
 
     def get_command(self, ctx: typer.Context, cmd_name: str) -> typer.core.TyperCommand | None:
         command = super().get_command(ctx, cmd_name)
         for param in command.get_params(ctx) if command is not None else ():
             _clean_metavar(param)
+            _lower_choice(param)
         return command
 
     def get_params(self, ctx: typer.Context) -> list:

@@ -97,13 +97,18 @@ def test_info_bad_values_are_usage_errors(slide, args):
     assert "Traceback" not in result.output
 
 
-def test_choices_ignore_case(slide, tmp_path):
+def test_choices_ignore_case(slide, tmp_path, monkeypatch):
+    monkeypatch.setenv("SSTREAM_BACKEND", "auto")  # --backend sets it for the process: undo
     out = tmp_path / "preview.png"
     result = runner.invoke(app, ["tissue", str(slide), "--tissue", "AUTO", "--out", str(out),
                                  "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["source"] == "auto" and out.is_file()
     assert runner.invoke(app, ["--backend", "TIFFFILE", "info", str(slide)]).exit_code == 0
+    shouted = estimate_json("--image-size", "512", "--model", "TINY", "--engine", "HALO",
+                            "--optimizer", "SGD", "--amp-dtype", "BF16")
+    assert shouted == estimate_json("--image-size", "512", "--model", "tiny", "--engine", "halo",
+                                    "--optimizer", "sgd", "--amp-dtype", "bf16")
 
 
 def test_make_sample_data_json(tmp_path):
