@@ -494,6 +494,8 @@ def predict(
 ) -> None:
     """Predict class probabilities (or regression values) for slides with a trained
     checkpoint (streaming forward)."""
+    import os
+
     from sstream.cli_render import RichPredictEvents, evaluation_report, predictions_table
     from sstream.predict import PredictConfig, PredictEvents
     from sstream.predict import predict as run_prediction
@@ -510,12 +512,16 @@ def predict(
             mpp=mpp, assume_mpp=assume_mpp, image_size=size, whole_image=whole,
             tile_size=tile_size,
             device=device, amp=amp, overwrite=overwrite, tissue=tissue)
-        events = PredictEvents() if quiet or json_output else RichPredictEvents(err_console)
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 alone reports
+        events = PredictEvents() if quiet or json_output or rank else \
+            RichPredictEvents(err_console)
         try:
             result = run_prediction(config, events)
         finally:
             if hasattr(events, "close"):
                 events.close()
+        if result.rank:
+            return
         for note in result.notes:
             err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
         if json_output:

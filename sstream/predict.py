@@ -17,13 +17,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sstream.data import Sample, read_label_csv
+from sstream.distributed import DataParallel
 from sstream.engine import StreamingCNN
 from sstream.io import atomic_output
 from sstream.models import head_global_pool, load_checkpoint, model_outputs
 from sstream.reading import ReadSpec
-from sstream.runtime import amp_dtype, resolve_device
+from sstream.runtime import amp_dtype
 from sstream.stain import slide_normaliser
 from sstream.task import Evaluation, Task, evaluate_patients, task_for_model
 from sstream.tissue import Tissue, output_mask
@@ -70,6 +72,7 @@ class PredictResult:
     evaluations: list[Evaluation] = field(default_factory=list)  # slide, then patient level
     written: list[Path] = field(default_factory=list)   # the report files beside `out`
     notes: list[str] = field(default_factory=list)      # where reading departs from training
+    rank: int = 0         # under torchrun: this process's rank (only rank 0 writes and prints)
 
 
 class PredictEvents:
@@ -107,7 +110,17 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
     events = events or PredictEvents()
     if config.out and Path(config.out).exists() and not config.overwrite:
         raise FileExistsError(f"{config.out} exists; use --overwrite to replace it")
-    device = resolve_device(config.device)
+    parallel, device = DataParallel.from_env(config.device)
+    try:
+        return _predict(config, events, parallel, device)
+    finally:
+        parallel.close()
+
+
+def _predict(config: PredictConfig, events: PredictEvents, parallel: DataParallel,
+             device: torch.device) -> PredictResult:
+    """`predict` in one process of `parallel`: under torchrun each rank predicts every
+    world_size-th slide, and rank 0 gathers the results in input order and writes them."""
     model = load_checkpoint(config.checkpoint).to(device).eval()
     trained = ReadSpec.for_model(model.config)
     spec = trained.overridden(config.level, config.mpp, config.image_size, config.tissue,
@@ -130,9 +143,10 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
         raise ValueError("tissue masks need a model whose head starts with global pooling "
                          "(trained without --stream-layers); use --tissue none")
     events.on_start(len(inputs))
-    predictions, failures = [], []
+    outcomes: list[tuple[int, Prediction | None, str | None]] = []  # (position, ...)
     dtype = amp_dtype(device, None)
-    for name, sample in inputs:
+    for position in parallel.shard(0, len(inputs)):
+        name, sample = inputs[position]
         label = sample.label
         try:
             with spec.open(sample) as read:
@@ -142,22 +156,27 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
                 outputs = model_outputs(model, scnn, read.source, config.amp, dtype, mask)
         except (ValueError, OSError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            failures.append((name, reason))
+            outcomes.append((position, None, reason))
             events.on_slide_end(name, None, reason)
             continue
         prediction = Prediction(name, [float(v) for v in task.predictions(outputs)], label,
                                 sample.patient)
-        predictions.append(prediction)
+        outcomes.append((position, prediction, None))
         events.on_slide_end(name, prediction, None)
+    if parallel.distributed:  # every rank's outcomes, back in input order
+        outcomes = sorted(o for part in parallel.gather_objects(outcomes, "gathering the "
+                                                                "predictions") for o in part)
+    predictions = [p for _, p, _ in outcomes if p is not None]
+    failures = [(inputs[i][0], reason) for i, p, reason in outcomes if p is None]
     evaluations = evaluate_predictions(predictions, task)
     out = Path(config.out) if config.out else None
     written = []
-    if out is not None:
+    if out is not None and parallel.is_main:
         write_predictions(out, predictions, task, config.overwrite)
         written = write_evaluations(out, evaluations, predictions, task)
     return PredictResult(predictions, failures,
                          evaluations[0].metrics if evaluations else None, out, task,
-                         evaluations, written, spec.notes(trained))
+                         evaluations, written, spec.notes(trained), parallel.rank)
 
 
 def evaluate_predictions(predictions: list[Prediction], task: Task) -> list[Evaluation]:

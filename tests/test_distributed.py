@@ -195,3 +195,52 @@ def test_regression_on_two_ranks_equals_one_process(tmp_path):
     for key in ("train_loss", "val_loss", "val_spearman", "val_pearson", "val_mae"):
         assert rank0["history"][0][key] == pytest.approx(single.state.history[0][key],
                                                          rel=1e-9), key
+
+
+def _predict_cli_job(rank: int, argv: list[str]) -> dict:
+    """`sstream predict ...` on one rank: its exit code and what it printed."""
+    import sstream.predict
+    from sstream.cli import main
+
+    slides = []
+    outputs = sstream.predict.model_outputs
+
+    def counted(*args, **kwargs):
+        slides.append(1)
+        return outputs(*args, **kwargs)
+
+    sstream.predict.model_outputs = counted
+    stdout = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    return {"exit_code": code, "stdout": stdout.getvalue(), "slides": len(slides)}
+
+
+JOBS["predict"] = _predict_cli_job
+
+
+def test_two_ranks_predict_a_csv_as_one_process_in_the_same_order(tmp_path):
+    """torchrun shards predict's slides: each rank takes every other one, and rank 0 writes
+    the merged CSV in the input's order, equal to one process's."""
+    csv_path = write_dataset(tmp_path, 5, size=(40, 48))
+    train(TrainConfig(train_csv=str(csv_path), out=str(tmp_path / "run"), epochs=1,
+                      tile_size=32, device="cpu"))
+    checkpoint = str(tmp_path / "run" / "last.pt")
+    common = ["predict", "--checkpoint", checkpoint, "--csv", str(csv_path), "--device",
+              "cpu", "--quiet"]
+    single = tmp_path / "one.csv"
+    from sstream.cli import main
+
+    with contextlib.suppress(SystemExit):
+        main([*common, "--out", str(single)])
+    merged = tmp_path / "two.csv"
+    outcomes = join_ranks(start_ranks(2, "predict", {"argv": [*common, "--out", str(merged)]},
+                                      tmp_path))
+    assert [o["exit_code"] for o in outcomes] == [0, 0]
+    assert [o["slides"] for o in outcomes] == [3, 2]  # each rank its own share
+    assert merged.read_text() == single.read_text()
+    assert len(merged.read_text().splitlines()) == 6  # the header and the five slides
