@@ -1033,6 +1033,10 @@ def make_sample_data(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     regression: bool = typer.Option(False, help="Regression data: every slide has lesions "
                                     "and its label is their texture contrast in [0, 1]."),
+    patients: int = typer.Option(None, help="A cohort: slide i belongs to patient i mod N "
+                                 "(one label per patient), every CSV gets a patient column, "
+                                 "val.csv holds whole patients and cohort.csv every slide "
+                                 "(for sstream split).", show_default="none"),
     json_output: bool = typer.Option(False, "--json", help="Print the files written as "
                                      "JSON."),
 ) -> None:
@@ -1051,17 +1055,20 @@ def make_sample_data(
             raise UsageError("need --count >= 2 and 0 < --min-size <= --size")
         if not 0 <= val_fraction < 1:
             raise UsageError("--val-fraction must be in [0, 1)")
+        if patients is not None and not 2 <= patients <= count:
+            raise UsageError("--patients must be in 2..--count")
         sides = size if min_size is None else (min_size, size)
         with Progress(console=err_console) as progress:
             task = progress.add_task("slides", total=count)
             train_csv, val_csv = generate(
                 out, count, sides, seed, val_fraction, _renamed(tiff_tile_size, tile), overwrite,
                 on_slide=lambda done, total: progress.update(task, completed=done),
-                regression=regression)
+                regression=regression, patients=patients)
         if json_output:
             _print_json({"slides": count, "train_csv": train_csv, "val_csv": val_csv})
         else:
-            console.print(f"wrote {count} slides, {train_csv} and {val_csv}")
+            cohort = f" and {out / 'cohort.csv'} ({patients} patients)" if patients else ""
+            console.print(f"wrote {count} slides, {train_csv} and {val_csv}{cohort}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -428,3 +428,28 @@ def test_training_with_stain_options_records_the_normaliser_for_predict(tmp_path
                               "--stain-normalize", "vahadane"])
     assert bad.exit_code != 0 and "--stain-normalize must be one of macenko, reinhard" in \
         bad.output
+
+
+# ---- generated cohorts ------------------------------------------------------------------------
+
+
+def test_make_sample_data_patients_writes_a_cohort_that_splits(tmp_path):
+    run = runner.invoke(app, ["make-sample-data", str(tmp_path), "--count", "12", "--patients",
+                              "6", "--size", "64", "--tiff-tile-size", "64", "--val-fraction",
+                              "0.34"])
+    assert run.exit_code == 0, run.output
+    cohort = read_label_csv(tmp_path / "cohort.csv")
+    assert len(cohort) == 12 and {s.patient for s in cohort} == {f"case_{p:03d}"
+                                                                 for p in range(6)}
+    for patient in {s.patient for s in cohort}:
+        assert len({s.label for s in cohort if s.patient == patient}) == 1
+    train_part, val_part = read_label_csv(tmp_path / "train.csv"), read_label_csv(
+        tmp_path / "val.csv")
+    assert {s.patient for s in val_part} == {"case_004", "case_005"}
+    assert not {s.patient for s in train_part} & {s.patient for s in val_part}
+    split = runner.invoke(app, ["split", str(tmp_path / "cohort.csv"), "--folds", "3",
+                                "--out", str(tmp_path / "splits")])
+    assert split.exit_code == 0 and "fold_2/val" in split.output
+    bad = runner.invoke(app, ["make-sample-data", str(tmp_path / "b"), "--count", "4",
+                              "--patients", "5"])
+    assert bad.exit_code == 2 and "--patients must be in 2..--count" in bad.output

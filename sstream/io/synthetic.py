@@ -255,8 +255,14 @@ def make_sample_data(
     overwrite: bool = False,
     on_slide: Callable[[int, int], None] | None = None,
     regression: bool = False,
+    patients: int | None = None,
 ) -> tuple[Path, Path]:
     """Write `count` synthetic slides to `out_dir/images/` plus train.csv and val.csv.
+
+    With `patients` P, slide i belongs to patient `case_<i mod P>`, whose slides share the
+    label (patient p's class is p mod 2; for regression one contrast per patient), every
+    CSV has a `patient` column, the validation set is the last round(P * val_fraction)
+    patients' slides, and `cohort.csv` lists every slide (the input of `sstream split`).
 
     Labels alternate 0, 1 (balanced), or with `regression` every slide has lesions and its
     label is their texture contrast, drawn uniformly from [0, 1] (2 decimals); the last
@@ -279,11 +285,15 @@ def make_sample_data(
     """
     if count < 2:
         raise ValueError(f"count must be >= 2, got {count}")
+    if patients is not None and not 2 <= patients <= count:
+        raise ValueError(f"patients must be in 2..count ({count}), got {patients}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 2])
     n_val = int(round(count * val_fraction))
     rows = []
+    patient_contrast = [round(float(c), 2) for c in
+                        np.random.default_rng([seed, 3]).uniform(0, 1, patients or 0)]
     for i in range(count):
         if isinstance(size, int):
             side = size
@@ -292,15 +302,26 @@ def make_sample_data(
             side = 64 * int(rng.integers(lo, hi + 1))
         contrast = round(float(rng.uniform(0, 1)), 2) if regression else 1.0
         label = contrast if regression else i % 2
+        if patients is not None:
+            contrast = patient_contrast[i % patients] if regression else 1.0
+            label = contrast if regression else (i % patients) % 2
         name = f"images/slide_{i:03d}.tif"
         write_synthetic_slide(
             out / name, side, 1 if regression else label, seed * 100003 + i, tile=tile,
             overwrite=overwrite, contrast=contrast,
         )
-        rows.append((name, label))
+        rows.append((name, label) if patients is None else (name, label,
+                                                             f"case_{i % patients:03d}"))
         if on_slide is not None:
             on_slide(i + 1, count)
     train_csv, val_csv = out / "train.csv", out / "val.csv"
+    if patients is not None:
+        held = int(round(patients * val_fraction))
+        val_patients = {f"case_{p:03d}" for p in range(patients - held, patients)}
+        _write_csv(out / "cohort.csv", rows, overwrite)
+        _write_csv(train_csv, [r for r in rows if r[2] not in val_patients], overwrite)
+        _write_csv(val_csv, [r for r in rows if r[2] in val_patients], overwrite)
+        return train_csv, val_csv
     for csv_path, subset in ((train_csv, rows[: count - n_val]), (val_csv, rows[count - n_val :])):
         _write_csv(csv_path, subset, overwrite)
     return train_csv, val_csv
@@ -309,5 +330,5 @@ def make_sample_data(
 def _write_csv(path: Path, rows, overwrite: bool) -> None:
     with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "label"])
+        writer.writerow(["image", "label", "patient"][:len(rows[0]) if rows else 2])
         writer.writerows(rows)
