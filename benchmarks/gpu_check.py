@@ -106,7 +106,7 @@ def exactness(check: Check) -> None:
     from sstream.engine import StreamingCNN
 
     dtype, device = torch.float64, check.device
-    size, tile = (160, 96) if check.small else (1024, 256)
+    size, tile = (160, 128) if check.small else (1024, 256)
     trunk = _trunk(dtype, device)
     params = [p for p in trunk.parameters()]
     torch.manual_seed(1)

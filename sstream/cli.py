@@ -672,6 +672,52 @@ def saliency(
             serve(Path(slide), [Path(result.out)], "127.0.0.1", 8000)
 
 
+@app.command("heatmap")
+def heatmap(
+    slide: str = typer.Argument(..., help="Slide or image to map (as for saliency)."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c",
+                                   help="sstream checkpoint (.pt) of the trained model."),
+    out: str = typer.Option(..., "--out", "-o", help="Map TIFF to write (pyramidal, float32, "
+                            "one pixel per output position of the stream)."),
+    class_index: str | None = typer.Option(
+        None, "--class", help="Max/avg heads: the class (name or index; a regression's "
+        "target index) whose activation map is drawn.", show_default="the predicted class"),
+    level: int | None = typer.Option(None, "--level", help="Slide pyramid level to read.",
+                                     show_default="as the model was trained"),
+    mpp: float | None = typer.Option(None, "--mpp", help="Read at exactly this many µm per "
+                                     "pixel.", show_default="as the model was trained"),
+    assume_mpp: float | None = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
+    tile_size: int = typer.Option(512, "--tile-size", help="Streaming tile side in pixels."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    tissue: str | None = typer.Option(
+        None, "--tissue", callback=_tissue_choice,
+        help="auto, none or a mask image: the map is zero off the tissue.",
+        show_default="as the model was trained"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing map."),
+    json_output: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+) -> None:
+    """Write where the model looked: an attention head's weights, or a max/avg head's class
+    activation map, as a pyramidal TIFF that overlays the slide (sstream view, QuPath)."""
+    from sstream.heatmap import HeatmapError, compute_heatmap
+
+    with user_errors():
+        _check_read(level, mpp, assume_mpp)
+        try:
+            result = compute_heatmap(slide, checkpoint, out, class_index, level, mpp,
+                                     tile_size, device, overwrite, tissue, assume_mpp)
+        except HeatmapError as exc:
+            raise UsageError(str(exc)) from None
+        if json_output:
+            _print_json(result)
+            return
+        console.print(result.summary, highlight=False)
+        at = "" if result.mpp is None else f" at {result.mpp:.4g} µm/px"
+        console.print(f"{result.kind} map {result.size[0]} x {result.size[1]} (1 pixel per "
+                      f"{result.stride} slide pixels{at}), values {result.min:.3g} .. "
+                      f"{result.max:.3g}, {result.seconds:.1f} s: {result.out}",
+                      highlight=False, soft_wrap=True)
+
+
 # ---- verify -------------------------------------------------------------------------------
 
 

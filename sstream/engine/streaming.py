@@ -267,16 +267,18 @@ class StreamingCNN(nn.Module):
 
     def attention_weights(self, image: torch.Tensor | ImageSource, attention: nn.Module,
                           mask: torch.Tensor | None = None,
-                          ) -> Iterator[tuple[Box, torch.Tensor]]:
-        """The softmax weights of `attention_pool` block by block, without grad: (output box,
-        weights (N, K, h, w)), the boxes in raster order. Two passes over the image (the
-        first finds the normaliser); nothing of the output's size is held. Blocks the mask
-        leaves out are not given: their weights are 0."""
+                          ) -> tuple[torch.Tensor, Iterator[tuple[Box, torch.Tensor]]]:
+        """`attention_pool`'s pooled (N, K, C') without grad, and its softmax weights block
+        by block: (output box, weights (N, K, h, w)), the boxes in raster order. Two passes
+        over the image (the first, made here, finds the normaliser; the second as the
+        blocks are taken); nothing of the output's size is held. Blocks the mask leaves out
+        are not given: their weights are 0."""
         first, output_mask = self._pooling_runner(image, mask, None)
         pool = AttentionPool(attention, output_mask)
-        AttentionRun(first, pool).forward()
+        with torch.no_grad():
+            pooled = AttentionRun(first, pool).forward()
         second, _ = self._pooling_runner(image, mask, None)
-        return attention_weight_blocks(second, pool)
+        return pooled, attention_weight_blocks(second, pool)
 
     def output_regions(self, image: torch.Tensor | ImageSource,
                        mask: torch.Tensor | None = None,

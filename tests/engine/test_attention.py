@@ -124,9 +124,11 @@ def assert_weights_equal(scnn: sstream.StreamingCNN, attention: nn.Module,
                          want: torch.Tensor, tolerance: float) -> None:
     """The streamed weight blocks, put together (0 where none came), equal the softmax."""
     assembled = torch.zeros_like(want)
-    for (y0, y1, x0, x1), block in scnn.attention_weights(image, attention, mask):
+    pooled, blocks = scnn.attention_weights(image, attention, mask)
+    for (y0, y1, x0, x1), block in blocks:
         assembled[..., y0:y1, x0:x1] = block
     assert relative_error(assembled, want) < tolerance
+    assert pooled.grad_fn is None
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
