@@ -314,7 +314,11 @@ def train(
                                      "(predictions stay in the label's units)."),
     stream_layers: str = typer.Option(None, help="Stream up to this stage (e.g. layer3); "
                                       "the rest runs normally. Default: the whole trunk."),
-    pooling: str = typer.Option("max", help="Global pooling of the head: max or avg."),
+    pooling: str = typer.Option("max", help="Pooling of the head: max, avg, or attention "
+                                "(CLAM-SB's gated attention, trained end to end, memory flat "
+                                "in the slide's area)."),
+    attention_hidden: int = typer.Option(128, help="Hidden size of the gated attention "
+                                         "(--pooling attention)."),
     dropout: float = typer.Option(0.0, help="Dropout before the final linear layer."),
     weights: Path = typer.Option(None, help="torchvision-format state dict for the backbone "
                                  "(e.g. ImageNet weights downloaded beforehand)."),
@@ -744,6 +748,8 @@ def verify_command(
     assume_mpp: float = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random pixels."),
+    pooling: str = typer.Option("max", "--pooling", help="The head's pooling, as for train: "
+                                "max, avg or attention."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Check that streaming trains exactly as conventional backprop, for your model and size.
@@ -765,7 +771,8 @@ def verify_command(
         with err_console.status("one training step conventionally, then streamed"):
             result = verify(model, parsed, tile_size, stream_layers, dtype,
                             str(weights) if weights else None, str(image) if image else None,
-                            device, seed, read=ReadSpec(level, mpp, assume_mpp))
+                            device, seed, read=ReadSpec(level, mpp, assume_mpp),
+                            pooling=pooling)
         if json_output:
             print(json.dumps(result.to_dict(), default=str, indent=2))
         else:
@@ -950,6 +957,8 @@ def estimate_memory(
     engine: str = typer.Option(
         "auto", "--engine", help="Streaming engine to model: auto (halo where the stream "
                                  "allows it, as training picks), halo or crop."),
+    pooling: str = typer.Option("max", "--pooling", help="The head's pooling, as for train: "
+                                "max, avg or attention."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     plot: str | None = typer.Option(
         None, "--plot", help="Write a PNG: predicted peak against image size (log axes), "
@@ -977,7 +986,7 @@ def estimate_memory(
             with err_console.status("tracing the training step on the meta device (the halo "
                                     "engine runs its tiles: seconds to a minute)"):
                 result = run_estimate(model, size, stream_layers, tiles, dtype, optimizer,
-                                      budget, engine=engine)
+                                      budget, engine=engine, pooling=pooling)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         estimates = result.pop("estimates")
