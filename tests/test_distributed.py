@@ -60,8 +60,6 @@ def _train_job(rank: int, config: dict) -> dict:
 
 def _cli_job(rank: int, argv: list[str], failing_rank: int) -> dict:
     """`sstream train ...` where one rank cannot read its first image."""
-    from sstream.cli import main
-
     load = sstream.train.load_training_image
 
     def unreadable(sample, *args, **kwargs):
@@ -70,14 +68,22 @@ def _cli_job(rank: int, argv: list[str], failing_rank: int) -> dict:
         return load(sample, *args, **kwargs)
 
     sstream.train.load_training_image = unreadable
-    stderr = io.StringIO()
+    code, stderr = _run_cli(argv, contextlib.redirect_stderr)
+    return {"exit_code": code, "stderr": stderr}
+
+
+def _run_cli(argv: list[str], redirect) -> tuple[int, str]:
+    """(exit code, what `redirect` caught) of `sstream argv` in this process."""
+    from sstream.cli import main
+
+    caught = io.StringIO()
     code = 0
-    with contextlib.redirect_stderr(stderr):
+    with redirect(caught):
         try:
             main(argv)
         except SystemExit as exc:
             code = exc.code
-    return {"exit_code": code, "stderr": stderr.getvalue()}
+    return code, caught.getvalue()
 
 
 JOBS = {"train": _train_job, "cli": _cli_job}
@@ -200,7 +206,6 @@ def test_regression_on_two_ranks_equals_one_process(tmp_path):
 def _predict_cli_job(rank: int, argv: list[str]) -> dict:
     """`sstream predict ...` on one rank: its exit code and what it printed."""
     import sstream.predict
-    from sstream.cli import main
 
     slides = []
     outputs = sstream.predict.model_outputs
@@ -210,14 +215,8 @@ def _predict_cli_job(rank: int, argv: list[str]) -> dict:
         return outputs(*args, **kwargs)
 
     sstream.predict.model_outputs = counted
-    stdout = io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(stdout):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            code = exc.code
-    return {"exit_code": code, "stdout": stdout.getvalue(), "slides": len(slides)}
+    code, stdout = _run_cli(argv, contextlib.redirect_stdout)
+    return {"exit_code": code, "stdout": stdout, "slides": len(slides)}
 
 
 JOBS["predict"] = _predict_cli_job
