@@ -250,8 +250,8 @@ def evaluation_report(evaluation: Evaluation, names: list[str] | None = None) ->
     parts: list[Any] = [Text(head, style="bold"), Text(metrics_line(metrics))]
     if evaluation.confusion is not None:
         names = names or evaluation.names or [str(k) for k in range(len(evaluation.confusion))]
-        table = Table(title="confusion (rows: true, columns: predicted)", box=box.SIMPLE_HEAD,
-                      title_justify="left")
+        parts.append(Text("confusion matrix (rows: true class, columns: predicted class)"))
+        table = Table(box=box.SIMPLE_HEAD)
         table.add_column("")
         for name in names:
             table.add_column(name, justify="right")
