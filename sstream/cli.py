@@ -590,6 +590,13 @@ def saliency(
         None, "--tissue", callback=_tissue_choice,
         help="auto, none or a mask image: the prediction pools over tissue "
         "and the map is zero on glass.", show_default="as the model was trained"),
+    geojson: str | None = typer.Option(
+        None, "--geojson", help="Also write the map's strongest regions as QuPath "
+        "annotations (GeoJSON polygons in level-0 pixels, with peak and mean), traced at "
+        "the overview's resolution."),
+    contour_percentile: float = typer.Option(
+        95.0, "--contour-percentile", help="--geojson: outline the regions at or above "
+        "this percentile of the map's non-zero |values|."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     view: bool = typer.Option(False, "--view", help="Then serve the slide with the map in "
                               "the browser viewer (sstream view) on port 8000."),
@@ -648,7 +655,8 @@ def saliency(
                 index=class_index if target is None else target,
                 level=level, mpp=mpp, method=method, uint8=uint8, percentile=percentile,
                 tile_size=tile_size, device=device, overwrite=overwrite, progress=progress,
-                tissue=tissue, assume_mpp=assume_mpp)
+                tissue=tissue, assume_mpp=assume_mpp, geojson=geojson,
+                contour_percentile=contour_percentile)
         except SaliencyOptionError as exc:
             raise UsageError(str(exc)) from None
         finally:
@@ -697,7 +705,13 @@ def heatmap(
         None, "--tissue", callback=_tissue_choice,
         help="auto, none or a mask image: the map is zero off the tissue.",
         show_default="as the model was trained"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing map."),
+    geojson: str | None = typer.Option(
+        None, "--geojson", help="Also write the map's strongest regions as QuPath "
+        "annotations (GeoJSON polygons in level-0 pixels, with peak and mean)."),
+    contour_percentile: float = typer.Option(
+        95.0, "--contour-percentile", help="--geojson: outline the regions at or above "
+        "this percentile of the map's non-zero values."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     json_output: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Write where the model looked: an attention head's weights, or a max/avg head's class
@@ -708,7 +722,8 @@ def heatmap(
         _check_read(level, mpp, assume_mpp)
         try:
             result = compute_heatmap(slide, checkpoint, out, class_index, level, mpp,
-                                     tile_size, device, overwrite, tissue, assume_mpp)
+                                     tile_size, device, overwrite, tissue, assume_mpp,
+                                     geojson=geojson, contour_percentile=contour_percentile)
         except HeatmapError as exc:
             raise UsageError(str(exc)) from None
         if json_output:

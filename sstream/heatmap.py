@@ -35,6 +35,7 @@ from sstream.engine.pooling import GlobalPool
 from sstream.engine.tiling import OutputMask
 from sstream.errors import SstreamError
 from sstream.io import TiffMapWriter
+from sstream.io.geojson import DEFAULT_PERCENTILE, map_features, threshold_at, write_geojson
 from sstream.models import Classifier, head_global_pool, load_checkpoint, minimum_input_size
 from sstream.reading import ReadSpec
 from sstream.runtime import resolve_device
@@ -74,7 +75,9 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
                     tile_size: int = 512, device: str | torch.device = "auto",
                     overwrite: bool = False, tissue: str | None = None,
                     assume_mpp: float | None = None,
-                    progress: HeatmapProgress | None = None) -> HeatmapResult:
+                    progress: HeatmapProgress | None = None,
+                    geojson: str | os.PathLike | None = None,
+                    contour_percentile: float = DEFAULT_PERCENTILE) -> HeatmapResult:
     """Write the attention map or class activation map of a slide (module docstring).
 
     Args:
@@ -84,6 +87,8 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
         out: the map's TIFF path (written atomically).
         index: a max/avg head's output whose CAM is drawn (a class's name or index; None:
             the predicted class, or a regression's first target). Not for attention heads.
+        geojson: also write the regions at or above the `contour_percentile` of the map's
+            non-zero values as QuPath annotations (`sstream.io.geojson`), in level-0 pixels.
 
     Raises:
         HeatmapError: a head without global pooling first (a split trunk) or with layers
@@ -92,8 +97,12 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
     """
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (use --overwrite to replace it)")
+    for path in (out, geojson):
+        if path is not None and Path(path).exists() and not overwrite:
+            raise FileExistsError(f"{path} exists (use --overwrite to replace it)")
+    if not 0 < contour_percentile < 100:
+        raise HeatmapError(f"the contour percentile must be in (0, 100), got "
+                           f"{contour_percentile}")
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model = (checkpoint.to(device) if isinstance(checkpoint, Classifier)
              else load_checkpoint(checkpoint, map_location=device)).eval()
@@ -131,6 +140,11 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
         with TiffMapWriter(out, heatmap.shape, np.float32, tile_size=MAP_TILE, mpp=map_mpp,
                            description=json.dumps(record), overwrite=overwrite) as writer:
             writer.write_band(0, heatmap)
+        if geojson is not None:
+            name = "attention" if kind == "attention" else task.output_name(chosen)
+            write_geojson(geojson, map_features(
+                heatmap, threshold_at(heatmap, contour_percentile),
+                lambda y, x: source.level0(y * stride, x * stride), name))
     return HeatmapResult(out, kind, None if kind == "attention" else chosen,
                          task.summary(prediction), (heatmap.shape[1], heatmap.shape[0]),
                          stride, map_mpp, float(heatmap.min()), float(heatmap.max()),

@@ -81,6 +81,7 @@ from sstream.engine import StreamingCNN
 from sstream.errors import SstreamError
 from sstream.io import TiffMapWriter, atomic_output, read_downsampled
 from sstream.io.colormap import inferno
+from sstream.io.geojson import DEFAULT_PERCENTILE, map_features, write_geojson
 from sstream.models import Classifier, load_checkpoint, minimum_input_size, streamed_logits
 from sstream.reading import ReadSpec
 from sstream.runtime import resolve_device
@@ -188,6 +189,8 @@ def compute_saliency(
     progress: SaliencyProgress | None = None,
     tissue: str | None = None,
     assume_mpp: float | None = None,
+    geojson: str | os.PathLike | None = None,
+    contour_percentile: float = DEFAULT_PERCENTILE,
 ) -> SaliencyResult:
     """Write the saliency map of a slide (pyramidal TIFF) and optionally a PNG overview.
 
@@ -215,6 +218,10 @@ def compute_saliency(
         tissue: "auto", "none" or a mask file (`sstream.tissue`); None: as the model was
             trained (its checkpoint's record). The prediction pools over tissue only, and
             the map is zero on glass.
+        geojson: also write the regions where the overview's block maximum of |map| is at
+            or above the `contour_percentile` of the non-zero |values| as QuPath
+            annotations (`sstream.io.geojson`; polygons in level-0 pixels, traced at the
+            overview's resolution).
 
     Returns:
         a SaliencyResult.
@@ -238,7 +245,10 @@ def compute_saliency(
     overview = None if overview is None else Path(overview)
     if overview is not None and overview.resolve() == out.resolve():
         raise SaliencyOptionError(f"{out}: the map and the overview need different paths")
-    for path in (out, overview):
+    if not 0 < contour_percentile < 100:
+        raise SaliencyOptionError(f"the contour percentile must be in (0, 100), got "
+                                  f"{contour_percentile}")
+    for path in (out, overview, None if geojson is None else Path(geojson)):
         if path is not None:
             _refuse_unwritable(path, overwrite)
 
@@ -316,6 +326,13 @@ def compute_saliency(
                 description=json.dumps(description), overwrite=overwrite))
             assert spool is not None
             _quantise(spool, writer, height, width, scale, signed, progress)
+
+        if geojson is not None:
+            factor = bands.overview.factor  # level pixels per overview pixel
+            write_geojson(geojson, map_features(
+                bands.overview.image, bands.histogram.percentile(contour_percentile),
+                lambda y, x: source.level0(y * factor, x * factor),
+                task.output_name(chosen)))
 
         if overview_tmp is not None:
             background = read_downsampled(slide, level, bands.overview.shape)

@@ -88,3 +88,31 @@ def test_heads_without_a_map_are_refused_in_one_line(tmp_path: Path) -> None:
     assert done.exit_code != 0 and "Traceback" not in done.output
     assert len(done.output.strip().splitlines()) == 1, done.output
     assert not (tmp_path / "map.tif").exists()
+
+
+def test_geojson_outlines_the_strongest_regions_of_both_maps(tmp_path: Path) -> None:
+    """heatmap --geojson: the polygons, rasterised at the map's resolution, are the map's
+    pixels at or above its 95th percentile; saliency --geojson writes QuPath annotations of
+    the explained class too."""
+    from sstream.io.geojson import rasterise, read_polygons
+
+    make_slide(tmp_path / "slide.tif")
+    checkpoint = make_checkpoint(tmp_path / "ckpt.pt", pooling="attention",
+                                 attention_hidden=8)
+    result = compute_heatmap(tmp_path / "slide.tif", checkpoint, tmp_path / "map.tif",
+                             tile_size=64, tissue="none", geojson=tmp_path / "map.geojson")
+    heatmap, _ = read_map(result.out)
+    strongest = heatmap >= np.percentile(heatmap[heatmap != 0], 95)
+    back = rasterise(read_polygons(tmp_path / "map.geojson"), heatmap.shape,
+                     (result.stride, result.stride))
+    assert strongest.any() and (back == strongest).all()
+    done = CliRunner().invoke(app, [
+        "saliency", str(tmp_path / "slide.tif"), "--checkpoint", str(checkpoint), "--out",
+        str(tmp_path / "saliency.tif"), "--no-overview", "--tissue", "none", "--tile-size",
+        "64", "--device", "cpu", "--geojson", str(tmp_path / "saliency.geojson")])
+    assert done.exit_code == 0, done.output
+    features = json.loads((tmp_path / "saliency.geojson").read_text())["features"]
+    assert features and all(f["properties"]["objectType"] == "annotation" and
+                            f["properties"]["classification"]["name"] in
+                            {"class 0", "class 1", "class 2"}
+                            for f in features)

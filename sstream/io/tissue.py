@@ -22,7 +22,10 @@ level, as CLAM and HistoQC-style preprocessing do, in four steps (`tissue_from_r
 
 `read_tissue_mask(path, slide)` reads a mask image of any size (QuPath's exported label
 images, a hand-painted PNG): non-zero = tissue, covering the whole slide, so its aspect
-must be the slide's. `tissue_preview` draws a mask over the slide for a person to check.
+must be the slide's; or QuPath's exported annotations as GeoJSON (.geojson, .json:
+polygons in level-0 pixels, holes included), rasterised at MAX_DETECTION_SIDE on the longer
+side (`sstream.io.geojson`). `tissue_preview` draws a mask over the slide for a person to
+check.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = ["DETECTION_MPP", "TissueMask", "detect_tissue", "fill_holes", "read_t
 DETECTION_MPP = 8.0         # µm per mask pixel
 ASSUMED_MPP = 0.5           # µm per level-0 pixel where the file does not say (a 20x scan)
 MAX_DETECTION_SIDE = 8192   # mask pixels on the longer side, whatever the resolution
+GEOJSON_SUFFIXES = (".geojson", ".json")  # mask files read as QuPath's annotations
 MIN_SATURATION = 0.07       # never tissue below (glass noise, the tint of grey glass)
 GLASS_SATURATION = 0.10     # the class below Otsu's threshold is glass if less saturated
 GLASS_VALUE = 0.70          # ... and brighter than this on average
@@ -233,6 +237,8 @@ def read_tissue_mask(path: str | Path, slide: SlideImage) -> TissueMask:
             aspect is not the slide's (a mask of part of the slide, or of another slide).
     """
     path = Path(path)
+    if path.suffix.lower() in GEOJSON_SUFFIXES:
+        return _polygon_mask(path, slide)
     with open_image(path) as image:
         mask_w, mask_h = image.dimensions
         slide_w, slide_h = slide.dimensions
@@ -247,6 +253,23 @@ def read_tissue_mask(path: str | Path, slide: SlideImage) -> TissueMask:
     if not mask.any():
         raise ImageReadError(path, "the mask selects no tissue (every pixel is zero)")
     return TissueMask(mask, (slide_w / mask.shape[1], slide_h / mask.shape[0]), str(path))
+
+
+def _polygon_mask(path: Path, slide: SlideImage) -> TissueMask:
+    """QuPath's annotations (GeoJSON polygons in level-0 pixels) rasterised over the slide
+    at MAX_DETECTION_SIDE pixels on its longer side (or level 0's, if smaller)."""
+    from sstream.io.geojson import rasterise, read_polygons  # scikit-image: only if used
+
+    slide_w, slide_h = slide.dimensions
+    factor = max(1.0, max(slide_w, slide_h) / MAX_DETECTION_SIDE)
+    shape = (max(1, round(slide_h / factor)), max(1, round(slide_w / factor)))
+    scale = (slide_w / shape[1], slide_h / shape[0])
+    mask = rasterise(read_polygons(path), shape, scale)
+    if not mask.any():
+        raise ImageReadError(path, f"no polygon covers a pixel of the slide "
+                             f"{slide.path.name} ({slide_w} x {slide_h}): are the "
+                             "coordinates level-0 pixels of this slide?")
+    return TissueMask(mask, scale, str(path))
 
 
 def _read_any(image: SlideImage, factor: int) -> np.ndarray:
