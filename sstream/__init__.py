@@ -4,8 +4,8 @@ The early, memory-hungry layers of a CNN run tile by tile, forward and backward,
 follows the tile size rather than the image size, while outputs and gradients equal ordinary
 backpropagation on the whole image (Pinckaers, van Ginneken & Litjens, TPAMI 2020).
 
-The engine (`StreamingCNN`) is imported eagerly; the jobs load on first use, so that
-`import sstream` stays light:
+The engine (`StreamingCNN`) and the jobs load on first use, so that `import sstream` (and
+`import sstream.io`, which knows nothing of torch) stays light:
 
     sstream.saliency(slide, checkpoint, out)      the saliency module, callable as its
                                                   compute_saliency function
@@ -22,18 +22,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from sstream.engine import (
-    ImageSource,
-    StreamGeometry,
-    StreamingCNN,
-    TensorSource,
-    UnsupportedModuleError,
-)
 from sstream.errors import SstreamError
 
 __version__ = "0.1.0"
 
+# loaded on first access too, so that `import sstream.io` (a decode worker process, say) does
+# not import torch
 _LAZY = {
+    "ImageSource": ("sstream.engine", "ImageSource"),
+    "StreamGeometry": ("sstream.engine", "StreamGeometry"),
+    "StreamingCNN": ("sstream.engine", "StreamingCNN"),
+    "TensorSource": ("sstream.engine", "TensorSource"),
+    "UnsupportedModuleError": ("sstream.engine", "UnsupportedModuleError"),
     "saliency": ("sstream.saliency", None),
     "estimate_memory": ("sstream.estimate", "estimate_memory"),
     "load_checkpoint": ("sstream.models", "load_checkpoint"),
@@ -43,8 +43,7 @@ _LAZY = {
     "model_input": ("sstream.reading", "model_input"),
 }
 
-__all__ = ["ImageSource", "SstreamError", "StreamGeometry", "StreamingCNN", "TensorSource",
-           "UnsupportedModuleError", *_LAZY]
+__all__ = ["SstreamError", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

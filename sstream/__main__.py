@@ -2,4 +2,5 @@
 
 from sstream.cli import main
 
-main()
+if __name__ == "__main__":  # not in a worker process that re-imports the main module
+    main()
