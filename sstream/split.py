@@ -122,7 +122,8 @@ def split_cohort(config: SplitConfig) -> SplitResult:
 def _strata(samples: list[Sample], task: Task, bins: int) -> tuple[np.ndarray, str]:
     """Class labels as text, or the first target's quantile bin ('q1' lowest)."""
     if isinstance(task, Classification):
-        return np.array([str(s.label) for s in samples]), "class"
+        names = task.names or {}
+        return np.array([names[s.label] if names else str(s.label) for s in samples]), "class"
     values = np.array([s.label[0] for s in samples], dtype=np.float64)
     edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
     binned = np.digitize(values, edges, right=True)

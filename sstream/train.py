@@ -653,7 +653,7 @@ class _Trainer:
             return (f"stopped early after epoch {state.epoch} of {self.config.epochs}: "
                     f"{state.epochs_since_best} epochs without a better best.pt (--patience "
                     f"{self.config.patience}); best.pt is epoch {best}")
-        return f"all {self.config.epochs} epochs done; best.pt is epoch {best}"
+        return f"{state.epoch} of {self.config.epochs} epochs done; best.pt is epoch {best}"
 
     def _train_epoch(self, epoch: int) -> bool:
         """Train one epoch from `state.image_index`; False when stopped (checkpoint saved).

@@ -136,6 +136,15 @@ def test_regression_splits_stratify_on_target_bins(tmp_path):
             assert sorted(c.strata) == ["q1", "q2", "q3"] and min(c.strata.values()) >= 2
 
 
+def test_splits_count_classes_by_name(tmp_path):
+    names = ["tumor", "normal"] * 6
+    data = write_cohort(tmp_path, names, [f"c{i}" for i in range(12)], size=(8, 8))
+    result = split_cohort(SplitConfig(str(data), str(tmp_path / "s"), 2))
+    assert all(sorted(c.strata) == ["normal", "tumor"] for c in result.counts)
+    assert {s.label for s in read_label_csv(tmp_path / "s" / "fold_0" / "val.csv")} == {
+        0, 1}
+
+
 def test_split_cli_refuses_too_few_patients_in_one_line(tmp_path):
     data = write_cohort(tmp_path, [0, 1, 0, 1, 0, 0], ["a", "b", "c", "d", "e", "f"],
                         size=(8, 8))
@@ -208,7 +217,7 @@ def test_loss_balance_weights_each_image_by_its_class():
 
 
 def imbalanced(tmp_path: Path) -> Path:
-    return write_cohort(tmp_path, [0, 0, 0, 0, 0, 1], name="imbalanced")
+    return write_cohort(tmp_path, [0, 0, 0, 1], name="imbalanced")
 
 
 def test_a_balanced_sampler_run_resumes_exactly(tmp_path):
@@ -231,7 +240,7 @@ def test_a_balanced_sampler_run_resumes_exactly(tmp_path):
 
 
 def test_patience_stops_after_epochs_without_improvement_but_not_before_min_epochs(tmp_path):
-    data = imbalanced(tmp_path)
+    data = write_cohort(tmp_path, [0, 1], name="pair")
     frozen = dict(epochs=8, optimizer="sgd", lr=1e-30, momentum=0.0, weight_decay=0.0,
                   schedule="constant", augment=False, val_csv=str(data), patience=2)
     result = train(quick(tmp_path / "a", data, **frozen))
@@ -241,8 +250,8 @@ def test_patience_stops_after_epochs_without_improvement_but_not_before_min_epoc
     assert later.state.epoch == 5
     resumed = train(quick(tmp_path / "b", data, min_epochs=5, **frozen), resume=True)
     assert resumed.state.epoch == 5  # an exhausted patience stays exhausted on resume
-    full = train(quick(tmp_path / "c", data, **{**frozen, "patience": None, "epochs": 3}))
-    assert full.stop_reason == "all 3 epochs done; best.pt is epoch 1"
+    full = train(quick(tmp_path / "c", data, **{**frozen, "patience": None, "epochs": 1}))
+    assert full.stop_reason == "1 of 1 epochs done; best.pt is epoch 1"
 
 
 # ---- TensorBoard ------------------------------------------------------------------------------
