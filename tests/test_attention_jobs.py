@@ -8,7 +8,7 @@ import torch
 
 from sstream.engine import StreamingCNN
 from sstream.models import ModelConfig, build_model, streamed_logits, training_path
-from sstream.train import train
+from sstream.train import TrainConfig, train
 from tests.conftest import float64_training, relative_error
 from tests.test_train_predict import StartInfo, config
 
@@ -56,3 +56,35 @@ def test_a_masked_attention_model_streams_as_the_plain_model():
     assert relative_error(streamed, plain) < 1e-9
     for name, grad in plain_grads.items():
         assert relative_error(streamed_grads[name], grad) < 1e-9, name
+
+
+def test_an_attention_run_resumes_and_runs_on_two_ranks_as_in_one_process(tmp_path):
+    """Two ranks x accumulate 1 equal one process x accumulate 2 (spawned ranks, gloo), and
+    a run stopped after three images and resumed ends with the uninterrupted run's
+    weights; float64 throughout."""
+    from tests.test_distributed import join_ranks, relative_errors, start_ranks
+    from tests.test_train_predict import write_dataset
+
+    common = dict(train_csv=str(write_dataset(tmp_path, 4, size=(40, 48))), tile_size=32,
+                  device="cpu", lr=1e-2, seed=5, pooling="attention", attention_hidden=4)
+    ranks = start_ranks(2, "train", {"config": {**common, "epochs": 2,
+                                                "out": str(tmp_path / "two"),
+                                                "accumulate": 1}}, tmp_path)
+    with float64_training():
+        single = train(TrainConfig(**common, epochs=2, out=str(tmp_path / "one"),
+                                   accumulate=2))
+        polls = {"count": 0}
+
+        def stop_after_three_images() -> bool:
+            polls["count"] += 1
+            return polls["count"] == 3  # mid-epoch, mid-group
+
+        resumable = TrainConfig(**common, epochs=2, out=str(tmp_path / "resumed"),
+                                accumulate=2)
+        assert train(resumable, should_stop=stop_after_three_images).interrupted
+        resumed = train(resumable, resume=True)
+    rank0, _ = join_ranks(ranks)
+    expected = single.model.state_dict()
+    assert any(name.startswith("head.pool.attention") for name in expected)
+    assert relative_errors(rank0["model"], expected) < 1e-10
+    assert relative_errors(resumed.model.state_dict(), expected) < 1e-10
