@@ -100,6 +100,7 @@ def leftovers(folder: Path, keep: set[str]) -> list[str]:
     ("gradient", {}, None),                                # global max pool head
     ("gradient-x-input", {}, 1),
     ("gradient", {"pooling": "avg"}, 0),                   # global average pool head
+    ("gradient", {"pooling": "attention"}, 1),             # gated attention head
     ("gradient", {"stream_layers": "stage3"}, None),       # head with a conv stage: autograd
 ])
 def test_level0_map_equals_whole_image_autograd(tmp_path: Path, method: str, config: dict,
