@@ -302,3 +302,27 @@ def test_a_model_trained_on_crops_predicts_on_crops_unless_told_whole(scans):
         expected = torch.softmax(model(torch.from_numpy(crop).permute(2, 0, 1)[None] / 255.0),
                                  dim=1)[0].double().numpy()
     assert np.abs(np.array(on_crops.predictions[0].values) - expected).max() < 1e-6
+
+
+def test_random_crops_of_a_resampled_read_are_centred_on_tissue(tmp_path):
+    """Training's random window at an mpp (resampled) is centred on a random tissue point
+    (the generator's first draw), to the output pixel, unless the image's border stops it;
+    its pixels are the resampled image's."""
+    image = tmp_path / "slide.tif"
+    write_synthetic_slide(image, 512, 1, 5, tile=128, mpp=4.0, tissue_fraction=0.3)
+    spec = ReadSpec(mpp=6.0, image_size=(48, 48), tissue="auto")
+    with open_image(image) as slide:
+        whole = resample_array(slide.read_level(0), (1.5, 1.5))
+    checked = 0
+    for seed in range(5):
+        with spec.open(image, np.random.default_rng(seed)) as read:
+            y0, _, x0, _ = read.window
+            assert np.array_equal(read.source.to_rgb_array(), whole[y0:y0 + 48, x0:x0 + 48])
+            point_x, point_y = read.source.tissue.random_point(np.random.default_rng(seed))
+            level0_y, level0_x = read.source.level0(np.array(24.0), np.array(24.0))
+            for axis, (start, centre, point) in enumerate(((y0, level0_y, point_y),
+                                                           (x0, level0_x, point_x))):
+                if 0 < start < whole.shape[axis] - 48:  # not stopped by the border
+                    assert abs(centre - point) <= 1.5  # an output pixel, in level-0 pixels
+                    checked += 1
+    assert checked >= 5
