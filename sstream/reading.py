@@ -179,7 +179,8 @@ class ReadSpec:
             around = None if point is None else level.from_level0(point[1], point[0])
             window = fit_window(level.height, level.width, self.image_size,
                                 "center" if generator is None else "random", generator, around)
-            source = _windowed(level, window, read_ahead)
+            source = (_windowed(level, window, read_ahead) if resolution.resampled else
+                      PixelSource.from_slide(slide, resolution.level, window, read_ahead))
             source.tissue = tissue
         except BaseException:
             slide.close()
@@ -193,7 +194,8 @@ def _size_text(size: tuple[int, int] | None) -> str:
 
 def _windowed(level: ResampledLevel, window: Box, read_ahead: int) -> PixelSource:
     """The window (y0, y1, x0, x1) of the resampled level, in its pixels (it may extend past
-    it: the outside reads as white), as a lazy PixelSource."""
+    it: the outside reads as white), as a lazy PixelSource. (A level read as it is goes
+    through `PixelSource.from_slide`, which can also decode on a GPU.)"""
     wy0, wy1, wx0, wx1 = window
 
     def read_rgb(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
