@@ -60,14 +60,14 @@ def regions(side: int, count: int, region: int = REGION, seed: int = 0) -> list[
 
 
 def sstream_mps(path: str, side: int, count: int, workers: int, device=None,
-                region: int = REGION, processes: int = 0) -> float:
+                region: int = REGION) -> float:
     """MP/s of sstream's read_region over `count` random region² regions, `workers` decode
-    threads (or `processes` worker processes)."""
+    threads."""
     from sstream.io import open_image
 
     boxes = regions(side, count, region)
-    with open_image(path, read_workers=workers, read_processes=processes) as slide:
-        slide.read_region((0, 0), 0, (region, region))  # caches warm, workers started
+    with open_image(path, read_workers=workers) as slide:
+        slide.read_region((0, 0), 0, (region, region))  # caches warm
         start = time.perf_counter()
         for y0, y1, x0, x1 in boxes:
             slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))
@@ -112,14 +112,12 @@ def raw_mps(path: str, side: int, count: int, workers: int, device=None,
 
 
 def predict_seconds(path: str, tile: int, mode: str, device=None, read_ahead: int = 2,
-                    decoder: str = "cpu", processes: int = 0) -> float:
+                    decoder: str = "cpu") -> float:
     """Seconds of one whole-slide forward of `tiny` (max pooling) on the slide: mode "wall"
     reads lazily with `read_ahead` regions decoded ahead (by `decoder`: "cpu" or "nvjpeg"),
     "compute" runs on the slide decoded beforehand, "decode" only reads every region the
-    forward reads (all threads), "serial" reads lazily without read-ahead. `processes` > 1
-    decodes in that many worker processes instead of threads (started before the clock)."""
+    forward reads (all threads), "serial" reads lazily without read-ahead."""
     os.environ["SSTREAM_JPEG_DECODER"] = decoder
-    os.environ["SSTREAM_READ_PROCESSES"] = str(processes)  # decode in worker processes
     import torch
 
     from sstream.data import PixelSource
@@ -139,7 +137,7 @@ def predict_seconds(path: str, tile: int, mode: str, device=None, read_ahead: in
                                             read_ahead=0 if mode == "serial" else read_ahead)
         boxes = forward_reads(scnn, source.shape)
         y0, y1, x0, x1 = boxes[0]
-        slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))  # workers started, caches warm
+        slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))  # caches warm
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

@@ -307,10 +307,6 @@ def decode_overlap(check: Check) -> None:
         raw = raw_mps(str(path), side, 4, workers, region=region)
         check.row("decode", f"{workers} threads: sstream / raw imagecodecs pool",
                   f"{ours:.0f} / {raw:.0f} MP/s", f"{ours / raw:.2f}x (goal >= 0.8x)")
-        if workers > 1:
-            processes = sstream_mps(str(path), side, 4, 1, region=region, processes=workers)
-            check.row("decode", f"{workers} processes: sstream / raw imagecodecs pool",
-                      f"{processes:.0f} / {raw:.0f} MP/s", f"{processes / raw:.2f}x")
     workers = default_read_workers()
     alone = _decode_mps(path, side, workers)
     check.row("decode", f"{workers} threads, 2048² regions (alone)", f"{alone:.0f} MP/s", "")
@@ -344,10 +340,8 @@ def predict_against_parts(check: Check, path: Path, side: int, tile: int) -> Non
              else 1.05 * (compute + decode))
     check.row("predict", f"tiny {side}² tile {tile}: compute alone / decode alone",
               f"{compute:.2f} s / {decode:.2f} s", f"limit {limit:.2f} s")
-    processes = max(2, len(os.sched_getaffinity(0)) - 1)
     runs = [("no read-ahead", "serial", {}), *(
-        (f"read-ahead {n}", "wall", {"read_ahead": n}) for n in (1, 2, 4)),
-        (f"read-ahead 2, {processes} decode processes", "wall", {"processes": processes})]
+        (f"read-ahead {n}", "wall", {"read_ahead": n}) for n in (1, 2, 4))]
     if check.device.type == "cuda":
         runs.append(("read-ahead 2, nvJPEG", "wall", {"decoder": "nvjpeg"}))
     for name, mode, options in runs:

@@ -114,10 +114,6 @@ def _options(
     read_workers: int | None = typer.Option(
         None, "--read-workers", envvar="SSTREAM_READ_WORKERS", metavar="N",
         help="Threads that decode a region's tiles [default: the cores available]."),
-    read_processes: int = typer.Option(
-        0, "--read-processes", envvar="SSTREAM_READ_PROCESSES", metavar="N",
-        help="Decode regions in N worker processes instead of threads: for a GPU whose "
-             "launching thread the decode threads would slow down [default: 0, threads]."),
     jpeg_decoder: str = typer.Option(
         "auto", "--jpeg-decoder", envvar="SSTREAM_JPEG_DECODER", metavar="auto|nvjpeg|cpu",
         help="JPEG-tiled slides read for a CUDA model: auto/nvjpeg decode on the GPU "
@@ -145,11 +141,6 @@ def _options(
                               f"1, got {read_workers}", highlight=False)
             raise typer.Exit(EXIT_USAGE)
         os.environ["SSTREAM_READ_WORKERS"] = str(read_workers)
-    if read_processes < 0:
-        err_console.print(f"[bold red]error:[/bold red] --read-processes must be 0 or more, "
-                          f"got {read_processes}", highlight=False)
-        raise typer.Exit(EXIT_USAGE)
-    os.environ["SSTREAM_READ_PROCESSES"] = str(read_processes)
     if compact_memory:
         from sstream.runtime import compact_cpu_memory
 

@@ -43,7 +43,6 @@ import numpy as np
 
 from sstream.errors import SstreamError
 from sstream.io.parallel import TiffTiles, default_read_workers, run_parallel
-from sstream.io.processes import ProcessDecoder, band_edges, default_read_processes
 
 __all__ = [
     "BACKENDS",
@@ -71,7 +70,6 @@ _OPENSLIDE_EXTRA = "pip install 'sstream[openslide]'"
 _FLOAT_PROBE_MAX_PIXELS = 4_000_000
 _LEVEL_TOLERANCE = 0.01  # relative slack when comparing downsamples and mpp
 _PIL_LOCK = threading.Lock()
-_PROCESS_PIXELS = 512 * 512  # smaller regions are read in this process: not worth a trip
 
 # tifffile logs what it finds wrong with a file at ERROR level and carries on; sstream reports
 # those problems itself as one ImageReadError, so the log lines would only be noise on stderr.
@@ -89,27 +87,24 @@ class ImageReadError(SstreamError, ValueError):
         self.path, self.cause = str(path), cause
 
     def __reduce__(self) -> tuple:
-        """Pickled as (path, cause), so a worker process's error arrives whole."""
+        """Pickled as (path, cause), so an error crosses a process boundary whole."""
         return (type(self), (self.path, self.cause))
 
 
 def open_image(path: str | os.PathLike, backend: str | None = None,
-               read_workers: int | None = None, read_processes: int | None = None
-               ) -> SlideImage:
+               read_workers: int | None = None) -> SlideImage:
     """Open a slide or ordinary image lazily; see `SlideImage`.
 
     `backend`: "auto" (the default, or the SSTREAM_BACKEND environment variable that
     `sstream --backend` sets), "tifffile" or "openslide"; see `SlideImage`.
     `read_workers`: threads that decode a region's tiles (None: `default_read_workers()`).
-    `read_processes`: worker processes that decode large regions instead, in bands (None:
-    SSTREAM_READ_PROCESSES, default 0: threads only); see `sstream.io.processes`.
 
     Raises:
         ImageReadError: missing file, a directory, not a readable image, corrupt or truncated
             structure, unsupported compression or a zero-sized image, a format whose backend
             is not installed (the message names the extra).
     """
-    return SlideImage(path, backend, read_workers, read_processes)
+    return SlideImage(path, backend, read_workers)
 
 
 class SlideImage:
@@ -155,11 +150,9 @@ class SlideImage:
     """
 
     def __init__(self, path: str | os.PathLike, backend: str | None = None,
-                 read_workers: int | None = None, read_processes: int | None = None):
+                 read_workers: int | None = None):
         self.path = Path(path)
         self.read_workers = read_workers or default_read_workers()
-        self.read_processes = default_read_processes() if read_processes is None \
-            else read_processes
         self._lock = threading.RLock()
         self._idle = threading.Condition(threading.Lock())  # no read in flight
         self._reads_in_flight = 0
@@ -289,8 +282,6 @@ class SlideImage:
         inside = (ix0, iy0, ix1, iy1) == (lx0, ly0, lx0 + w, ly0 + h)
         if ix0 >= ix1 or iy0 >= iy1:
             return np.full((h, w, 3), fill, dtype=np.uint8)
-        if self.read_processes > 1 and self.backend != "pillow" and h * w >= _PROCESS_PIXELS:
-            return self._read_in_processes(level, x, ly0, w, h, fill)
         with self._reading():
             try:
                 if lv.thread_safe:
@@ -307,22 +298,6 @@ class SlideImage:
         out = np.full((h, w, 3), fill, dtype=np.uint8)
         out[iy0 - ly0 : iy1 - ly0, ix0 - lx0 : ix1 - lx0] = rgb
         return out
-
-    def _read_in_processes(self, level: int, x: int, ly0: int, w: int, h: int, fill: int
-                           ) -> np.ndarray:
-        """`read_region` by the worker processes (`sstream.io.processes`): the region in
-        bands of whole tile rows, each band's level-0 row chosen so that it maps back to
-        its first level row exactly as `read_region` maps a location."""
-        level_height = self.level_dimensions[level][1]
-        tiles = getattr(self._levels[level], "tiles", None)
-        edges = band_edges(ly0, ly0 + h, tiles.tile_height if tiles else 256,
-                           self.read_processes)
-        bands = [((x, -((-row * self.dimensions[1]) // level_height)), (w, end - row))
-                 for row, end in zip(edges, edges[1:])]
-        if self._closed:
-            raise ValueError(f"{self.path}: read from a closed SlideImage")
-        decoder = ProcessDecoder.shared(self.read_processes)
-        return decoder.read(str(self.path), self.backend, level, bands, fill)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:

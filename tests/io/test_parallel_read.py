@@ -26,10 +26,8 @@ REGIONS = [(0, 0, W, H), (63, 65, 130, 129), (-20, 250, 100, 80), (400, 290, 30,
            (1, 1, 1, 1)]
 
 
-def regions_with(path, workers: int, backend: str = "auto", processes: int = 0
-                 ) -> list[np.ndarray]:
-    with open_image(path, backend=backend, read_workers=workers,
-                    read_processes=processes) as slide:
+def regions_with(path, workers: int, backend: str = "auto") -> list[np.ndarray]:
+    with open_image(path, backend=backend, read_workers=workers) as slide:
         return [slide.read_region((x, y), level, (w, h)) for level in range(slide.level_count)
                 for x, y, w, h in REGIONS]
 
@@ -40,38 +38,6 @@ def test_every_layout_reads_the_same_pixels_with_any_number_of_threads(layout_fi
     for workers in (3, 7):
         for got, want in zip(regions_with(path, workers), serial, strict=True):
             np.testing.assert_array_equal(got, want)
-
-
-def test_worker_processes_read_the_same_pixels_in_bands(tmp_path, monkeypatch):
-    from sstream.io import reader
-
-    monkeypatch.setattr(reader, "_PROCESS_PIXELS", 0)  # every region through the workers
-    monkeypatch.setattr(reader, "band_edges", lambda y0, y1, rows, n: [  # bands of 40 rows
-        y0, *range((y0 // 40 + 1) * 40, y1, 40), y1])
-    for layout in ("tiled-jpeg", "striped", "svs"):
-        path = tmp_path / f"{layout}.tif"
-        write_layout(path, layout, rgb_image())
-        for got, want in zip(regions_with(path, 1, processes=2), regions_with(path, 1),
-                             strict=True):
-            np.testing.assert_array_equal(got, want)
-
-
-def test_a_band_that_fails_in_a_worker_process_is_the_same_one_line(tmp_path, monkeypatch):
-    from sstream.io import reader
-
-    monkeypatch.setattr(reader, "_PROCESS_PIXELS", 0)
-    path = tmp_path / "broken.tif"
-    write_layout(path, "tiled-jpeg", rgb_image())
-    with open_image(path) as slide:
-        tiles = slide._levels[0].tiles
-        offset, count = int(tiles._offsets[5]), int(tiles._counts[5])
-    data = bytearray(path.read_bytes())
-    data[offset:offset + count] = os.urandom(count)
-    path.write_bytes(bytes(data))
-    with open_image(path, read_processes=2) as slide:
-        with pytest.raises(ImageReadError, match="cannot decode level 0") as caught:
-            slide.read_region((0, 0), 0, (W, H))
-        assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
 
 
 def test_openslide_reads_in_bands_through_a_handle_per_thread(tmp_path, monkeypatch):
