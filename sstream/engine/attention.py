@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sstream.engine.saving import GradientSum
+from sstream.engine.saving import AutocastState, GradientSum
 from sstream.engine.tiling import Box, OutputMask
 
 if TYPE_CHECKING:
@@ -93,10 +93,15 @@ class AttentionPool:
         self._max = new_max
 
     @property
+    def pooled(self) -> torch.Tensor:
+        """The pooled features (N, K, C') in float64."""
+        assert self._sum is not None and self._weighted is not None, "no region was added"
+        return self._weighted / self._sum[..., None]
+
+    @property
     def values(self) -> torch.Tensor:
         """The pooled features (N, K, C') in the stream's dtype."""
-        assert self._sum is not None and self._weighted is not None, "no region was added"
-        return (self._weighted / self._sum[..., None]).to(self._dtype)
+        return self.pooled.to(self._dtype)
 
     @property
     def log_normaliser(self) -> torch.Tensor:
@@ -110,7 +115,7 @@ class AttentionPool:
         return torch.exp(logits.double() - log_z).to(logits.dtype)
 
     def gradient(self, grad: torch.Tensor, params: Sequence[torch.Tensor],
-                 autocast: Callable[[], object]) -> AttentionGradient:
+                 autocast: AutocastState) -> AttentionGradient:
         """y's gradient block by block (and the attention parameters') for dL/dpooled."""
         return AttentionGradient(self, grad, params, autocast)
 
@@ -125,12 +130,12 @@ class AttentionGradient:
     """
 
     def __init__(self, pool: AttentionPool, grad: torch.Tensor,
-                 params: Sequence[torch.Tensor], autocast: Callable[[], object]) -> None:
+                 params: Sequence[torch.Tensor], autocast: AutocastState) -> None:
         self.pool, self.grad, self.autocast = pool, grad, autocast
         self.param_sums = GradientSum(params)
         self.params = list(params)
-        pooled = (pool._weighted / pool._sum[..., None]).to(grad.device)  # type: ignore[operator]
-        self.centre = (grad.double() * pooled).sum(-1)  # (N, K): G[k] . pooled[k]
+        # (N, K): G[k] . pooled[k]
+        self.centre = (grad.double() * pool.pooled.to(grad.device)).sum(-1)
 
     def block(self, box: Box) -> Callable[[torch.Tensor], torch.Tensor] | None:
         mask = self.pool.mask
@@ -140,7 +145,7 @@ class AttentionGradient:
 
     def __call__(self, box: Box, output: torch.Tensor) -> torch.Tensor:
         features = output.detach().requires_grad_(True)
-        with torch.enable_grad(), self.autocast():  # type: ignore[attr-defined]
+        with torch.enable_grad(), self.autocast():
             logits = self.pool.logits(box, features)  # (N, K, h, w)
         weights = self.pool.weights(logits.detach()).double()
         grad = self.grad.double().to(features.device)
