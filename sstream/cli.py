@@ -548,8 +548,10 @@ def predict(
 
 @app.command()
 def saliency(
-    slide: str = typer.Argument(..., help="Slide or image to explain (tiled/pyramidal TIFF, "
-                                "SVS, OME-TIFF, PNG, JPEG)."),
+    slides: list[str] = typer.Argument(None, help="Slides or images to explain (tiled/"
+                                       "pyramidal TIFF, SVS, OME-TIFF, PNG, JPEG)."),
+    csv: str | None = typer.Option(None, "--csv", help="CSV with an image column (and "
+                                   "optional mask and mpp columns) instead of SLIDES."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c",
                                    help="sstream checkpoint (.pt) of the trained model."),
     class_index: str | None = typer.Option(
@@ -571,7 +573,9 @@ def saliency(
         help="gradient: max over colour channels of |d logit / d pixel| (Simonyan et al.); "
              "gradient-x-input: sum over channels of pixel x gradient (signed)."),
     out: str | None = typer.Option(
-        None, "--out", "-o", help="Map TIFF to write.", show_default="<slide>.saliency.tif"),
+        None, "--out", "-o", help="Map TIFF to write; with several slides or --csv, the "
+        "folder of the maps (<slide stem>.tif and .png).",
+        show_default="<slide>.saliency.tif"),
     overview: str | None = typer.Option(
         None, "--overview", help="PNG overview to write.",
         show_default="<slide>.saliency.png"),
@@ -603,7 +607,8 @@ def saliency(
     json_output: bool = typer.Option(False, "--json", help="Print what was written and "
                                      "found as JSON."),
 ) -> None:
-    """Write a full-resolution saliency map of a slide as a pyramidal TIFF and a PNG overview."""
+    """Write a full-resolution saliency map of a slide as a pyramidal TIFF and a PNG overview
+    (several slides or a CSV: one map per slide, shared among the ranks under torchrun)."""
     from pathlib import Path
 
     from rich.progress import (
@@ -628,6 +633,23 @@ def saliency(
     with user_errors():
         if overview is not None and no_overview:
             raise UsageError("give --overview PATH or --no-overview, not both")
+        if class_index is not None and target is not None:
+            raise UsageError("give --class (classification) or --target (regression), not both")
+        _check_read(level, mpp, assume_mpp)
+        options = dict(index=class_index if target is None else target, level=level, mpp=mpp,
+                       method=method, uint8=uint8, percentile=percentile, tile_size=tile_size,
+                       device=device, overwrite=overwrite, tissue=tissue, assume_mpp=assume_mpp)
+        if bool(slides) == (csv is not None):
+            raise UsageError("give slides or --csv list.csv, not both" if slides else
+                             "no slides given: pass slide paths or --csv list.csv")
+        if csv is not None or len(slides) != 1:
+            if overview is not None or view or geojson is not None:
+                raise UsageError("--overview, --geojson and --view name one slide's files; "
+                                 "with several slides or --csv, --out names their folder")
+            _saliency_of_slides(slides or [], csv, checkpoint, out, not no_overview,
+                                json_output, options)
+            return
+        slide = slides[0]
         out_path, overview_path = default_output_paths(slide, out)
         if overview is not None:
             overview_path = Path(overview)
@@ -646,17 +668,10 @@ def saliency(
                 tasks[phase] = bar.add_task(phase, total=total, unit=unit)
             bar.update(tasks[phase], completed=done)
 
-        if class_index is not None and target is not None:
-            raise UsageError("give --class (classification) or --target (regression), not both")
-        _check_read(level, mpp, assume_mpp)
         try:
             result = compute_saliency(
-                slide, checkpoint, out_path, overview=overview_path,
-                index=class_index if target is None else target,
-                level=level, mpp=mpp, method=method, uint8=uint8, percentile=percentile,
-                tile_size=tile_size, device=device, overwrite=overwrite, progress=progress,
-                tissue=tissue, assume_mpp=assume_mpp, geojson=geojson,
-                contour_percentile=contour_percentile)
+                slide, checkpoint, out_path, overview=overview_path, progress=progress,
+                geojson=geojson, contour_percentile=contour_percentile, **options)
         except SaliencyOptionError as exc:
             raise UsageError(str(exc)) from None
         finally:
@@ -682,6 +697,43 @@ def saliency(
                       f"{result.seconds:.1f} s", highlight=False, soft_wrap=True)
         if view:
             serve(Path(slide), [Path(result.out)], "127.0.0.1", 8000)
+
+
+def _saliency_of_slides(slides: list[str], csv: str | None, checkpoint: str, out: str | None,
+                        overviews: bool, json_output: bool, options: dict) -> None:
+    """`sstream saliency` over several slides: a line per slide, rank 0's summary, and exit 1
+    if any slide was skipped."""
+    import os
+
+    from rich.markup import escape
+
+    from sstream.cli_render import RichSaliencyEvents
+    from sstream.saliency import SaliencyEvents, SaliencyOptionError, saliency_for_slides
+
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 alone reports
+    events = RichSaliencyEvents(err_console) if rank == 0 else SaliencyEvents()
+    try:
+        result = saliency_for_slides(checkpoint, slides, csv, out, overviews, events=events,
+                                     **options)
+    except SaliencyOptionError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        if hasattr(events, "close"):
+            events.close()
+    if result.rank:
+        return
+    for note in dict.fromkeys(n for r in result.maps.values() for n in r.notes):
+        err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    if json_output:
+        _print_json(result)
+    else:
+        console.print(f"{len(result.maps)} of {result.slides} maps written "
+                      + (f"to {out}" if out else "beside their slides"), highlight=False)
+    for name, reason in result.failures.items():
+        err_console.print(f"[bold red]error:[/bold red] {escape(f'{name}: {reason}')}",
+                          highlight=False, soft_wrap=True)
+    if result.failures:
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command("heatmap")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from rich import box
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sstream.predict import PredictEvents, Prediction
+from sstream.saliency import SaliencyEvents, SaliencyResult
 from sstream.task import Evaluation, Task
 from sstream.train import TrainEvents
 
@@ -179,6 +181,38 @@ class RichPredictEvents(PredictEvents):
         self.progress.advance(self.slides)
         if error:
             self.progress.console.print(f"[red]skipped[/red] {image}: {error}")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class RichSaliencyEvents(SaliencyEvents):
+    """A bar per phase of the slide being mapped, and a line per slide once it is done."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = _progress(console)
+        self.phases: dict[str, Any] = {}
+        self.slides = 0
+
+    def on_start(self, slides: int) -> None:
+        self.slides = slides
+        self.progress.start()
+
+    def on_tile(self, phase: str, done: int, total: int) -> None:
+        if phase not in self.phases:
+            unit = "rows" if phase == "quantise" else "tiles"
+            self.phases[phase] = self.progress.add_task(phase, total=total, status=unit)
+        self.progress.update(self.phases[phase], completed=done)
+
+    def on_slide_end(self, name: str, position: int, result: SaliencyResult | None,
+                     error: str | None) -> None:
+        for task in self.phases.values():
+            self.progress.remove_task(task)
+        self.phases = {}
+        head = escape(f"[{position + 1}/{self.slides}] {name}:")
+        line = f"{head} [red]skipped[/red]: {escape(str(error))}" if result is None else \
+            escape(f"{head} {result.summary}; map {result.out} ({result.seconds:.1f} s)")
+        self.progress.console.print(line, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         self.progress.stop()

@@ -149,6 +149,28 @@ def read_label_csv(path: str | Path, task: Task | None = None,
     return samples
 
 
+def named_samples(images: Sequence[str], csv_path: str | None, task: Task
+                  ) -> list[tuple[str, Sample]]:
+    """The slides a job reads, each with the name the user knows it by: image paths as
+    given, or the rows of a CSV (`read_label_csv`, labels optional) named as written there,
+    relative to the CSV's folder.
+
+    Raises:
+        ValueError: both images and a CSV, or neither.
+        DatasetError: a bad CSV (see `read_label_csv`).
+    """
+    if csv_path and images:
+        raise ValueError("give images or --csv, not both")
+    if csv_path:
+        samples = read_label_csv(csv_path, task, require_labels=False)
+        root = Path(csv_path).parent.resolve()
+        return [(str(s.image.relative_to(root) if s.image.is_relative_to(root) else s.image),
+                 s) for s in samples]
+    if not images:
+        raise ValueError("no images given: pass image paths or --csv list.csv")
+    return [(str(name), Sample(Path(name), None, 0)) for name in images]
+
+
 def _positive(text: str) -> float | None:
     """A positive finite number, or None (empty, not a number, or not positive)."""
     try:

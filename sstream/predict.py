@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sstream.data import Sample, read_label_csv
+from sstream.data import named_samples
 from sstream.distributed import DataParallel
 from sstream.engine import StreamingCNN
 from sstream.io import atomic_output
@@ -85,21 +85,6 @@ class PredictEvents:
                      ) -> None: ...
 
 
-def _inputs(config: PredictConfig, task: Task) -> list[tuple[str, Sample]]:
-    """(name as given, sample: resolved path, label or None, mask file or None) for every
-    image to predict."""
-    if config.csv and config.images:
-        raise ValueError("give images or --csv, not both")
-    if config.csv:
-        samples = read_label_csv(config.csv, task, require_labels=False)
-        root = Path(config.csv).parent.resolve()  # names as written, relative to the CSV
-        return [(str(s.image.relative_to(root) if s.image.is_relative_to(root) else s.image),
-                 s) for s in samples]
-    if not config.images:
-        raise ValueError("no images given: pass image paths or --csv list.csv")
-    return [(name, Sample(Path(name), None, 0)) for name in config.images]
-
-
 def predict(config: PredictConfig, events: PredictEvents | None = None) -> PredictResult:
     """Predict every image; see the module docstring.
 
@@ -133,7 +118,7 @@ def _predict(config: PredictConfig, events: PredictEvents, parallel: DataParalle
                         or DEFAULT_TILE)
     scnn.on_tile = events.on_tile
     task = task_for_model(model)
-    inputs = _inputs(config, task)
+    inputs = named_samples(config.images, config.csv, task)
     tissue = Tissue.parse(spec.tissue, model.config.tissue)
     if tissue.is_file and len(inputs) > 1:
         raise ValueError("--tissue PATH is the mask of one slide; give each slide its mask "

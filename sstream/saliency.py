@@ -76,7 +76,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sstream.data import PixelSource
+from sstream.data import PixelSource, Sample, named_samples
+from sstream.distributed import DataParallel
 from sstream.engine import StreamingCNN
 from sstream.errors import SstreamError
 from sstream.io import TiffMapWriter, atomic_output, read_downsampled
@@ -91,11 +92,14 @@ from sstream.tissue import Tissue, output_mask, pixel_mask
 
 __all__ = [
     "METHODS",
+    "SaliencyEvents",
     "SaliencyOptionError",
     "SaliencyProgress",
     "SaliencyResult",
+    "SlidesSaliency",
     "compute_saliency",
     "default_output_paths",
+    "saliency_for_slides",
     "inferno",
     "quantise",
     "render_overview",
@@ -164,16 +168,20 @@ def default_output_paths(slide_path: str | os.PathLike,
     `out`), and the map's path with the suffix `.png`."""
     slide_path = Path(slide_path)
     if out is None:
-        stem = slide_path.name.split(".")[0] or slide_path.name
-        out = slide_path.with_name(f"{stem}.saliency.tif")
+        out = slide_path.with_name(f"{_slide_stem(slide_path)}.saliency.tif")
     out = Path(out)
     overview = out.with_suffix(".png") if out.suffix.lower() in (".tif", ".tiff") \
         else out.with_name(out.name + ".png")
     return out, overview
 
 
+def _slide_stem(slide_path: Path) -> str:
+    """A slide's name without its suffixes (`a.ome.tif` -> `a`), which its outputs take."""
+    return slide_path.name.split(".")[0] or slide_path.name
+
+
 def compute_saliency(
-    slide_path: str | os.PathLike,
+    slide_path: str | os.PathLike | Sample,
     checkpoint: str | os.PathLike | Classifier,
     out: str | os.PathLike,
     overview: str | os.PathLike | None = None,
@@ -195,7 +203,8 @@ def compute_saliency(
     """Write the saliency map of a slide (pyramidal TIFF) and optionally a PNG overview.
 
     Args:
-        slide_path: the slide or image (anything `sstream.io.open_image` reads).
+        slide_path: the slide or image (anything `sstream.io.open_image` reads), or a
+            CSV row (`sstream.data.Sample`: its mask and mpp columns are used).
         checkpoint: an sstream checkpoint file (`load_checkpoint`), or a Classifier (moved
             to `device` and put in eval mode).
         out: the map's TIFF path. overview: the PNG path, or None for no overview.
@@ -365,6 +374,161 @@ def _refuse_unwritable(path: Path, overwrite: bool) -> None:
             pass
     except OSError as exc:
         raise PermissionError(f"{path}: cannot write in {parent} ({exc.strerror})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Several slides: one map per slide, the slides shared among torchrun's ranks
+
+
+class SaliencyEvents:
+    """Hooks for the progress of `saliency_for_slides`; no-ops here (the CLI renders them)."""
+
+    def on_start(self, slides: int) -> None: ...
+    def on_slide_start(self, name: str, position: int) -> None: ...
+    def on_tile(self, phase: str, done: int, total: int) -> None: ...
+    def on_slide_end(self, name: str, position: int, result: SaliencyResult | None,
+                     error: str | None) -> None: ...
+
+
+@dataclass
+class SlidesSaliency:
+    """What `saliency_for_slides` wrote, in input order.
+
+    Attributes:
+        maps: each slide mapped, by name (as given, or as its CSV writes it), in input
+            order. failures: each slide skipped, by name: the reason, in one line. Under
+            torchrun every rank holds every rank's outcomes.
+        slides: how many slides were given. rank: this process's rank (0 alone reports).
+    """
+
+    maps: dict[str, SaliencyResult]
+    failures: dict[str, str]
+    slides: int
+    rank: int = 0
+
+
+def saliency_for_slides(
+    checkpoint: str | os.PathLike | Classifier,
+    slides: list[str] | tuple[str, ...] = (),
+    csv: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    overviews: bool = True,
+    device: str = "auto",
+    overwrite: bool = False,
+    events: SaliencyEvents | None = None,
+    **options: Any,
+) -> SlidesSaliency:
+    """Write the saliency map of each of several slides, as `compute_saliency` does for one.
+
+    Under torchrun (WORLD_SIZE and RANK set) each rank maps every world_size-th slide and
+    writes its maps (one file per slide: nothing to merge); the outcomes are gathered, so
+    rank 0 can report them all. One slide that cannot be read (or is too small) is reported
+    and skipped; the others are still mapped.
+
+    Args:
+        checkpoint: as for `compute_saliency` (loaded once for every slide).
+        slides, csv: the slides' paths, or a CSV with an image column (labels optional; its
+            mask and mpp columns are used, as predict does; paths relative to its folder).
+        out_dir: the folder of the maps, `<slide stem>.tif` and `<slide stem>.png` (made if
+            missing); None: each beside its slide, as `default_output_paths` says.
+        overviews: also write each slide's PNG overview.
+        device, overwrite: as for `compute_saliency`; "auto"/"cuda" under torchrun mean the
+            rank's own GPU (cuda:LOCAL_RANK).
+        events: progress hooks; `SaliencyEvents`.
+        options: the other keyword arguments of `compute_saliency` (index, level, mpp,
+            method, uint8, percentile, tile_size, tissue, assume_mpp), the same for every
+            slide. `geojson` names one file and is refused.
+
+    Raises:
+        SaliencyOptionError: an option no slide can use (an unknown method or class...).
+        ValueError, DatasetError: no slides, both slides and a CSV, a bad CSV, one mask file
+            (--tissue PATH) for several slides, two slides whose outputs share a path.
+        FileExistsError: an output exists and not `overwrite` (before any slide is mapped).
+        NotADirectoryError: `out_dir` is a file.
+        RankFailure: under torchrun, another rank failed.
+    """
+    if options.get("geojson") is not None:
+        raise SaliencyOptionError("geojson names one file: map one slide to trace its regions")
+    events = events or SaliencyEvents()
+    parallel, torch_device = DataParallel.from_env(device)
+    try:
+        model = (checkpoint if isinstance(checkpoint, Classifier)
+                 else load_checkpoint(checkpoint, map_location=torch_device))
+        inputs = named_samples(list(slides), None if csv is None else str(csv),
+                               task_for_model(model))
+        if Tissue.parse(options.get("tissue")).is_file and len(inputs) > 1:
+            raise ValueError("--tissue PATH is the mask of one slide; give each slide its mask "
+                             "in the CSV's mask column")
+        paths = _slide_outputs([sample.image for _, sample in inputs], out_dir, overviews)
+        mine = parallel.shard(0, len(inputs))
+        with parallel.agreement("checking the outputs"):
+            for position in mine:  # before an hour of computing, not after it
+                _refuse_existing(paths[position], overwrite)
+        events.on_start(len(inputs))
+        with parallel.agreement("mapping the slides"):
+            outcomes = [(position, *_map_slide(inputs[position], position, paths[position],
+                                               model, events, device=torch_device,
+                                               overwrite=overwrite, **options))
+                        for position in mine]
+        if parallel.distributed:  # every rank's outcomes, back in input order
+            outcomes = sorted((o for part in parallel.gather_objects(
+                outcomes, "gathering the maps' outcomes") for o in part), key=lambda o: o[0])
+    finally:
+        parallel.close()
+    return SlidesSaliency(
+        maps={inputs[i][0]: result for i, result, _ in outcomes if result is not None},
+        failures={inputs[i][0]: reason for i, result, reason in outcomes if result is None},
+        slides=len(inputs), rank=parallel.rank)
+
+
+def _slide_outputs(slides: list[Path], out_dir: str | os.PathLike | None, overviews: bool
+                   ) -> list[tuple[Path, Path | None]]:
+    """(map, overview or None) of each slide: `out_dir/<stem>.tif` and `.png`, or beside the
+    slide by default. Two slides with one output path are refused; `out_dir` is made."""
+    if out_dir is None:
+        paths = [default_output_paths(slide) for slide in slides]
+    else:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NotADirectoryError(f"{out_dir}: is a file; --out names a folder when "
+                                     "several slides are mapped")
+        paths = [(out_dir / f"{_slide_stem(slide)}.tif", out_dir / f"{_slide_stem(slide)}.png")
+                 for slide in slides]
+    first: dict[Path, Path] = {}
+    for slide, (map_path, _) in zip(slides, paths):
+        other = first.setdefault(map_path.resolve(), slide)
+        if other != slide:
+            raise ValueError(f"{other} and {slide} would both write {map_path}: rename one, "
+                             "or map them into different folders")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return [(map_path, overview if overviews else None) for map_path, overview in paths]
+
+
+def _refuse_existing(paths: tuple[Path, Path | None], overwrite: bool) -> None:
+    for path in paths:
+        if path is not None and path.exists() and not overwrite:
+            raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
+
+
+def _map_slide(named: tuple[str, Sample], position: int, paths: tuple[Path, Path | None],
+               model: Classifier, events: SaliencyEvents, **options: Any
+               ) -> tuple[SaliencyResult | None, str | None]:
+    """One slide's map: (result, None), or (None, the reason) for a slide that cannot be
+    mapped. Options no slide can use (SaliencyOptionError) stop every slide."""
+    name, sample = named
+    events.on_slide_start(name, position)
+    try:
+        result = compute_saliency(sample, model, paths[0], overview=paths[1],
+                                  progress=events.on_tile, **options)
+    except SaliencyOptionError:
+        raise
+    except (ValueError, OSError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        events.on_slide_end(name, position, None, reason)
+        return None, reason
+    events.on_slide_end(name, position, result, None)
+    return result, None
 
 
 # --------------------------------------------------------------------------------------------
