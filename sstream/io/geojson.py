@@ -85,11 +85,11 @@ def map_features(values: np.ndarray, threshold: float, level0: Level0, name: str
     """A FeatureCollection of the regions where `values` (H, W) >= `threshold` (module
     docstring), vertices in level-0 pixels through `level0`."""
     features = []
-    for polygon in mask_polygons(values >= threshold):
-        inside = rasterise([polygon], values.shape) & (values >= threshold)
-        if not inside.any():  # a sliver thinner than a pixel centre
+    above = values >= threshold
+    for polygon in mask_polygons(above):
+        region = _inside(polygon, values, above)
+        if not region.size:  # a sliver thinner than a pixel centre
             continue
-        region = values[inside]
         rings = []
         for ring in polygon:
             ys, xs = level0(ring[:, 1], ring[:, 0])
@@ -102,6 +102,16 @@ def map_features(values: np.ndarray, threshold: float, level0: Level0, name: str
                            "measurements": {"peak": float(region.max()),
                                             "mean": float(region.mean())}}})
     return {"type": "FeatureCollection", "features": features}
+
+
+def _inside(polygon: Polygon, values: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """The values above the threshold inside the polygon, rasterised over its bounding box
+    only (a map may hold thousands of regions)."""
+    x0, y0 = np.floor(polygon[0].min(axis=0)).astype(int)
+    x1, y1 = np.ceil(polygon[0].max(axis=0)).astype(int)
+    shifted = [ring - (x0, y0) for ring in polygon]
+    inside = rasterise([shifted], (y1 - y0, x1 - x0)) & above[y0:y1, x0:x1]
+    return values[y0:y1, x0:x1][inside]
 
 
 def write_geojson(path: str | Path, collection: dict[str, Any]) -> None:
