@@ -243,3 +243,57 @@ def test_two_ranks_predict_a_csv_as_one_process_in_the_same_order(tmp_path):
     assert [o["slides"] for o in outcomes] == [3, 2]  # each rank its own share
     assert merged.read_text() == single.read_text()
     assert len(merged.read_text().splitlines()) == 6  # the header and the five slides
+
+
+def _saliency_cli_job(rank: int, argv: list[str]) -> dict:
+    """`sstream saliency ...` on one rank: its exit code, what it printed and the slides it
+    mapped."""
+    import importlib
+
+    saliency = importlib.import_module("sstream.saliency")  # the module, not the function
+    slides = []
+    compute = saliency.compute_saliency
+
+    def counted(sample, *args, **kwargs):
+        slides.append(sample.image.name)
+        return compute(sample, *args, **kwargs)
+
+    saliency.compute_saliency = counted
+    code, stdout = _run_cli(argv, contextlib.redirect_stdout)
+    return {"exit_code": code, "stdout": stdout, "slides": slides}
+
+
+JOBS["saliency"] = _saliency_cli_job
+
+
+def test_two_ranks_map_a_csv_as_one_process(tmp_path):
+    """torchrun shards saliency's slides: each rank writes the maps of every other slide,
+    the same files one process writes, and rank 0 alone reports."""
+    from sstream.cli import main
+    from tests.test_saliency import make_checkpoint, make_slide
+
+    names = ["a.tif", "b.tif", "c.tif"]
+    for seed, name in enumerate(names):
+        make_slide(tmp_path / name, seed=seed)
+    (tmp_path / "list.csv").write_text("image\n" + "\n".join(names) + "\n")
+    common = ["saliency", "--csv", str(tmp_path / "list.csv"), "-c",
+              str(make_checkpoint(tmp_path / "ckpt.pt")), "--tile-size", "64", "--device",
+              "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same float32 sums, bit for bit
+    try:
+        with contextlib.suppress(SystemExit):
+            main([*common, "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    outcomes = join_ranks(start_ranks(2, "saliency", {"argv": [*common, "--out",
+                                                                str(tmp_path / "two")]},
+                                      tmp_path))
+    assert [o["exit_code"] for o in outcomes] == [0, 0]
+    assert [o["slides"] for o in outcomes] == [["a.tif", "c.tif"], ["b.tif"]]
+    assert "3 of 3 maps written" in outcomes[0]["stdout"] and outcomes[1]["stdout"] == ""
+    written = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert written == ["a.png", "a.tif", "b.png", "b.tif", "c.png", "c.tif"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == written
+    for name in written:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
