@@ -607,8 +607,18 @@ class _Trainer:
             return None
         index = mine[position]
         sample = self.train_samples[int(order[index])]
-        return self.pool.submit(load_training_image, sample, self.config, True,
-                                (epoch, 1, index), self.dtype, self.tissue)
+        return self.pool.submit(self._load_ahead, sample, (epoch, 1, index))
+
+    def _load_ahead(self, sample: Sample, seed_keys: tuple[int, ...]) -> PixelSource:
+        """(On the loading thread.) The next image, with the first regions of a lazily read
+        slide already decoding: its tissue mask is made, and the regions its pooled forward
+        will read are announced to the read-ahead, while the current image trains."""
+        source = load_training_image(sample, self.config, True, seed_keys, self.dtype,
+                                     self.tissue)
+        if source.read_ahead and self.config.whole_slide and self.scnn.planned(source.shape):
+            source.expect(self.scnn.pooled_reads(source.shape,
+                                                 _output_mask(source, self.scnn, sample)))
+        return source
 
     def run(self) -> TrainResult:
         config = self.config

@@ -66,3 +66,39 @@ def test_a_masked_forward_announces_only_the_tiles_it_reads(slide_path):
             scnn.global_pool(source, "max", mask=mask)
         all_tiles = len(scnn.plan(source.shape))
         assert source._ahead.misses == 0 and 0 < source._ahead.hits < all_tiles
+
+
+def test_training_starts_reading_the_next_slide_while_the_current_one_trains(tmp_path,
+                                                                              monkeypatch):
+    """Lazily read slides: the loading thread announces the next image's first regions
+    (the ones its pooled forward reads) once images of its shape have been planned (no
+    flips or rotations here, so every image has one shape), and the weights are those of a
+    run without read-ahead."""
+    import threading
+
+    import sstream.train as train_module
+    from tests.conftest import float64_training
+    from tests.test_train_predict import config
+
+    monkeypatch.setattr(train_module, "IN_MEMORY_PIXELS", 0)  # every image read lazily
+    announced = []
+    expect = PixelSource.expect
+
+    def recorded(self, boxes):
+        announced.append((threading.current_thread() is threading.main_thread(),
+                          list(boxes)))
+        return expect(self, announced[-1][1])
+
+    monkeypatch.setattr(PixelSource, "expect", recorded)
+    with float64_training():
+        ahead = train_module.train(config(tmp_path, epochs=1, out=str(tmp_path / "a"),
+                                          tissue="none", augment="none"))
+    early = [boxes for on_main, boxes in announced if not on_main]
+    on_main = [boxes for main, boxes in announced if main]
+    assert early and all(any(b[:len(boxes)] == boxes for b in on_main) for boxes in early)
+    monkeypatch.setattr(PixelSource, "expect", lambda self, boxes: None)  # no read-ahead
+    with float64_training():
+        plain = train_module.train(config(tmp_path, epochs=1, out=str(tmp_path / "b"),
+                                          tissue="none", augment="none"))
+    for name, value in plain.model.state_dict().items():
+        assert torch.equal(ahead.model.state_dict()[name], value), name

@@ -285,6 +285,15 @@ class HaloProgram:
                                         for k, t in zip(known, theirs))
         return windows
 
+    def input_boxes(self, needs: TileNeeds | None = None) -> list[Box]:
+        """The input regions a forward reads, in raster order (with `needs`, only the tiles
+        that run and read): what the image source is told to expect."""
+        entry = next(e for e in self.nodes if e.kind == "input")
+        rows, cols = self.grid
+        return [(entry.rows[r], entry.rows[r + 1], entry.cols[c], entry.cols[c + 1])
+                for r in range(rows) for c in range(cols)
+                if needs is None or (needs.runs[r, c] and needs.reads[r, c])]
+
     def tiles_needed(self, mask: OutputMask) -> TileNeeds:
         """Which tiles a forward pass must run for the outputs `mask` selects, and which of
         them must read their input (the others run on zeros).
@@ -820,8 +829,7 @@ class HaloRun:
         top: dict[fx.Node, torch.Tensor] = {}
         result = self.program.result
         done = 0
-        self.expect(self._input_box(row, col) for row in range(rows) for col in range(cols)
-                    if needs is None or (needs.runs[row, col] and needs.reads[row, col]))
+        self.expect(self.program.input_boxes(needs))
         for row in range(rows):
             if self.keep:
                 self.saved_top.append(top)

@@ -350,6 +350,33 @@ class StreamingCNN(nn.Module):
         self._refuse_current_modes()
         return self._halo_program(input_shape, self.plan(input_shape), training)
 
+    def planned(self, input_shape: Sequence[int]) -> bool:
+        """Whether an image of `input_shape` has been through a pooled forward already, so
+        that its plan, output size and halo program are known: asking for them then runs
+        nothing on the stream. (Working them out runs the stream on the meta device and
+        traces it, which must not happen on another thread beside a running forward.)"""
+        known = tuple(input_shape[-3:]) in self._output_sizes
+        if self.engine == "crop":
+            return known
+        return known and (tuple(input_shape), self._analysed_flags, False) in self._programs
+
+    def pooled_reads(self, input_shape: Sequence[int], mask: torch.Tensor | None = None
+                     ) -> list[Box] | None:
+        """The input regions a pooled forward (`global_pool`, `attention_pool`) of an image
+        of `input_shape` reads, in order, so that a source can start reading an image before
+        its forward does; None unless `planned(input_shape)`."""
+        if not self.planned(input_shape):
+            return None
+        plan = self.plan(input_shape)
+        output_mask = None if mask is None else OutputMask(mask, plan.output_size,
+                                                           input_shape[0])
+        if self.engine != "crop":
+            program = self._programs[(tuple(input_shape), self._analysed_flags, False)]
+            if program is not None:
+                return program.input_boxes(None if output_mask is None
+                                           else program.tiles_needed(output_mask))
+        return [t.in_box for t in plan if output_mask is None or output_mask.any_in(t.out_box)]
+
     def _halo_program(self, shape: Sequence[int], plan: TilePlan, training: bool
                       ) -> HaloProgram | None:
         """The halo engine's program for this input shape, or None: use the crop engine."""

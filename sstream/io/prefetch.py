@@ -63,10 +63,20 @@ class ReadAhead(Generic[Key, Value]):
 
     def expect(self, keys: Iterable[Key]) -> None:
         """Announce the keys the next calls will ask for, in order (replacing the last
-        announcement), and start reading the first `depth` of them."""
+        announcement), and start reading the first `depth` of them. Reads already started
+        for the first keys of the new announcement are kept (an image announced ahead of
+        its pass, then by the pass itself)."""
         with self._lock:
-            self._drop_started()
-            self._announced = deque(keys)
+            announced = deque(keys)
+            kept = 0
+            while (kept < len(self._started) and announced
+                   and self._started[kept][0] == announced[0]):
+                announced.popleft()
+                kept += 1
+            for _, future in list(self._started)[kept:]:
+                future.cancel()
+            self._started = deque(list(self._started)[:kept])
+            self._announced = announced
             self._pending = Counter(self._announced)
             self._top_up()
 
