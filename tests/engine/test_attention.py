@@ -156,10 +156,9 @@ def test_random_architectures_attention_pool_and_train_as_plain_autograd(
     assert_attention_exact(stream, attention, image, tile, mask, engine, lazy)
 
 
-@pytest.mark.parametrize("heads", [1, 2])
-def test_a_torchvision_trunk_attention_pools_and_trains_exactly(heads):
-    """ResNet-18's trunk, batch 2, gated attention with one head (CLAM-SB) or two (CLAM-MB),
-    with and without a mask, from a lazily read image."""
+def test_a_torchvision_trunk_attention_pools_and_trains_exactly():
+    """ResNet-18's trunk, batch 2, gated attention with one head (CLAM-SB) from a lazily
+    read image, and with two (CLAM-MB) and a mask."""
     import torchvision
 
     torch.manual_seed(0)
@@ -168,12 +167,11 @@ def test_a_torchvision_trunk_attention_pools_and_trains_exactly(heads):
                            net.layer2).double().eval()
     randomise_batchnorm(stream, torch.Generator().manual_seed(1))
     image = torch.randn(2, 3, 130, 121, dtype=torch.float64)
-    attention = make_attention("gated", 128, heads)
-    assert_attention_exact(stream, attention, image, 48, lazy=True)
+    assert_attention_exact(stream, make_attention("gated", 128, 1), image, 64, lazy=True)
     with torch.no_grad():
         size = stream(image[:1]).shape[-2:]
     mask = random_mask((2, *size), torch.Generator().manual_seed(2))
-    assert_attention_exact(stream, attention, image, 48, mask)
+    assert_attention_exact(stream, make_attention("gated", 128, 2), image, 64, mask)
 
 
 def test_a_frozen_trunk_trains_the_attention_without_re_running_with_autograd():
