@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sstream
-from tests.conftest import relative_error
+from tests.conftest import assert_autocast_matches_plain, relative_error
 from tests.engine.helpers import randomise_batchnorm
 from tests.engine.test_exactness import architecture, output_exists
 from tests.engine.test_pooling import count_reruns, random_mask
@@ -212,3 +212,30 @@ def test_logits_of_the_wrong_shape_are_refused_in_one_line():
     with pytest.raises(ValueError, match="logits") as error:
         scnn.attention_pool(image, pooling)
     assert "\n" not in str(error.value)
+
+
+def test_cpu_autocast_attention_pools_and_trains_as_plain_autocast():
+    """bf16 autocast on the CPU (`--amp`): the pooled features keep the autocast dtype and
+    the stream's and the attention's gradients match plain autograd under the same
+    autocast, with backward() outside the autocast region."""
+    torch.manual_seed(8)
+    stream = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                           nn.Conv2d(4, 6, 3, 2, 1), nn.ReLU()).eval()
+    attention = make_attention("gated", 6, 2).float()
+    image = torch.randn(1, 3, 64, 56)
+    weights = torch.randn(1, 2, 6)
+    results = []
+    for streamed_run in (False, True):
+        stream.zero_grad()
+        attention.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            if streamed_run:
+                pooled = sstream.StreamingCNN(stream, 16).attention_pool(image, attention)
+            else:
+                fmap = stream(image)
+                softmax = torch.softmax(attention(fmap).flatten(2), dim=2)
+                pooled = (softmax[:, :, None, :] * fmap.flatten(2)[:, None]).sum(-1)
+        (pooled.float() * weights).sum().backward()
+        grads = [p.grad.clone() for p in [*stream.parameters(), *attention.parameters()]]
+        results.append((pooled, grads))
+    assert_autocast_matches_plain(results)
