@@ -213,7 +213,7 @@ def amp_step(check: Check) -> None:
 # -- 4. ResNet-34 at 8192 px -------------------------------------------------------------------
 
 def resnet34(check: Check) -> None:
-    from sstream.estimate import estimate_memory
+    from sstream.estimate import EstimateConfig, estimate_memory
 
     size, tile = (256, 128) if check.small else (8192, 2048)
     streamed = _training_step(check, "resnet34", size, tile)
@@ -231,7 +231,7 @@ def resnet34(check: Check) -> None:
         check.row("ResNet-34", f"{size}² plain step", "does not fit", "")
     finally:
         torch.cuda.empty_cache() if check.device.type == "cuda" else None
-    estimate = estimate_memory("resnet34", sizes=(str(size),), tile_sizes=(tile,))
+    estimate = estimate_memory(EstimateConfig([str(size)], "resnet34", tile_size=[tile]))
     for row in estimate["rows"]:
         measured = streamed[1] if row.get("tile_size") == tile else plain_reserved
         what = f"{row.get('path')} tile {tile}" if row.get("tile_size") else "plain"

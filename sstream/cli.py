@@ -243,7 +243,6 @@ def _renamed(value: object, old_value: object) -> object:
     return value if old_value in (None, []) else old_value
 
 
-AMP_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # train's --amp-dtype spellings
 DEVICE_HELP = "auto (CUDA when a GPU is there, else the CPU), cpu, cuda or cuda:N."
 
 
@@ -294,104 +293,137 @@ def _explicit(ctx: typer.Context, name: str) -> bool:
 @app.command()
 def train(
     ctx: typer.Context,
-    train_csv: Path = typer.Option(None, help="CSV with header image,label (paths relative "
-                                   "to the CSV; regression: label or label_<name> columns)."),
-    val_csv: Path = typer.Option(None, help="Validation CSV (same format)."),
-    out: Path = typer.Option(Path("runs/sstream"), help="Output directory."),
-    config: Path = typer.Option(None, help="TOML or YAML file with any of these options; the "
-                                "command line wins."),
-    resume: Path = typer.Option(None, help="Continue the run in this output directory."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an output "
-                                   "directory that holds a run."),
-    model: str = typer.Option("tiny", help="tiny, resnet18, resnet34, resnet50, "
-                              "convnext_tiny or vgg16."),
-    task: str = typer.Option("classification", help="classification (integer labels) or "
-                             "regression (numbers; one target per label_<name> column)."),
-    num_classes: int = typer.Option(None, help="Classes (default: 1 + largest label)."),
-    loss: str = typer.Option("mse", help="Regression loss: mse, l1 or huber."),
-    standardise: bool = typer.Option(True, help="Regression: the loss sees targets scaled "
-                                     "by the training labels' mean and standard deviation "
-                                     "(predictions stay in the label's units)."),
-    stream_layers: str = typer.Option(None, help="Stream up to this stage (e.g. layer3); "
-                                      "the rest runs normally. Default: the whole trunk."),
-    pooling: str = typer.Option("max", help="Pooling of the head: max, avg, or attention "
-                                "(CLAM-SB's gated attention, trained end to end, memory flat "
-                                "in the slide's area)."),
-    attention_hidden: int = typer.Option(128, help="Hidden size of the gated attention "
-                                         "(--pooling attention)."),
-    dropout: float = typer.Option(0.0, help="Dropout before the final linear layer."),
-    weights: Path = typer.Option(None, help="torchvision-format state dict for the backbone "
-                                 "(e.g. ImageNet weights downloaded beforehand)."),
-    pretrained: bool = typer.Option(False, help="torchvision's ImageNet weights (needs "
-                                    "network; fails clearly offline)."),
-    train_bn_affine: bool = typer.Option(True, help="Train BatchNorm weight/bias (statistics "
-                                         "stay frozen either way)."),
-    level: int = typer.Option(None, help="Pyramid level to read (0 = full resolution)."),
-    mpp: float = typer.Option(None, help="Read every slide at exactly this many µm per "
-                              "pixel: the finest level not coarser, resized (antialiased)."),
-    assume_mpp: float = typer.Option(None, help=ASSUME_MPP_HELP),
-    image_size: str = typer.Option(None, help="Crop or pad every image to this size "
-                                   "(N or WxH; random crop in training, centre in validation)."),
-    augment: str = typer.Option("standard", help="standard: flips, 90-degree rotations, "
-                                "light colour jitter; stain: also HED stain jitter (Tellez et "
-                                "al., drawn once per image); none. Seeded."),
-    no_augment: bool = typer.Option(False, "--no-augment", hidden=True,
-                                    help="The same as --augment none."),
-    stain_normalize: str = typer.Option(None, help="macenko or reinhard: normalise each "
-                                        "slide's stain colours to a reference H&E, fitted "
-                                        "on its thumbnail; predict and saliency do the same.",
-                                        show_default="none"),
-    optimizer: str = typer.Option("adamw", help="adamw or sgd."),
-    lr: float = typer.Option(1e-3, help="Learning rate."),
-    weight_decay: float = typer.Option(1e-4, help="Weight decay."),
-    momentum: float = typer.Option(0.9, help="SGD momentum."),
-    epochs: int = typer.Option(10, help="Epochs."),
-    schedule: str = typer.Option("cosine", help="Learning-rate schedule: cosine, step or "
-                                 "constant (stepped per epoch)."),
-    step_size: int = typer.Option(10, help="Epochs between decays (step schedule)."),
-    step_gamma: float = typer.Option(0.1, help="Decay factor (step schedule)."),
-    accumulate: int = typer.Option(1, help="Images per optimizer step and rank (serial "
-                                   "mini-batch; the step averages ranks x accumulate images)."),
-    amp: bool = typer.Option(False, help="Mixed precision (fp16 + GradScaler on CUDA, bf16 "
-                             "on CPU)."),
-    amp_dtype: str = typer.Option(None, help="Force the AMP dtype: bf16 or fp16."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    seed: int = typer.Option(0, help="Seed for order, crops, augmentation and init."),
-    tile_size: int = typer.Option(512, help="Tile side in input pixels (memory follows it)."),
-    memory_budget: str = typer.Option(None, help="Choose the largest tile whose predicted "
-                                      "peak fits, e.g. 8GiB (instead of --tile-size); with "
-                                      "--engine auto, the crop engine where no halo tile fits."),
-    engine: str = typer.Option("auto", help="Streaming engine: auto (halos carried between "
-                               "tiles where the stream allows it: fastest), halo or crop (keeps "
-                               "no halo strips: less memory for small tiles on huge images)."),
-    tissue: str = typer.Option(None, callback=_tissue_choice,
-                               help="auto: pool over tissue only, found on each "
-                               "slide's thumbnail (glass is neither read nor computed); none: "
-                               "every position. A CSV's mask column gives slides their own "
-                               "mask images. Check masks first with `sstream tissue`.",
-                               show_default="auto with a pooling head, else none"),
-    whole_slide: bool = typer.Option(True, help="With a pooling head (the whole trunk "
-                                     "streamed), pool tile by tile: no feature map is kept and "
-                                     "the backward re-runs only the tiles the gradient reaches, "
-                                     "so memory does not grow with the slide. "
-                                     "--no-whole-slide keeps the feature map (can be faster on "
-                                     "small images whose maxima reach most tiles)."),
-    dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a rank waits for "
-                                       "the others before the job stops."),
-    balance: str = typer.Option("none", help="Class imbalance: none (the cohort as it is; "
-                                "probabilities keep its prevalence), sampler (each epoch "
-                                "draws classes equally often) or loss (cross-entropy weighted "
-                                "by inverse class frequency)."),
-    patience: int = typer.Option(None, help="Stop after this many epochs without a better "
-                                 "best.pt (its validation metric).", show_default="off"),
-    min_epochs: int = typer.Option(0, help="Never stop early before this many epochs."),
-    log: str = typer.Option("tensorboard", help="tensorboard: every epoch's metrics, losses, "
-                            "learning rate, speed and memory in OUT/tensorboard (when "
-                            "tensorboard is installed: pip install sstream[tensorboard]); "
-                            "none: only metrics.csv."),
-    quiet: bool = typer.Option(False, help="No progress output."),
-    json_events: bool = typer.Option(False, "--json", help="Machine-readable events, one "
-                                     "JSON object per line."),
+    train_csv: Path = typer.Option(
+        None, help="CSV with header image,label (paths relative to the CSV; regression: label "
+        "or label_<name> columns).", rich_help_panel="Data"),
+    val_csv: Path = typer.Option(
+        None, help="Validation CSV (same format).", rich_help_panel="Data"),
+    task: str = typer.Option(
+        "classification", help="classification (integer labels) or regression (numbers; one "
+        "target per label_<name> column).", rich_help_panel="Data"),
+    num_classes: int = typer.Option(
+        None, help="Classes (default: 1 + largest label).", rich_help_panel="Data"),
+    loss: str = typer.Option(
+        "mse", help="Regression loss: mse, l1 or huber.", rich_help_panel="Data"),
+    standardise: bool = typer.Option(
+        True, help="Regression: the loss sees targets scaled by the training labels' mean and "
+        "standard deviation (predictions stay in the label's units).", rich_help_panel="Data"),
+    model: str = typer.Option(
+        "tiny", help="tiny, resnet18, resnet34, resnet50, convnext_tiny or vgg16.",
+        rich_help_panel="Model"),
+    stream_layers: str = typer.Option(
+        None, help="Stream up to this stage (e.g. layer3); the rest runs normally. Default: the "
+        "whole trunk.", rich_help_panel="Model"),
+    pooling: str = typer.Option(
+        "max", help="Pooling of the head: max, avg, or attention (CLAM-SB's gated attention, "
+        "trained end to end, memory flat in the slide's area).", rich_help_panel="Model"),
+    attention_hidden: int = typer.Option(
+        128, help="Hidden size of the gated attention (--pooling attention).",
+        rich_help_panel="Model"),
+    dropout: float = typer.Option(
+        0.0, help="Dropout before the final linear layer.", rich_help_panel="Model"),
+    weights: Path = typer.Option(
+        None, help="torchvision-format state dict for the backbone (e.g. ImageNet weights "
+        "downloaded beforehand).", rich_help_panel="Model"),
+    pretrained: bool = typer.Option(
+        False, help="torchvision's ImageNet weights (needs network; fails clearly offline).",
+        rich_help_panel="Model"),
+    train_bn_affine: bool = typer.Option(
+        True, help="Train BatchNorm weight/bias (statistics stay frozen either way).",
+        rich_help_panel="Model"),
+    level: int = typer.Option(
+        None, help="Pyramid level to read (0 = full resolution).", rich_help_panel="Reading"),
+    mpp: float = typer.Option(
+        None, help="Read every slide at exactly this many µm per pixel: the finest level not "
+        "coarser, resized (antialiased).", rich_help_panel="Reading"),
+    assume_mpp: float = typer.Option(None, help=ASSUME_MPP_HELP, rich_help_panel="Reading"),
+    image_size: str = typer.Option(
+        None, help="Crop or pad every image to this size (N or WxH; random crop in training, "
+        "centre in validation).", rich_help_panel="Reading"),
+    tissue: str = typer.Option(
+        None, callback=_tissue_choice, help="auto: pool over tissue only, found on each slide's "
+        "thumbnail (glass is neither read nor computed); none: every position. A CSV's mask "
+        "column gives slides their own mask images. Check masks first with `sstream tissue`.",
+        show_default="auto with a pooling head, else none", rich_help_panel="Reading"),
+    augment: str = typer.Option(
+        "standard", help="standard: flips, 90-degree rotations, light colour jitter; stain: "
+        "also HED stain jitter (Tellez et al., drawn once per image); none. Seeded.",
+        rich_help_panel="Reading"),
+    no_augment: bool = typer.Option(
+        False, "--no-augment", hidden=True, help="The same as --augment none.",
+        rich_help_panel="Reading"),
+    stain_normalize: str = typer.Option(
+        None, help="macenko or reinhard: normalise each slide's stain colours to a reference "
+        "H&E, fitted on its thumbnail; predict and saliency do the same.", show_default="none",
+        rich_help_panel="Reading"),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd.", rich_help_panel="Training"),
+    lr: float = typer.Option(0.001, help="Learning rate.", rich_help_panel="Training"),
+    weight_decay: float = typer.Option(0.0001, help="Weight decay.", rich_help_panel="Training"),
+    momentum: float = typer.Option(0.9, help="SGD momentum.", rich_help_panel="Training"),
+    epochs: int = typer.Option(10, help="Epochs.", rich_help_panel="Training"),
+    schedule: str = typer.Option(
+        "cosine", help="Learning-rate schedule: cosine, step or constant (stepped per epoch).",
+        rich_help_panel="Training"),
+    step_size: int = typer.Option(
+        10, help="Epochs between decays (step schedule).", rich_help_panel="Training"),
+    step_gamma: float = typer.Option(
+        0.1, help="Decay factor (step schedule).", rich_help_panel="Training"),
+    accumulate: int = typer.Option(
+        1, help="Images per optimizer step and rank (serial mini-batch; the step averages ranks "
+        "x accumulate images).", rich_help_panel="Training"),
+    amp: bool = typer.Option(
+        False, help="Mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU).",
+        rich_help_panel="Training"),
+    amp_dtype: str = typer.Option(
+        None, help="Force the AMP dtype: bf16 or fp16.", rich_help_panel="Training"),
+    seed: int = typer.Option(
+        0, help="Seed for order, crops, augmentation and init.", rich_help_panel="Training"),
+    tile_size: int = typer.Option(
+        512, help="Tile side in input pixels (memory follows it).", rich_help_panel="Streaming"),
+    memory_budget: str = typer.Option(
+        None, help="Choose the largest tile whose predicted peak fits, e.g. 8GiB (instead of "
+        "--tile-size); with --engine auto, the crop engine where no halo tile fits.",
+        rich_help_panel="Streaming"),
+    engine: str = typer.Option(
+        "auto", help="Streaming engine: auto (halos carried between tiles where the stream "
+        "allows it: fastest), halo or crop (keeps no halo strips: less memory for small tiles "
+        "on huge images).", rich_help_panel="Streaming"),
+    whole_slide: bool = typer.Option(
+        True, help="With a pooling head (the whole trunk streamed), pool tile by tile: no "
+        "feature map is kept and the backward re-runs only the tiles the gradient reaches, so "
+        "memory does not grow with the slide. --no-whole-slide keeps the feature map (can be "
+        "faster on small images whose maxima reach most tiles).", rich_help_panel="Streaming"),
+    device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel="Streaming"),
+    balance: str = typer.Option(
+        "none", help="Class imbalance: none (the cohort as it is; probabilities keep its "
+        "prevalence), sampler (each epoch draws classes equally often) or loss (cross-entropy "
+        "weighted by inverse class frequency).", rich_help_panel="Cohort"),
+    patience: int = typer.Option(
+        None, help="Stop after this many epochs without a better best.pt (its validation "
+        "metric).", show_default="off", rich_help_panel="Cohort"),
+    min_epochs: int = typer.Option(
+        0, help="Never stop early before this many epochs.", rich_help_panel="Cohort"),
+    out: Path = typer.Option(
+        Path("runs/sstream"), help="Output directory.", rich_help_panel="Output"),
+    config: Path = typer.Option(
+        None, help="TOML or YAML file with any of these options; the command line wins.",
+        rich_help_panel="Output"),
+    resume: Path = typer.Option(
+        None, help="Continue the run in this output directory.", rich_help_panel="Output"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh in an output directory that holds a run.",
+        rich_help_panel="Output"),
+    log: str = typer.Option(
+        "tensorboard", help="tensorboard: every epoch's metrics, losses, learning rate, speed "
+        "and memory in OUT/tensorboard (when tensorboard is installed: pip install "
+        "sstream[tensorboard]); none: only metrics.csv.", rich_help_panel="Output"),
+    quiet: bool = typer.Option(False, help="No progress output.", rich_help_panel="Output"),
+    json_events: bool = typer.Option(
+        False, "--json", help="Machine-readable events, one JSON object per line.",
+        rich_help_panel="Output"),
+    dist_timeout: float = typer.Option(
+        600.0, help="Under torchrun: seconds a rank waits for the others before the job stops.",
+        rich_help_panel="Distributed"),
 ) -> None:
     """Train a CNN end-to-end on whole images with image-level labels (streaming).
 
@@ -828,18 +860,18 @@ def verify_command(
     import json
 
     from sstream.cli_render import verification_table
-    from sstream.reading import ReadSpec
-    from sstream.verify import verify
+    from sstream.verify import VerifyConfig, verify
 
     with user_errors():
         parsed = _parse_size(_renamed(image_size, size), "--image-size")
         assert parsed is not None
         _check_read(level, mpp, assume_mpp)
         with err_console.status("one training step conventionally, then streamed"):
-            result = verify(model, parsed, tile_size, stream_layers, dtype,
-                            str(weights) if weights else None, str(image) if image else None,
-                            device, seed, read=ReadSpec(level, mpp, assume_mpp),
-                            pooling=pooling)
+            result = verify(VerifyConfig(
+                model=model, image_size=parsed, tile_size=tile_size, stream_layers=stream_layers,
+                dtype=dtype, weights=str(weights) if weights else None,
+                image=str(image) if image else None, device=device, seed=seed, level=level,
+                mpp=mpp, assume_mpp=assume_mpp, pooling=pooling))
         if json_output:
             print(json.dumps(result.to_dict(), default=str, indent=2))
         else:
@@ -1037,23 +1069,24 @@ def estimate_memory(
     """
     import json
 
+    from sstream.estimate import EstimateConfig, memory_table, parse_tile_size, write_memory_plot
     from sstream.estimate import estimate_memory as run_estimate
-    from sstream.estimate import memory_table, parse_tile_size, write_memory_plot
     from sstream.runtime import parse_bytes
 
     with user_errors():
-        size, budget = _renamed(image_size, size), _renamed(memory_budget, budget)
-        dtype = _renamed(AMP_DTYPE_NAMES.get(amp_dtype or "", amp_dtype or "float32"), dtype)
-        if not size:
+        config = EstimateConfig(
+            image_size=_renamed(image_size, size), model=model, stream_layers=stream_layers,
+            tile_size=tile_size, amp_dtype=_renamed(amp_dtype, dtype), optimizer=optimizer,
+            memory_budget=_renamed(memory_budget, budget), engine=engine, pooling=pooling)
+        if not config.image_size:
             raise UsageError("--image-size is required")
         try:
-            if budget is not None:
-                parse_bytes(budget)
+            if config.memory_budget is not None:
+                parse_bytes(config.memory_budget)
             tiles = [parse_tile_size(t) for t in tile_size]
             with err_console.status("tracing the training step on the meta device (the halo "
                                     "engine runs its tiles: seconds to a minute)"):
-                result = run_estimate(model, size, stream_layers, tiles, dtype, optimizer,
-                                      budget, engine=engine, pooling=pooling)
+                result = run_estimate(config)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         estimates = result.pop("estimates")
@@ -1065,8 +1098,8 @@ def estimate_memory(
                          else tiles[0] if tiles else min(1024, side))
             with err_console.status(f"estimating image sides up to {max(65536, side)} for "
                                     "the plot"):
-                plot_path = write_memory_plot(plot, model, stream_layers, plot_tile, dtype,
-                                              optimizer, result["budget_bytes"],
+                plot_path = write_memory_plot(plot, model, stream_layers, plot_tile,
+                                              config.dtype, optimizer, result["budget_bytes"],
                                               max_size=max(65536, side), engine=engine)
         if json_output:
             print(json.dumps(result, indent=2))

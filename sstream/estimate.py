@@ -13,19 +13,54 @@ reports); a bare number is bytes ("12e9"). Output tables use GiB/MiB.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sstream.engine.memory import MemoryEstimate, MemoryRow, estimate_training_memory
 from sstream.models import MODEL_NAMES, ModelConfig, build_model
+from sstream.options import Options, option
 from sstream.runtime import parse_bytes
 
-__all__ = ["DEFAULT_TILE_SIZES", "estimate_memory", "format_bytes", "parse_size",
+__all__ = ["DEFAULT_TILE_SIZES", "EstimateConfig", "estimate_memory", "format_bytes", "parse_size",
            "parse_tile_size", "write_memory_plot"]
 
 DEFAULT_TILE_SIZES = (512, 1024, 2048, 4096)
 WIDE_TABLE = 110  # columns from which estimate-memory's table shows every component
+AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # train's --amp-dtype spellings
+
+
+@dataclass
+class EstimateConfig(Options):
+    """Options of `sstream estimate-memory`: their defaults and help. Sizes, tiles and the
+    budget are the strings a user types (the job parses them)."""
+
+    image_size: list[str] = option(
+        help="Image size: 8192 (square) or 8192x6144 (width x height); repeat for several.",
+        factory=list, shown="required")
+    model: str = option("resnet34", "Model name (see sstream.models).")
+    stream_layers: str | None = option(
+        None, "Stream up to and including this stage (resnet: layer1..layer4; "
+        "convnext_tiny/tiny: stage1..stage4; vgg16: block1..block5).", shown="the whole trunk")
+    tile_size: list[str | int] = option(
+        help="Streaming tile side in pixels; repeat for several.", factory=list,
+        shown="512 1024 2048 4096 (those not larger than the image)")
+    amp_dtype: str | None = option(  # also float32, float16 or bfloat16 (the former --dtype)
+        None, "Mixed precision in bf16 or fp16 (as train --amp --amp-dtype): float32 "
+        "parameters, gradients and optimizer state.", shown="float32 throughout")
+    optimizer: str = option("adamw", "adamw or sgd (momentum).")
+    memory_budget: str | None = option(
+        None, "Memory budget, e.g. 12GiB (2**30 bytes each), 12GB (10**9), 500MiB, 12e9: "
+        "prints the largest tile that fits.")
+    engine: str = option("auto", "Streaming engine to model: auto (halo where the stream "
+                         "allows it, as training picks), halo or crop.")
+    pooling: str = option("max", "The head's pooling, as for train: max, avg or attention.")
+    num_classes: int = 2  # not an option: the head's outputs hardly weigh on memory
+
+    @property
+    def dtype(self) -> str:
+        """The activations' dtype: float32, or bfloat16 or float16 under mixed precision."""
+        return AMP_DTYPES.get(self.amp_dtype or "", self.amp_dtype or "float32")
 def parse_size(text: str) -> tuple[int, int]:
     """'8192' (square) or '8192x6144' (width x height) -> (height, width); ValueError else."""
     match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX]\s*([0-9]+))?\s*", text)
@@ -126,25 +161,12 @@ def _advice(estimate: MemoryEstimate, budget: int, stream_layers: str | None,
             "message": message}
 
 
-def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192",),
-                    stream_layers: str | None = None,
-                    tile_sizes: Sequence[str | int] = (), dtype: str = "float32",
-                    optimizer: str = "adamw", budget: str | None = None,
-                    num_classes: int = 2, engine: str = "auto", pooling: str = "max",
-                    ) -> dict[str, Any]:
+def estimate_memory(config: EstimateConfig) -> dict[str, Any]:
     """Predicted peak training memory per image size, conventional and per tile size.
 
-    Args:
-        model_name: one of MODEL_NAMES.
-        sizes: image sizes as typed: "8192" or "8192x6144" (width x height).
-        stream_layers: split point (see sstream.models); None streams the whole trunk.
-        tile_sizes: tile sides in pixels; empty means DEFAULT_TILE_SIZES that fit the image.
-        dtype: "float32", "float16" or "bfloat16" (mixed precision).
-        optimizer: "adamw" or "sgd".
-        budget: memory budget as typed ("12GiB", "12GB", "12e9"), or None.
-        engine: StreamingCNN's engine to model: "auto" (halo where the stream allows it),
-            "halo" or "crop".
-        pooling: the head's pooling, as for `sstream train` ("max", "avg", "attention").
+    `config.image_size` holds sizes as typed ("8192" or "8192x6144", width x height), its
+    `tile_size` tile sides (empty: the DEFAULT_TILE_SIZES that fit the image) and its
+    `memory_budget` a budget as typed ("12GiB", "12GB", "12e9") or None; see `EstimateConfig`.
 
     Returns:
         {"model", "stream_layers", "dtype", "optimizer", "budget_bytes",
@@ -159,27 +181,30 @@ def estimate_memory(model_name: str = "resnet34", sizes: Sequence[str] = ("8192"
         ValueError: unknown model / split / dtype / optimizer, a size or budget that does not
             parse, a tile larger than an image (one line each).
     """
+    model_name, sizes, stream_layers = config.model, config.image_size, config.stream_layers
+    budget, engine, dtype = config.memory_budget, config.engine, config.dtype
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model {model_name!r}; valid models: {', '.join(MODEL_NAMES)}")
     if not sizes:
-        raise ValueError("give at least one image size (--size 8192 or --size 8192x6144)")
+        raise ValueError("give at least one image size (--image-size 8192 or 8192x6144)")
     parsed_sizes = [parse_size(s) for s in sizes]
-    tiles = sorted({parse_tile_size(t) for t in tile_sizes})
+    tiles = sorted({parse_tile_size(t) for t in config.tile_size})
     budget_bytes = parse_bytes(budget) if budget is not None else None
     for height, width in parsed_sizes:
         for tile in tiles:
             if tile > min(height, width):
                 raise ValueError(f"tile size {tile} is larger than the image {width}x{height}")
-    model = build_model(ModelConfig(model_name, num_classes=num_classes,
-                                    stream_layers=stream_layers, pooling=pooling))
+    model = build_model(ModelConfig(model_name, num_classes=config.num_classes,
+                                    stream_layers=stream_layers, pooling=config.pooling))
     result: dict[str, Any] = {"model": model_name, "stream_layers": stream_layers,
-                              "engine": engine, "dtype": dtype, "optimizer": optimizer,
+                              "engine": engine, "dtype": dtype, "optimizer": config.optimizer,
                               "budget_bytes": budget_bytes, "rows": [], "advice": [],
                               "estimates": []}
     for height, width in parsed_sizes:
         chosen = tiles or [t for t in DEFAULT_TILE_SIZES if t <= min(height, width)]
         estimate = estimate_training_memory(model.stream, model.head, (height, width), chosen,
-                                            dtype=dtype, optimizer=optimizer, engine=engine)
+                                            dtype=dtype, optimizer=config.optimizer,
+                                            engine=engine)
         result["estimates"].append(estimate)
         result["rows"].extend(_row_dict(estimate, row) for row in estimate.rows)
         if budget_bytes is not None:

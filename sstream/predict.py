@@ -24,6 +24,7 @@ from sstream.distributed import DataParallel
 from sstream.engine import StreamingCNN
 from sstream.io import atomic_output
 from sstream.models import head_global_pool, load_checkpoint, model_outputs
+from sstream.options import AS_TRAINED, ASSUME_MPP_HELP, DEVICE_HELP, Options, option
 from sstream.reading import ReadSpec
 from sstream.runtime import amp_dtype
 from sstream.stain import slide_normaliser
@@ -34,24 +35,30 @@ DEFAULT_TILE = 512  # predict's tile side for checkpoints that do not record tra
 
 
 @dataclass
-class PredictConfig:
-    """Options of `sstream predict`. The read options (level or mpp, image_size, tissue)
-    and the tile size default to the checkpoint's record of training (None)."""
+class PredictConfig(Options):
+    """Options of `sstream predict`: their defaults and help. The read options (level or
+    mpp, image_size, tissue) and the tile size default to the checkpoint's record of training
+    (None)."""
 
-    checkpoint: str
-    images: list[str] = field(default_factory=list)
-    csv: str | None = None
-    out: str | None = None
-    level: int | None = None
-    mpp: float | None = None
-    assume_mpp: float | None = None  # level 0's µm per pixel for slides that state none
-    image_size: tuple[int, int] | None = None
+    checkpoint: str = option(help="Checkpoint written by sstream train.")
+    images: list[str] = option(help="Slides or images to predict.", factory=list)
+    csv: str | None = option(None, "CSV with an image column (and optional labels) instead "
+                             "of IMAGES.")
+    out: str | None = option(None, "Write predictions to this CSV (columns image, "
+                             "prob_<class>..., pred[, label]).")
+    level: int | None = option(None, "Pyramid level to read.", shown=AS_TRAINED)
+    mpp: float | None = option(None, "Read at exactly this many µm per pixel.", shown=AS_TRAINED)
+    assume_mpp: float | None = option(None, ASSUME_MPP_HELP)
+    image_size: tuple[int, int] | None = option(  # (height, width)
+        None, "Centre crop or pad to N or WxH; whole: the whole image.", shown=AS_TRAINED)
     whole_image: bool = False       # read whole images, whatever crop training used
-    tile_size: int | None = None    # None: training's, else DEFAULT_TILE
-    device: str = "auto"
-    amp: bool = False
-    overwrite: bool = False
-    tissue: str | None = None   # auto, none or a mask file; None: as the model was trained
+    tile_size: int | None = option(None, "Tile side in input pixels.",  # None: DEFAULT_TILE
+                                   shown="training's, else 512")
+    device: str = option("auto", DEVICE_HELP)
+    amp: bool = option(False, "Mixed precision inference.")
+    overwrite: bool = option(False, "Replace an existing output file.")
+    tissue: str | None = option(None, "auto, none, or a mask image (one slide); a CSV's mask "
+                                "column gives slides their own masks.", shown=AS_TRAINED)
 
 
 @dataclass

@@ -28,23 +28,28 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from sstream.data import Sample, read_label_csv
 from sstream.io import atomic_output
+from sstream.options import Options, option
 from sstream.task import TASKS, Classification, Regression, Task
 
 PATH_COLUMNS = ("image", "mask")
 
 
 @dataclass
-class SplitConfig:
-    """Options of `sstream split`."""
+class SplitConfig(Options):
+    """Options of `sstream split`: their defaults and help."""
 
-    csv: str
-    out: str
-    folds: int = 5
-    test_fraction: float = 0.0
-    seed: int = 0
-    task: str = "classification"
-    bins: int = 4          # regression: quantile bins of the first target, the strata
-    overwrite: bool = False
+    csv: str = option(help="Labelled CSV of the whole cohort (image, label, optional patient "
+                      "column).")
+    out: str = option(help="Folder for test.csv, fold_<k>/train.csv and fold_<k>/val.csv, and "
+                      "splits.csv (the counts).")
+    folds: int = option(5, "Cross-validation folds.")
+    test_fraction: float = option(0.0, "Share of patients held out in test.csv, from every "
+                                  "fold (0: none).")
+    seed: int = option(0, "Seed of the shuffle: the same seed gives the same splits.")
+    task: str = option("classification", "classification (stratified on the class) or "
+                       "regression (on quantile bins of the target).")
+    bins: int = option(4, "Regression: quantile bins to stratify on.")  # of the first target
+    overwrite: bool = option(False, "Replace existing splits.")
 
     def validate(self) -> None:
         """ValueError for options that cannot work."""

@@ -62,6 +62,7 @@ from sstream.models import (
     streamed_logits,
     training_path,
 )
+from sstream.options import ASSUME_MPP_HELP, DEVICE_HELP, Options, option
 from sstream.plots import Panel, Series, line_plot
 from sstream.reading import ReadSpec
 from sstream.runtime import amp_dtype, autocast, parse_bytes, peak_memory_mb, reset_peak_memory
@@ -92,53 +93,93 @@ class ResumeMismatch(SstreamError, ValueError):
 
 
 @dataclass
-class TrainConfig:
-    """Every option of `sstream train` (the CLI and config files fill this)."""
+class TrainConfig(Options):
+    """Every option of `sstream train`: its default and its help (the CLI and config files
+    fill this)."""
 
-    train_csv: str = ""
-    val_csv: str | None = None
-    out: str = "runs/sstream"
-    model: str = "tiny"
-    task: str = "classification"        # or "regression" (see sstream.task)
-    num_classes: int | None = None      # None: 1 + the largest label in the training CSV
-    loss: str = "mse"                   # regression: mse, l1 or huber
-    standardise: bool = True            # regression: the loss sees standardised targets
-    stream_layers: str | None = None
-    pooling: str = "max"                # max, avg or attention (gated, CLAM-SB)
-    attention_hidden: int = 128         # the gated attention's hidden size
-    dropout: float = 0.0
-    weights: str | None = None
-    pretrained: bool = False
-    train_bn_affine: bool = True
-    level: int | None = None
-    mpp: float | None = None                    # exactly this many µm per pixel (resampled)
-    assume_mpp: float | None = None             # level 0's µm per pixel where a slide says none
-    image_size: tuple[int, int] | None = None   # (height, width) crop/pad; None: whole level
-    augment: bool | str = "standard"    # standard (True), stain (also HED jitter), none (False)
-    stain_normalize: str | None = None  # macenko or reinhard, fitted on each slide (sstream.stain)
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    epochs: int = 10
-    schedule: str = "cosine"
-    step_size: int = 10
-    step_gamma: float = 0.1
-    accumulate: int = 1
-    amp: bool = False
-    amp_dtype: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    tile_size: int = 512
-    memory_budget: str | None = None    # e.g. "8GiB": the tile is chosen by the estimator
-    engine: str = "auto"                # StreamingCNN's engine: auto, halo or crop
-    whole_slide: bool = True            # pooling heads pool tile by tile (no feature map)
-    tissue: str | None = None           # auto, none; None: auto on the whole-slide path
-    dist_timeout: float = DEFAULT_TIMEOUT_S   # seconds a rank waits for the others
-    balance: str = "none"               # classes: none, sampler or loss (see BALANCES)
-    patience: int | None = None         # stop after this many epochs without a better best.pt
-    min_epochs: int = 0                 # ... but never before this many epochs
-    log: str = "tensorboard"            # tensorboard (when installed) or none
+    train_csv: str = option("", "CSV with header image,label (paths relative to the CSV; "
+                            "regression: label or label_<name> columns).")
+    val_csv: str | None = option(None, "Validation CSV (same format).")
+    out: str = option("runs/sstream", "Output directory.")
+    model: str = option("tiny", "tiny, resnet18, resnet34, resnet50, convnext_tiny or vgg16.")
+    task: str = option("classification", "classification (integer labels) or regression "
+                       "(numbers; one target per label_<name> column).")
+    num_classes: int | None = option(None, "Classes (default: 1 + largest label).")
+    loss: str = option("mse", "Regression loss: mse, l1 or huber.")
+    standardise: bool = option(True, "Regression: the loss sees targets scaled by the "
+                               "training labels' mean and standard deviation (predictions "
+                               "stay in the label's units).")
+    stream_layers: str | None = option(None, "Stream up to this stage (e.g. layer3); the rest "
+                                       "runs normally. Default: the whole trunk.")
+    pooling: str = option("max", "Pooling of the head: max, avg, or attention (CLAM-SB's "
+                          "gated attention, trained end to end, memory flat in the slide's "
+                          "area).")
+    attention_hidden: int = option(128, "Hidden size of the gated attention (--pooling "
+                                   "attention).")
+    dropout: float = option(0.0, "Dropout before the final linear layer.")
+    weights: str | None = option(None, "torchvision-format state dict for the backbone (e.g. "
+                                 "ImageNet weights downloaded beforehand).")
+    pretrained: bool = option(False, "torchvision's ImageNet weights (needs network; fails "
+                              "clearly offline).")
+    train_bn_affine: bool = option(True, "Train BatchNorm weight/bias (statistics stay frozen "
+                                   "either way).")
+    level: int | None = option(None, "Pyramid level to read (0 = full resolution).")
+    mpp: float | None = option(None, "Read every slide at exactly this many µm per pixel: the "
+                               "finest level not coarser, resized (antialiased).")
+    assume_mpp: float | None = option(None, ASSUME_MPP_HELP)
+    image_size: tuple[int, int] | None = option(  # (height, width); None: the whole level
+        None, "Crop or pad every image to this size (N or WxH; random crop in training, "
+        "centre in validation).")
+    augment: bool | str = option(  # True and False: the spelling before --augment stain
+        "standard", "standard: flips, 90-degree rotations, light colour jitter; stain: also "
+        "HED stain jitter (Tellez et al., drawn once per image); none. Seeded.")
+    stain_normalize: str | None = option(
+        None, "macenko or reinhard: normalise each slide's stain colours to a reference H&E, "
+        "fitted on its thumbnail; predict and saliency do the same.", shown="none")
+    optimizer: str = option("adamw", "adamw or sgd.")
+    lr: float = option(1e-3, "Learning rate.")
+    weight_decay: float = option(1e-4, "Weight decay.")
+    momentum: float = option(0.9, "SGD momentum.")
+    epochs: int = option(10, "Epochs.")
+    schedule: str = option("cosine", "Learning-rate schedule: cosine, step or constant "
+                           "(stepped per epoch).")
+    step_size: int = option(10, "Epochs between decays (step schedule).")
+    step_gamma: float = option(0.1, "Decay factor (step schedule).")
+    accumulate: int = option(1, "Images per optimizer step and rank (serial mini-batch; the "
+                             "step averages ranks x accumulate images).")
+    amp: bool = option(False, "Mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU).")
+    amp_dtype: str | None = option(None, "Force the AMP dtype: bf16 or fp16.")
+    device: str = option("auto", DEVICE_HELP)
+    seed: int = option(0, "Seed for order, crops, augmentation and init.")
+    tile_size: int = option(512, "Tile side in input pixels (memory follows it).")
+    memory_budget: str | None = option(
+        None, "Choose the largest tile whose predicted peak fits, e.g. 8GiB (instead of "
+        "--tile-size); with --engine auto, the crop engine where no halo tile fits.")
+    engine: str = option("auto", "Streaming engine: auto (halos carried between tiles where "
+                         "the stream allows it: fastest), halo or crop (keeps no halo strips: "
+                         "less memory for small tiles on huge images).")
+    whole_slide: bool = option(
+        True, "With a pooling head (the whole trunk streamed), pool tile by tile: no feature "
+        "map is kept and the backward re-runs only the tiles the gradient reaches, so memory "
+        "does not grow with the slide. --no-whole-slide keeps the feature map (can be faster "
+        "on small images whose maxima reach most tiles).")
+    tissue: str | None = option(
+        None, "auto: pool over tissue only, found on each slide's thumbnail (glass is neither "
+        "read nor computed); none: every position. A CSV's mask column gives slides their "
+        "own mask images. Check masks first with `sstream tissue`.",
+        shown="auto with a pooling head, else none")
+    dist_timeout: float = option(DEFAULT_TIMEOUT_S, "Under torchrun: seconds a rank waits for "
+                                 "the others before the job stops.")
+    balance: str = option("none", "Class imbalance: none (the cohort as it is; probabilities "
+                          "keep its prevalence), sampler (each epoch draws classes equally "
+                          "often) or loss (cross-entropy weighted by inverse class "
+                          "frequency).")
+    patience: int | None = option(None, "Stop after this many epochs without a better best.pt "
+                                  "(its validation metric).", shown="off")
+    min_epochs: int = option(0, "Never stop early before this many epochs.")
+    log: str = option("tensorboard", "tensorboard: every epoch's metrics, losses, learning "
+                      "rate, speed and memory in OUT/tensorboard (when tensorboard is "
+                      "installed: pip install sstream[tensorboard]); none: only metrics.csv.")
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, bool):  # the spelling of configs before --augment stain
@@ -185,20 +226,6 @@ class TrainConfig:
     def read_spec(self, tissue: str | None = None) -> ReadSpec:
         """How this run reads its images (ReadSpecError for options that cannot work)."""
         return ReadSpec(self.level, self.mpp, self.assume_mpp, self.image_size, tissue)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        values = dict(values)
-        if values.get("image_size") is not None:
-            values["image_size"] = tuple(values["image_size"])
-        return cls(**values)
 
 
 # ---- events (the CLI renders them; the library stays silent) ---------------------------------

@@ -35,13 +35,50 @@ from sstream.models import (
     streamed_logits,
     training_path,
 )
+from sstream.options import ASSUME_MPP_HELP, DEVICE_HELP, Options, option
 from sstream.reading import ReadSpec
 from sstream.runtime import resolve_device
 
-__all__ = ["TOLERANCES", "Verification", "verify"]
+__all__ = ["TOLERANCES", "Verification", "VerifyConfig", "verify"]
 
 TOLERANCES = {"float64": 1e-9, "float32": 1e-4}  # max relative error accepted
 MEMORY_SHARE = 0.8  # of the memory available, what the conventional step may take
+
+
+
+@dataclass
+class VerifyConfig(Options):
+    """Options of `sstream verify`: their defaults and help."""
+
+    model: str = option("resnet18", "Model name (see train --model).")
+    image_size: tuple[int, int] = option(  # (height, width); an image's centre at this size
+        (1024, 1024), "Input size: N (square) or WxH.")
+    tile_size: int = option(512, "Streaming tile side in pixels.")
+    stream_layers: str | None = option(None, "Stream up to this stage (as for train).",
+                                       shown="the whole trunk")
+    dtype: str = option("float64", "float64 (exactness, tolerance 1e-9) or float32 "
+                        "(tolerance 1e-4).")
+    weights: str | None = option(None, "torchvision-format backbone weights, as for train.")
+    image: str | None = option(None, "A slide or image (its centre at --image-size) instead "
+                               "of random pixels.")
+    device: str = option("auto", DEVICE_HELP)
+    seed: int = option(0, "Seed of the random pixels.")
+    level: int | None = option(None, "--image: the pyramid level to read.", shown="0")
+    mpp: float | None = option(None, "--image: read at exactly this many µm per pixel.")
+    assume_mpp: float | None = option(None, ASSUME_MPP_HELP)
+    pooling: str = option("max", "The head's pooling, as for train: max, avg or attention.")
+
+    def validate(self) -> None:
+        """ValueError for options that cannot work."""
+        if self.dtype not in TOLERANCES:
+            raise ValueError(f"--dtype must be one of {', '.join(TOLERANCES)}, got "
+                             f"{self.dtype!r}")
+        if min(self.image_size) <= 0 or self.tile_size <= 0:
+            raise ValueError("--image-size and --tile-size must be positive")
+
+    def read_spec(self) -> ReadSpec:
+        """How `image` is read (level or mpp; the tissue is not used)."""
+        return ReadSpec(self.level, self.mpp, self.assume_mpp)
 
 
 @dataclass
@@ -78,55 +115,44 @@ class Verification:
         return {**{k: v for k, v in vars(self).items()}, "passed": self.passed}
 
 
-def verify(model: str = "resnet18", size: tuple[int, int] = (1024, 1024),
-           tile_size: int = 512, stream_layers: str | None = None, dtype: str = "float64",
-           weights: str | None = None, image: str | None = None, device: str = "auto",
-           seed: int = 0, memory: int | None = None, read: ReadSpec | None = None,
-           pooling: str = "max") -> Verification:
+def verify(config: VerifyConfig, memory: int | None = None) -> Verification:
     """Compare one conventional and one streamed training step (module docstring).
 
     Args:
-        model, stream_layers, weights: as for `sstream train`.
-        size: (height, width) of the input; with `image`, that slide's level 0 is cropped
-            (centred) or padded to it.
-        tile_size: the streaming tile side in pixels.
-        dtype: "float64" (exactness: tolerance 1e-9) or "float32" (1e-4).
-        image: a slide or image to use instead of uniform noise.
-        read: how `image` is read (level or mpp, tissue is not used); its image size is
-            `size` (or the crop that fits). Default: level 0.
+        config: the model (as for `sstream train`), the input (random pixels, or `image`
+            read as `read_spec` says, its centre cropped or padded to `image_size`), the tile
+            and the dtype: "float64" (exactness: tolerance 1e-9) or "float32" (1e-4).
         memory: bytes the conventional step may use (default: MEMORY_SHARE of what the device
             has available).
-        pooling: the head's pooling, as for `sstream train` ("max", "avg", "attention").
 
     Raises:
         ValueError: an unknown model, split point or dtype, a bad size, an unreadable image.
     """
-    if dtype not in TOLERANCES:
-        raise ValueError(f"--dtype must be one of {', '.join(TOLERANCES)}, got {dtype!r}")
-    if min(size) <= 0 or tile_size <= 0:
-        raise ValueError("--size and --tile-size must be positive")
-    torch_dtype = getattr(torch, dtype)
-    target = resolve_device(device)
-    classifier = _build(model, stream_layers, weights, torch_dtype, target, pooling)
+    config.validate()
+    torch_dtype = getattr(torch, config.dtype)
+    target = resolve_device(config.device)
+    classifier = _build(config.model, config.stream_layers, config.weights, torch_dtype,
+                        target, config.pooling)
     available = memory if memory is not None else int(MEMORY_SHARE * _available(target))
-    verified, because = _fitting_size(classifier, size, tile_size, available)
-    pixels = _input(image, verified, seed, torch_dtype, read or ReadSpec()).to(target)
-    scnn = StreamingCNN(classifier.stream, tile_size)
+    verified, because = _fitting_size(classifier, config.image_size, config.tile_size,
+                                      available)
+    pixels = _input(config.image, verified, config.seed, torch_dtype,
+                    config.read_spec()).to(target)
+    scnn = StreamingCNN(classifier.stream, config.tile_size)
     label = torch.tensor([1], device=target)
     plain = _step(classifier, lambda x: classifier(x), pixels, label, target)
     streamed = _step(classifier, lambda x: streamed_logits(classifier, scnn, x), pixels, label,
                      target)
     return Verification(
-        model=model, stream_layers=stream_layers, size=size, verified_size=verified,
-        tile_size=scnn.tile_size, dtype=dtype, device=str(target),
-        path=training_path(classifier), tolerance=TOLERANCES[dtype],
+        model=config.model, stream_layers=config.stream_layers, size=config.image_size,
+        verified_size=verified, tile_size=scnn.tile_size, dtype=config.dtype,
+        device=str(target), path=training_path(classifier), tolerance=TOLERANCES[config.dtype],
         output_error=_relative(streamed.logits, plain.logits),
         input_grad_error=_relative(streamed.input_grad, plain.input_grad),
         param_errors={name: _relative(streamed.grads[name], grad)
                       for name, grad in plain.grads.items()},
         seconds=(plain.seconds, streamed.seconds), peak_bytes=(plain.peak, streamed.peak),
         cropped_because=because)
-
 
 def _build(name: str, stream_layers: str | None, weights: str | None, dtype: torch.dtype,
            device: torch.device, pooling: str = "max") -> Classifier:

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sstream.cli import app
-from sstream.estimate import estimate_memory, parse_size
+from sstream.estimate import EstimateConfig, estimate_memory, parse_size
 from sstream.runtime import parse_bytes
 
 runner = CliRunner()
@@ -28,7 +28,8 @@ def test_parse_size_is_width_by_height():
 
 
 def test_library_rows_have_mode_tile_and_peak():
-    result = estimate_memory("tiny", ["512x384"], tile_sizes=[128, 256], budget="1GiB")
+    result = estimate_memory(EstimateConfig(["512x384"], "tiny", tile_size=[128, 256],
+                                            memory_budget="1GiB"))
     modes = [(r["mode"], r["tile_size"]) for r in result["rows"]]
     assert modes == [("conventional", None), ("streaming", 128), ("streaming", 256)]
     assert all(r["peak_bytes"] > 0 and r["image_width"] == 512 for r in result["rows"])
@@ -49,8 +50,8 @@ def test_json_output():
 def test_rows_say_which_path_they_model():
     """A split point that leaves conv stages in the head keeps the feature map; the whole
     trunk streamed (the default) takes the whole-slide path, whose peak does not hold it."""
-    split = estimate_memory("tiny", ["1024"], stream_layers="stage3", tile_sizes=[256])
-    whole = estimate_memory("tiny", ["1024"], tile_sizes=[256])
+    split = estimate_memory(EstimateConfig(["1024"], "tiny", "stage3", tile_size=[256]))
+    whole = estimate_memory(EstimateConfig(["1024"], "tiny", tile_size=[256]))
     assert split["rows"][1]["path"] == "feature map" and split["rows"][1]["feature_map_bytes"]
     assert whole["rows"][1]["path"] == "whole-slide"
     assert whole["rows"][1]["feature_map_bytes"] == 0

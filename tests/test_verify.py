@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 
 import sstream.verify
 from sstream.cli import app
-from sstream.verify import verify
+from sstream.verify import VerifyConfig, verify
 
 runner = CliRunner()
 
 
 def test_streaming_agrees_with_plain_backprop_to_float64_precision():
-    result = verify("tiny", (96, 80), 32, dtype="float64")
+    result = verify(VerifyConfig("tiny", (96, 80), 32, dtype="float64"))
     assert result.passed and result.path == "whole-slide" and result.verified_size == (96, 80)
     assert result.output_error < 1e-12 and result.input_grad_error < 1e-12
     assert len(result.param_errors) == 14 and max(result.param_errors.values()) < 1e-12
@@ -54,7 +54,7 @@ def test_a_difference_beyond_the_tolerance_fails(monkeypatch):
 
 
 def test_too_large_for_conventional_training_verifies_a_crop_and_says_so():
-    result = verify("tiny", (512, 384), 64, memory=2**20)
+    result = verify(VerifyConfig("tiny", (512, 384), 64), memory=2**20)
     assert result.passed and result.verified_size < (512, 384)
     assert "verified on a centred" in result.cropped_because
 
@@ -62,7 +62,7 @@ def test_too_large_for_conventional_training_verifies_a_crop_and_says_so():
 def test_an_image_instead_of_noise(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
-    result = verify("tiny", (64, 64), 32, image=str(tmp_path / "a.png"))
+    result = verify(VerifyConfig("tiny", (64, 64), 32, image=str(tmp_path / "a.png")))
     assert result.passed
     done = runner.invoke(app, ["verify", "--model", "tiny", "--image",
                                str(tmp_path / "none.png")])

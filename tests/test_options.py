@@ -1,0 +1,152 @@
+"""One source per option: every job's configuration dataclass declares its options (default
+and help), and the command line says the same.
+
+The CLI declares its options itself (deriving them would import torch, through the jobs, on
+every `sstream` start), so these tests hold the two together: for every command, each
+option's default, help and shown default equal its field's, and each field has an option,
+except the ones listed below with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from sstream.cli import _parse_size, app
+from sstream.estimate import EstimateConfig
+from sstream.options import Options, option, option_default, option_field
+from sstream.predict import PredictConfig
+from sstream.split import SplitConfig
+from sstream.train import TrainConfig
+from sstream.verify import VerifyConfig
+
+
+@dataclass(frozen=True)
+class Job:
+    """A command, its configuration, and where the two deliberately differ."""
+
+    config: type
+    cli_only: frozenset[str] = frozenset()     # options that are no setting of the job
+    field_only: frozenset[str] = frozenset()   # settings the command line gives another way
+    renamed: dict[str, str] = field(default_factory=dict)   # CLI parameter -> field
+    parsed: dict[str, Callable] = field(default_factory=dict)  # CLI text -> field value
+
+
+JOBS = {
+    "train": Job(TrainConfig, cli_only=frozenset({
+        "config", "resume", "overwrite",   # how the run starts, not what it trains
+        "no_augment",                             # hidden former spelling of --augment none
+        "quiet", "json_events"})),                # what the terminal shows
+    "predict": Job(PredictConfig, cli_only=frozenset({"quiet", "json_output"}),
+                   field_only=frozenset({"whole_image"})),   # --image-size whole
+    "split": Job(SplitConfig),
+    "verify": Job(VerifyConfig, cli_only=frozenset({"size", "json_output"}),  # size: hidden
+                  parsed={"image_size": lambda text: _parse_size(text, "--image-size")}),
+    "estimate-memory": Job(EstimateConfig, cli_only=frozenset({
+        "size", "dtype", "budget",     # hidden former names of three options
+        "json_output", "plot"}),       # what is printed, and a picture of it
+        field_only=frozenset({"num_classes"})),   # the head's width: memory hardly moves
+}
+
+
+def click_command(name: str) -> click.Command:
+    return typer.main.get_command(app).commands[name]
+
+
+def cli_parameters(name: str) -> dict[str, click.Parameter]:
+    return {param.name: param for param in click_command(name).params}
+
+
+def plain(value: object) -> object:
+    """A default as the job sees it: paths as strings, and "not given" as one value."""
+    if isinstance(value, Path):
+        return str(value)
+    if value in ((), [], ""):
+        return None
+    return value
+
+
+@pytest.mark.parametrize("command", sorted(JOBS))
+def test_every_option_is_its_field(command):
+    job = JOBS[command]
+    drifts = []
+    for name, param in cli_parameters(command).items():
+        if name in job.cli_only:
+            continue
+        declared = option_field(job.config, job.renamed.get(name, name))
+        shown = declared.metadata.get("shown")
+        default = job.parsed.get(name, lambda value: value)(param.default)
+        cli = (plain(default), param.help, param.show_default
+               if isinstance(param.show_default, str) else None)
+        config = (plain(option_default(declared)), declared.metadata.get("help"), shown)
+        if cli != config:
+            drifts.append(f"--{name.replace('_', '-')}: CLI {cli} != config {config}")
+    assert not drifts, "\n".join(drifts)
+
+
+@pytest.mark.parametrize("command", sorted(JOBS))
+def test_every_field_has_an_option(command):
+    job = JOBS[command]
+    options = {job.renamed.get(name, name) for name in cli_parameters(command)}
+    for declared in fields(job.config):
+        if declared.name in job.field_only:
+            assert "help" not in declared.metadata, f"{declared.name}: not an option"
+            continue
+        assert declared.name in options, f"{command}: no option for {declared.name}"
+        assert declared.metadata.get("help"), f"{command}: {declared.name} has no help"
+
+
+def test_exceptions_are_real():
+    """A listed exception that no longer exists would hide a new drift."""
+    for command, job in JOBS.items():
+        names = set(cli_parameters(command))
+        assert job.cli_only <= names, command
+        assert job.field_only <= {f.name for f in fields(job.config)}, command
+        assert not (job.cli_only & {f.name for f in fields(job.config)}), command
+
+
+def test_the_dist_timeout_is_the_library_default():
+    from sstream.distributed import DEFAULT_TIMEOUT_S
+
+    assert cli_parameters("train")["dist_timeout"].default == DEFAULT_TIMEOUT_S
+
+
+def test_train_groups_its_options_in_panels():
+    panels = {getattr(param, "rich_help_panel", None) for param in click_command("train").params
+              if not getattr(param, "hidden", False)}
+    assert None not in panels and len(panels) >= 5, panels
+
+
+@pytest.mark.parametrize("config", [TrainConfig(train_csv="a.csv", image_size=(300, 200)),
+                                    PredictConfig("best.pt", ["a.tif"], image_size=(8, 9)),
+                                    SplitConfig("cohort.csv", "splits", folds=3),
+                                    VerifyConfig("tiny", (96, 80), 32, mpp=0.5),
+                                    EstimateConfig(["8192x6144"], tile_size=["512"])])
+def test_configs_round_trip_through_json(config):
+    again = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+
+
+def test_from_dict_refuses_unknown_keys():
+    with pytest.raises(ValueError, match="unknown config keys: colour, depth"):
+        SplitConfig.from_dict({"csv": "a", "out": "b", "depth": 3, "colour": 1})
+
+
+def test_option_declares_default_help_and_shown_default():
+    @dataclass
+    class Example(Options):
+        size: tuple[int, int] | None = option(None, "Size.", shown="the whole image")
+        names: list[str] = option(help="Names.", factory=list)
+
+    size, names = fields(Example)
+    assert (size.default, size.metadata) == (None, {"help": "Size.", "shown": "the whole image"})
+    assert names.default is MISSING and option_default(names) == []
+    assert Example.from_dict({"size": [3, 4]}).size == (3, 4)
+    with pytest.raises(KeyError, match="no option 'colour'"):
+        option_field(Example, "colour")
