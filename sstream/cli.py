@@ -13,13 +13,16 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 import typer.core
 from rich.console import Console
 
 from sstream.errors import SstreamError
+
+if TYPE_CHECKING:  # the jobs are imported when a command runs
+    from sstream.saliency import SaliencyConfig
 
 
 def _clean_metavar(param: object) -> None:
@@ -655,7 +658,12 @@ def saliency(
     )
     from rich.text import Text
 
-    from sstream.saliency import SaliencyOptionError, compute_saliency, default_output_paths
+    from sstream.saliency import (
+        SaliencyConfig,
+        SaliencyOptionError,
+        compute_saliency,
+        default_output_paths,
+    )
 
     class RateColumn(ProgressColumn):
         def render(self, task) -> Text:  # type: ignore[no-untyped-def]
@@ -668,9 +676,11 @@ def saliency(
         if class_index is not None and target is not None:
             raise UsageError("give --class (classification) or --target (regression), not both")
         _check_read(level, mpp, assume_mpp)
-        options = dict(index=class_index if target is None else target, level=level, mpp=mpp,
-                       method=method, uint8=uint8, percentile=percentile, tile_size=tile_size,
-                       device=device, overwrite=overwrite, tissue=tissue, assume_mpp=assume_mpp)
+        config = SaliencyConfig(
+            index=class_index if target is None else target, level=level, mpp=mpp,
+            assume_mpp=assume_mpp, method=method, uint8=uint8, percentile=percentile,
+            tile_size=tile_size, device=device, tissue=tissue,
+            contour_percentile=contour_percentile, overwrite=overwrite)
         if bool(slides) == (csv is not None):
             raise UsageError("give slides or --csv list.csv, not both" if slides else
                              "no slides given: pass slide paths or --csv list.csv")
@@ -679,7 +689,7 @@ def saliency(
                 raise UsageError("--overview, --geojson and --view name one slide's files; "
                                  "with several slides or --csv, --out names their folder")
             _saliency_of_slides(slides or [], csv, checkpoint, out, not no_overview,
-                                json_output, options)
+                                json_output, config)
             return
         slide = slides[0]
         out_path, overview_path = default_output_paths(slide, out)
@@ -703,7 +713,7 @@ def saliency(
         try:
             result = compute_saliency(
                 slide, checkpoint, out_path, overview=overview_path, progress=progress,
-                geojson=geojson, contour_percentile=contour_percentile, **options)
+                config=config, geojson=geojson)
         except SaliencyOptionError as exc:
             raise UsageError(str(exc)) from None
         finally:
@@ -732,7 +742,7 @@ def saliency(
 
 
 def _saliency_of_slides(slides: list[str], csv: str | None, checkpoint: str, out: str | None,
-                        overviews: bool, json_output: bool, options: dict) -> None:
+                        overviews: bool, json_output: bool, config: SaliencyConfig) -> None:
     """`sstream saliency` over several slides: a line per slide, rank 0's summary, and exit 1
     if any slide was skipped."""
     import os
@@ -745,8 +755,8 @@ def _saliency_of_slides(slides: list[str], csv: str | None, checkpoint: str, out
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 alone reports
     events = RichSaliencyEvents(err_console) if rank == 0 else SaliencyEvents()
     try:
-        result = saliency_for_slides(checkpoint, slides, csv, out, overviews, events=events,
-                                     **options)
+        result = saliency_for_slides(checkpoint, slides, csv, out, overviews, config,
+                                     events=events)
     except SaliencyOptionError as exc:
         raise UsageError(str(exc)) from None
     finally:
@@ -800,14 +810,15 @@ def heatmap(
 ) -> None:
     """Write where the model looked: an attention head's weights, or a max/avg head's class
     activation map, as a pyramidal TIFF that overlays the slide (sstream view, QuPath)."""
-    from sstream.heatmap import HeatmapError, compute_heatmap
+    from sstream.heatmap import HeatmapConfig, HeatmapError, compute_heatmap
 
     with user_errors():
         _check_read(level, mpp, assume_mpp)
         try:
-            result = compute_heatmap(slide, checkpoint, out, class_index, level, mpp,
-                                     tile_size, device, overwrite, tissue, assume_mpp,
-                                     geojson=geojson, contour_percentile=contour_percentile)
+            result = compute_heatmap(slide, checkpoint, out, HeatmapConfig(
+                index=class_index, level=level, mpp=mpp, assume_mpp=assume_mpp,
+                tile_size=tile_size, device=device, tissue=tissue,
+                contour_percentile=contour_percentile, overwrite=overwrite), geojson=geojson)
         except HeatmapError as exc:
             raise UsageError(str(exc)) from None
         if json_output:

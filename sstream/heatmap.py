@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,13 +38,15 @@ from sstream.errors import SstreamError
 from sstream.io import TiffMapWriter
 from sstream.io.geojson import DEFAULT_PERCENTILE, map_features, threshold_at, write_geojson
 from sstream.models import Classifier, head_global_pool, load_checkpoint, minimum_input_size
+from sstream.options import AS_TRAINED, ASSUME_MPP_HELP, DEVICE_HELP, Options, option
 from sstream.reading import ReadSpec
 from sstream.runtime import resolve_device
 from sstream.stain import slide_normaliser
 from sstream.task import task_for_model
 from sstream.tissue import Tissue, output_mask
 
-__all__ = ["HeatmapError", "HeatmapResult", "class_activation_map", "compute_heatmap"]
+__all__ = ["HeatmapConfig", "HeatmapError", "HeatmapResult", "class_activation_map",
+           "compute_heatmap"]
 
 MAP_TILE = 256  # TIFF tile edge of the written map
 
@@ -53,6 +56,28 @@ HeatmapProgress = Callable[[str, int, int], None]
 
 class HeatmapError(SstreamError, ValueError):
     """A model or option that has no heatmap (one line)."""
+
+
+@dataclass
+class HeatmapConfig(Options):
+    """How `sstream heatmap` maps a slide: the options' defaults and help. The slide, the
+    checkpoint and the files written are `compute_heatmap`'s arguments."""
+
+    index: int | str | None = option(
+        None, "Max/avg heads: the class (name or index; a regression's target index) whose "
+        "activation map is drawn.", shown="the predicted class")
+    level: int | None = option(None, "Slide pyramid level to read.", shown=AS_TRAINED)
+    mpp: float | None = option(None, "Read at exactly this many µm per pixel.",
+                               shown=AS_TRAINED)
+    assume_mpp: float | None = option(None, ASSUME_MPP_HELP)
+    tile_size: int = option(512, "Streaming tile side in pixels.")
+    device: str = option("auto", DEVICE_HELP)
+    tissue: str | None = option(None, "auto, none or a mask image: the map is zero off the "
+                                "tissue.", shown=AS_TRAINED)
+    contour_percentile: float = option(DEFAULT_PERCENTILE, "--geojson: outline the regions at "
+                                       "or above this percentile of the map's non-zero "
+                                       "values.")
+    overwrite: bool = option(False, "Replace existing outputs.")
 
 
 @dataclass
@@ -70,25 +95,24 @@ class HeatmapResult:
 
 
 def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike | Classifier,
-                    out: str | os.PathLike, index: int | str | None = None,
-                    level: int | None = None, mpp: float | None = None,
-                    tile_size: int = 512, device: str | torch.device = "auto",
-                    overwrite: bool = False, tissue: str | None = None,
-                    assume_mpp: float | None = None,
+                    out: str | os.PathLike, config: HeatmapConfig | None = None,
                     progress: HeatmapProgress | None = None,
-                    geojson: str | os.PathLike | None = None,
-                    contour_percentile: float = DEFAULT_PERCENTILE) -> HeatmapResult:
+                    geojson: str | os.PathLike | None = None, **options: Any) -> HeatmapResult:
     """Write the attention map or class activation map of a slide (module docstring).
 
     Args:
-        slide_path, level, mpp, assume_mpp, tissue, tile_size, device: as for `saliency`
-            (None: as the model was trained).
+        slide_path: as for `saliency`.
         checkpoint: an sstream checkpoint file, or a Classifier.
         out: the map's TIFF path (written atomically).
-        index: a max/avg head's output whose CAM is drawn (a class's name or index; None:
-            the predicted class, or a regression's first target). Not for attention heads.
-        geojson: also write the regions at or above the `contour_percentile` of the map's
-            non-zero values as QuPath annotations (`sstream.io.geojson`), in level-0 pixels.
+        config: how the slide is mapped (`HeatmapConfig`; default: its defaults), and
+            options: any of its fields by name, in place of the config's. level, mpp,
+            assume_mpp, tissue, tile_size, device: as for `saliency` (None: as the model
+            was trained). index: a max/avg head's output whose CAM is drawn (a class's name
+            or index; None: the predicted class, or a regression's first target). Not for
+            attention heads. device may also be a torch.device.
+        geojson: also write the regions at or above the config's `contour_percentile` of
+            the map's non-zero values as QuPath annotations (`sstream.io.geojson`), in
+            level-0 pixels.
 
     Raises:
         HeatmapError: a head without global pooling first (a split trunk) or with layers
@@ -96,6 +120,9 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
         FileExistsError, sstream.io.ImageReadError, ValueError: as `saliency`.
     """
     started = time.perf_counter()
+    config = replace(config or HeatmapConfig(), **options)
+    index, overwrite, contour_percentile = (config.index, config.overwrite,
+                                            config.contour_percentile)
     out = Path(out)
     for path in (out, geojson):
         if path is not None and Path(path).exists() and not overwrite:
@@ -103,14 +130,16 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
     if not 0 < contour_percentile < 100:
         raise HeatmapError(f"the contour percentile must be in (0, 100), got "
                            f"{contour_percentile}")
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    device = (config.device if isinstance(config.device, torch.device)
+              else resolve_device(config.device))
     model = (checkpoint.to(device) if isinstance(checkpoint, Classifier)
              else load_checkpoint(checkpoint, map_location=device)).eval()
     kind = _kind(model, index)
     task = task_for_model(model)
     with ExitStack() as stack:
         trained = replace(ReadSpec.for_model(model.config), image_size=None)
-        spec = trained.overridden(level, mpp, None, tissue, assume_mpp)
+        spec = trained.overridden(config.level, config.mpp, None, config.tissue,
+                                  config.assume_mpp)
         Tissue.parse(spec.tissue)
         read = stack.enter_context(spec.open(slide_path))
         source = read.source
@@ -120,7 +149,7 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
             raise ValueError(f"{read.slide.path}: the image read is {source.width} x "
                              f"{source.height} pixels, smaller than the {smallest} x "
                              f"{smallest} the model accepts")
-        scnn = StreamingCNN(model.stream, tile_size)
+        scnn = StreamingCNN(model.stream, config.tile_size)
         scnn.on_tile = progress
         mask = output_mask(source, scnn)
         with torch.no_grad():

@@ -84,6 +84,7 @@ from sstream.io import TiffMapWriter, atomic_output, read_downsampled
 from sstream.io.colormap import inferno
 from sstream.io.geojson import DEFAULT_PERCENTILE, map_features, write_geojson
 from sstream.models import Classifier, load_checkpoint, minimum_input_size, streamed_logits
+from sstream.options import AS_TRAINED, ASSUME_MPP_HELP, DEVICE_HELP, Options, option
 from sstream.reading import ReadSpec
 from sstream.runtime import resolve_device
 from sstream.stain import slide_normaliser
@@ -97,6 +98,7 @@ __all__ = [
     "SaliencyProgress",
     "SaliencyResult",
     "SlidesSaliency",
+    "SaliencyConfig",
     "compute_saliency",
     "default_output_paths",
     "saliency_for_slides",
@@ -118,6 +120,43 @@ SaliencyProgress = Callable[[str, int, int], None]
 
 class SaliencyOptionError(SstreamError, ValueError):
     """An option value that cannot work (class out of range, unknown method...)."""
+
+
+@dataclass
+class SaliencyConfig(Options):
+    """How `sstream saliency` maps a slide, the same for every slide: the options' defaults
+    and help. The slides and the files written are the jobs' arguments."""
+
+    index: int | str | None = option(  # a regression model's target index, too (--target)
+        None, "Class whose logit is explained: its name (string labels) or index.",
+        shown="the predicted class")
+    level: int | None = option(None, "Slide pyramid level to read (the model's input).",
+                               shown=AS_TRAINED)
+    mpp: float | None = option(None, "Read at exactly this many µm per pixel (the map then "
+                               "has this resolution).", shown=AS_TRAINED)
+    assume_mpp: float | None = option(None, ASSUME_MPP_HELP)
+    method: str = option("gradient", "gradient: max over colour channels of |d logit / d "
+                         "pixel| (Simonyan et al.); gradient-x-input: sum over channels of "
+                         "pixel x gradient (signed).")
+    uint8: bool = option(False, "Write uint8 quantised with a percentile scale (recorded in "
+                         "the TIFF description) instead of float32.")
+    percentile: float = option(99.5, "Percentile of the non-zero |values| that sets the uint8 "
+                               "scale and the overview's colour range.")
+    tile_size: int = option(256, "Streaming tile side in pixels. Memory grows with it: a "
+                            "larger tiles take more memory and less time (docs/benchmarks.md).")
+    device: str = option("auto", DEVICE_HELP)
+    tissue: str | None = option(None, "auto, none or a mask image: the prediction pools over "
+                                "tissue and the map is zero on glass.", shown=AS_TRAINED)
+    contour_percentile: float = option(DEFAULT_PERCENTILE, "--geojson: outline the regions at "
+                                       "or above this percentile of the map's non-zero "
+                                       "|values|.")
+    overwrite: bool = option(False, "Replace existing outputs.")
+
+
+def _saliency_config(config: SaliencyConfig | None, options: dict[str, Any]) -> SaliencyConfig:
+    """`config` (default: SaliencyConfig()) with the options given by name in its place
+    (TypeError for a name that is no option, as for a function's keyword)."""
+    return replace(config or SaliencyConfig(), **options)
 
 
 @dataclass
@@ -185,20 +224,10 @@ def compute_saliency(
     checkpoint: str | os.PathLike | Classifier,
     out: str | os.PathLike,
     overview: str | os.PathLike | None = None,
-    index: int | str | None = None,
-    level: int | None = None,
-    mpp: float | None = None,
-    method: str = "gradient",
-    uint8: bool = False,
-    percentile: float = 99.5,
-    tile_size: int = 256,
-    device: str | torch.device = "auto",
-    overwrite: bool = False,
+    config: SaliencyConfig | None = None,
     progress: SaliencyProgress | None = None,
-    tissue: str | None = None,
-    assume_mpp: float | None = None,
     geojson: str | os.PathLike | None = None,
-    contour_percentile: float = DEFAULT_PERCENTILE,
+    **options: Any,
 ) -> SaliencyResult:
     """Write the saliency map of a slide (pyramidal TIFF) and optionally a PNG overview.
 
@@ -208,6 +237,8 @@ def compute_saliency(
         checkpoint: an sstream checkpoint file (`load_checkpoint`), or a Classifier (moved
             to `device` and put in eval mode).
         out: the map's TIFF path. overview: the PNG path, or None for no overview.
+        config: how the slide is mapped (`SaliencyConfig`; default: its defaults), and
+            options: any of its fields by name, in place of the config's. The fields:
         index: the class whose logit is explained (None: the predicted class), or for a
             regression model the target whose value is explained (None: the first).
         level, mpp: the slide level to read as it is, or exactly `mpp` µm per pixel
@@ -223,12 +254,12 @@ def compute_saliency(
         device: where the model runs: "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
             or a torch.device.
         overwrite: replace existing output files.
-        progress: called as (phase, done, total); see `SaliencyProgress`.
         tissue: "auto", "none" or a mask file (`sstream.tissue`); None: as the model was
             trained (its checkpoint's record). The prediction pools over tissue only, and
             the map is zero on glass.
+        progress: called as (phase, done, total); see `SaliencyProgress`.
         geojson: also write the regions where the overview's block maximum of |map| is at
-            or above the `contour_percentile` of the non-zero |values| as QuPath
+            or above the config's `contour_percentile` of the non-zero |values| as QuPath
             annotations (`sstream.io.geojson`; polygons in level-0 pixels, traced at the
             overview's resolution).
 
@@ -245,6 +276,9 @@ def compute_saliency(
         ValueError: a checkpoint that does not load, an image smaller than the model accepts.
     """
     started = time.perf_counter()
+    config = _saliency_config(config, options)
+    method, percentile, overwrite, uint8 = (config.method, config.percentile,
+                                            config.overwrite, config.uint8)
     if method not in METHODS:
         raise SaliencyOptionError(f"unknown method {method!r}; choose one of "
                                   f"{', '.join(METHODS)}")
@@ -254,17 +288,19 @@ def compute_saliency(
     overview = None if overview is None else Path(overview)
     if overview is not None and overview.resolve() == out.resolve():
         raise SaliencyOptionError(f"{out}: the map and the overview need different paths")
-    if not 0 < contour_percentile < 100:
+    if not 0 < config.contour_percentile < 100:
         raise SaliencyOptionError(f"the contour percentile must be in (0, 100), got "
-                                  f"{contour_percentile}")
+                                  f"{config.contour_percentile}")
     for path in (out, overview, None if geojson is None else Path(geojson)):
         if path is not None:
             _refuse_unwritable(path, overwrite)
 
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    device = (config.device if isinstance(config.device, torch.device)
+              else resolve_device(config.device))
     model = (checkpoint.to(device) if isinstance(checkpoint, Classifier)
              else load_checkpoint(checkpoint, map_location=device)).eval()
     task = task_for_model(model)
+    index = config.index
     if index is not None:
         try:
             index = task.output_index(index)  # a class's name or index
@@ -278,7 +314,8 @@ def compute_saliency(
             param.requires_grad_(False)  # only the input gradient is wanted
         stack.callback(lambda: [param.requires_grad_(flag) for param, flag in wanted_grad])
         trained = replace(ReadSpec.for_model(model.config), image_size=None)
-        spec = trained.overridden(level, mpp, None, tissue, assume_mpp)
+        spec = trained.overridden(config.level, config.mpp, None, config.tissue,
+                                  config.assume_mpp)
         Tissue.parse(spec.tissue)  # a bad choice fails before the slide is read
         read = stack.enter_context(spec.open(slide_path))
         slide, source, resolution = read.slide, read.source, read.resolution
@@ -289,7 +326,7 @@ def compute_saliency(
             raise ValueError(f"{slide.path}: the image read ({spec.resolution_text}) is "
                              f"{width} x {height} pixels, smaller than the {smallest} x "
                              f"{smallest} the model accepts")
-        stream = StreamingCNN(model.stream, tile_size)
+        stream = StreamingCNN(model.stream, config.tile_size)
         tiles = len(stream.plan(source.shape))
         mask = output_mask(source, stream)
         if progress is not None:
@@ -339,7 +376,7 @@ def compute_saliency(
         if geojson is not None:
             factor = bands.overview.factor  # level pixels per overview pixel
             write_geojson(geojson, map_features(
-                bands.overview.image, bands.histogram.percentile(contour_percentile),
+                bands.overview.image, bands.histogram.percentile(config.contour_percentile),
                 lambda y, x: source.level0(y * factor, x * factor),
                 task.output_name(chosen)))
 
@@ -413,8 +450,7 @@ def saliency_for_slides(
     csv: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     overviews: bool = True,
-    device: str = "auto",
-    overwrite: bool = False,
+    config: SaliencyConfig | None = None,
     events: SaliencyEvents | None = None,
     **options: Any,
 ) -> SlidesSaliency:
@@ -432,12 +468,10 @@ def saliency_for_slides(
         out_dir: the folder of the maps, `<slide stem>.tif` and `<slide stem>.png` (made if
             missing); None: each beside its slide, as `default_output_paths` says.
         overviews: also write each slide's PNG overview.
-        device, overwrite: as for `compute_saliency`; "auto"/"cuda" under torchrun mean the
-            rank's own GPU (cuda:LOCAL_RANK).
+        config, options: how every slide is mapped, as for `compute_saliency`; the device
+            "auto" or "cuda" under torchrun means the rank's own GPU (cuda:LOCAL_RANK).
+            `geojson` names one file and is refused.
         events: progress hooks; `SaliencyEvents`.
-        options: the other keyword arguments of `compute_saliency` (index, level, mpp,
-            method, uint8, percentile, tile_size, tissue, assume_mpp), the same for every
-            slide. `geojson` names one file and is refused.
 
     Raises:
         SaliencyOptionError: an option no slide can use (an unknown method or class...).
@@ -447,28 +481,29 @@ def saliency_for_slides(
         NotADirectoryError: `out_dir` is a file.
         RankFailure: under torchrun, another rank failed.
     """
-    if options.get("geojson") is not None:
+    if options.pop("geojson", None) is not None:
         raise SaliencyOptionError("geojson names one file: map one slide to trace its regions")
+    config = _saliency_config(config, options)
     events = events or SaliencyEvents()
-    parallel, torch_device = DataParallel.from_env(device)
+    parallel, torch_device = DataParallel.from_env(config.device)
     try:
         model = (checkpoint if isinstance(checkpoint, Classifier)
                  else load_checkpoint(checkpoint, map_location=torch_device))
         inputs = named_samples(list(slides), None if csv is None else str(csv),
                                task_for_model(model))
-        if Tissue.parse(options.get("tissue")).is_file and len(inputs) > 1:
+        if Tissue.parse(config.tissue).is_file and len(inputs) > 1:
             raise ValueError("--tissue PATH is the mask of one slide; give each slide its mask "
                              "in the CSV's mask column")
         paths = _slide_outputs([sample.image for _, sample in inputs], out_dir, overviews)
         mine = parallel.shard(0, len(inputs))
         with parallel.agreement("checking the outputs"):
             for position in mine:  # before an hour of computing, not after it
-                _refuse_existing(paths[position], overwrite)
+                _refuse_existing(paths[position], config.overwrite)
         events.on_start(len(inputs))
         with parallel.agreement("mapping the slides"):
             outcomes = [(position, *_map_slide(inputs[position], position, paths[position],
-                                               model, events, device=torch_device,
-                                               overwrite=overwrite, **options))
+                                               model, events, replace(config,
+                                                                      device=torch_device)))
                         for position in mine]
         if parallel.distributed:  # every rank's outcomes, back in input order
             outcomes = sorted((o for part in parallel.gather_objects(
@@ -512,15 +547,15 @@ def _refuse_existing(paths: tuple[Path, Path | None], overwrite: bool) -> None:
 
 
 def _map_slide(named: tuple[str, Sample], position: int, paths: tuple[Path, Path | None],
-               model: Classifier, events: SaliencyEvents, **options: Any
+               model: Classifier, events: SaliencyEvents, config: SaliencyConfig
                ) -> tuple[SaliencyResult | None, str | None]:
     """One slide's map: (result, None), or (None, the reason) for a slide that cannot be
     mapped. Options no slide can use (SaliencyOptionError) stop every slide."""
     name, sample = named
     events.on_slide_start(name, position)
     try:
-        result = compute_saliency(sample, model, paths[0], overview=paths[1],
-                                  progress=events.on_tile, **options)
+        result = compute_saliency(sample, model, paths[0], overview=paths[1], config=config,
+                                  progress=events.on_tile)
     except SaliencyOptionError:
         raise
     except (ValueError, OSError, RuntimeError) as exc:

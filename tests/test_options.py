@@ -2,9 +2,9 @@
 and help), and the command line says the same.
 
 The CLI declares its options itself (deriving them would import torch, through the jobs, on
-every `sstream` start), so these tests hold the two together: for every command, each
-option's default, help and shown default equal its field's, and each field has an option,
-except the ones listed below with the reason.
+every `sstream` start), so these tests hold the two together: for the command of every job
+with a configuration (JOBS), each option's default, help and shown default equal its
+field's, and each field has an option, except the ones listed in JOBS with the reason.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import typer
 
 from sstream.cli import _parse_size, app
 from sstream.estimate import EstimateConfig
+from sstream.heatmap import HeatmapConfig
 from sstream.options import Options, option, option_default, option_field
 from sstream.predict import PredictConfig
+from sstream.saliency import SaliencyConfig
 from sstream.split import SplitConfig
 from sstream.train import TrainConfig
 from sstream.verify import VerifyConfig
@@ -46,6 +48,16 @@ JOBS = {
     "predict": Job(PredictConfig, cli_only=frozenset({"quiet", "json_output"}),
                    field_only=frozenset({"whole_image"})),   # --image-size whole
     "split": Job(SplitConfig),
+    "saliency": Job(SaliencyConfig, cli_only=frozenset({
+        "slides", "csv", "checkpoint",          # the jobs' arguments: what is mapped,
+        "out", "overview", "no_overview", "geojson",   # and the files written
+        "target",                               # a regression's name for the index
+        "view", "json_output"}),                # what the terminal shows
+        renamed={"class_index": "index"}),
+    "heatmap": Job(HeatmapConfig, cli_only=frozenset({
+        "slide", "checkpoint", "out", "geojson",   # compute_heatmap's arguments
+        "json_output"}),
+        renamed={"class_index": "index"}),
     "verify": Job(VerifyConfig, cli_only=frozenset({"size", "json_output"}),  # size: hidden
                   parsed={"image_size": lambda text: _parse_size(text, "--image-size")}),
     "estimate-memory": Job(EstimateConfig, cli_only=frozenset({
@@ -126,6 +138,8 @@ def test_train_groups_its_options_in_panels():
 @pytest.mark.parametrize("config", [TrainConfig(train_csv="a.csv", image_size=(300, 200)),
                                     PredictConfig("best.pt", ["a.tif"], image_size=(8, 9)),
                                     SplitConfig("cohort.csv", "splits", folds=3),
+                                    SaliencyConfig(index="tumour", mpp=0.5, uint8=True),
+                                    HeatmapConfig(index=1, tissue="none"),
                                     VerifyConfig("tiny", (96, 80), 32, mpp=0.5),
                                     EstimateConfig(["8192x6144"], tile_size=["512"])])
 def test_configs_round_trip_through_json(config):
@@ -150,3 +164,20 @@ def test_option_declares_default_help_and_shown_default():
     assert Example.from_dict({"size": [3, 4]}).size == (3, 4)
     with pytest.raises(KeyError, match="no option 'colour'"):
         option_field(Example, "colour")
+
+
+def test_estimate_reads_amp_dtypes_as_train_spells_them():
+    dtypes = {None: "float32", "bf16": "bfloat16", "fp16": "float16", "float16": "float16"}
+    for amp_dtype, dtype in dtypes.items():
+        assert EstimateConfig(["512"], amp_dtype=amp_dtype).dtype == dtype
+
+
+def test_saliency_options_by_name_replace_the_configs():
+    from sstream.saliency import _saliency_config, compute_saliency
+
+    config = SaliencyConfig(tile_size=128, method="gradient-x-input")
+    assert _saliency_config(config, {"tile_size": 64}) == SaliencyConfig(
+        tile_size=64, method="gradient-x-input")
+    assert _saliency_config(None, {}) == SaliencyConfig()
+    with pytest.raises(TypeError, match="colour"):  # as a function's unknown keyword
+        compute_saliency("slide.tif", "best.pt", "map.tif", colour="red")
