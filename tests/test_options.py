@@ -84,6 +84,13 @@ def plain(value: object) -> object:
     return value
 
 
+def shown_default(param: click.Parameter) -> str | None:
+    """What --help shows in place of the default: a text, "hidden", or None (the value)."""
+    if isinstance(param.show_default, str):
+        return param.show_default
+    return "hidden" if param.show_default is False else None
+
+
 @pytest.mark.parametrize("command", sorted(JOBS))
 def test_every_option_is_its_field(command):
     job = JOBS[command]
@@ -94,8 +101,7 @@ def test_every_option_is_its_field(command):
         declared = option_field(job.config, job.renamed.get(name, name))
         shown = declared.metadata.get("shown")
         default = job.parsed.get(name, lambda value: value)(param.default)
-        cli = (plain(default), param.help, param.show_default
-               if isinstance(param.show_default, str) else None)
+        cli = (plain(default), param.help, shown_default(param))
         config = (plain(option_default(declared)), declared.metadata.get("help"), shown)
         if cli != config:
             drifts.append(f"--{name.replace('_', '-')}: CLI {cli} != config {config}")
