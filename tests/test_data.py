@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import sstream.train
+import sstream.training.images
 from sstream.data import Augmentation, PixelSource, Sample
 from sstream.train import TrainConfig, load_training_image
 
@@ -50,7 +50,7 @@ def test_large_images_are_read_lazily_with_the_same_pixels(tmp_path, monkeypatch
     config = TrainConfig(train_csv="x.csv", image_size=(64, 50), seed=5)
     whole = load_training_image(sample, config, train, (3, 1, 4))
     assert whole._slide is None
-    monkeypatch.setattr(sstream.train, "IN_MEMORY_PIXELS", 0)
+    monkeypatch.setattr(sstream.training.images, "IN_MEMORY_PIXELS", 0)
     lazy = load_training_image(sample, config, train, (3, 1, 4), torch.float64)
     assert lazy._slide is not None and lazy.dtype == torch.float64
     assert lazy.shape == whole.shape

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import sstream.train
+import sstream.training.images
 from sstream.train import TrainConfig, train
 from tests.conftest import float64_training
 from tests.test_train_predict import write_dataset
@@ -60,14 +60,14 @@ def _train_job(rank: int, config: dict) -> dict:
 
 def _cli_job(rank: int, argv: list[str], failing_rank: int) -> dict:
     """`sstream train ...` where one rank cannot read its first image."""
-    load = sstream.train.load_training_image
+    load = sstream.training.images.load_training_image
 
     def unreadable(sample, *args, **kwargs):
         if rank == failing_rank:
             raise ValueError(f"{sample.image.name}: cannot decode the image")
         return load(sample, *args, **kwargs)
 
-    sstream.train.load_training_image = unreadable
+    sstream.training.images.load_training_image = unreadable
     code, stderr = _run_cli(argv, contextlib.redirect_stderr)
     return {"exit_code": code, "stderr": stderr}
 

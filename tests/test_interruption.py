@@ -62,17 +62,19 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(tmp_path):
         import time
         from pathlib import Path
         import sstream.train as t
+        import sstream.training.checkpoint as checkpoint
 
-        real = t.atomic_output
+        real = checkpoint.atomic_output
         calls = {{"n": 0}}
 
-        class SlowWrite:
+        class SlowWrite:  # the second last.pt (epoch 2) is written slowly
             def __init__(self, path, overwrite=False):
                 self.inner = real(path, overwrite=overwrite)
+                self.last = Path(path).name == "last.pt"
             def __enter__(self):
                 tmp = self.inner.__enter__()
-                calls["n"] += 1
-                return SlowPath(tmp) if calls["n"] > 3 else tmp
+                calls["n"] += self.last
+                return SlowPath(tmp) if self.last and calls["n"] > 1 else tmp
             def __exit__(self, *exc):
                 return self.inner.__exit__(*exc)
 
@@ -85,7 +87,7 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(tmp_path):
                     time.sleep(60)
                     handle.write(data[len(data) // 2:])
 
-        t.atomic_output = SlowWrite
+        checkpoint.atomic_output = SlowWrite
         t.train(t.TrainConfig(train_csv={str(csv_path)!r}, out={str(out)!r}, epochs=3,
                               tile_size=32, device="cpu"))
     """)

@@ -59,6 +59,19 @@ def test_jobs_never_import_each_other():
         assert not _sstream_imports(f"sstream.{job}") & others, job
 
 
+def test_the_training_pieces_import_no_other_job():
+    """sstream.training holds the train job's pieces: they import no other job (and
+    sstream.train only for its TrainConfig's type)."""
+    import pkgutil
+
+    import sstream.training
+
+    others = {f"sstream.{job}" for job in JOBS if job != "train"}
+    for info in pkgutil.iter_modules(sstream.training.__path__):
+        module = f"sstream.training.{info.name}"
+        assert not _sstream_imports(module) & others, module
+
+
 def test_engine_and_io_import_nothing_above_them():
     import pkgutil
 

@@ -77,10 +77,11 @@ def test_training_starts_reading_the_next_slide_while_the_current_one_trains(tmp
     import threading
 
     import sstream.train as train_module
+    import sstream.training.images
     from tests.conftest import float64_training
     from tests.test_train_predict import config
 
-    monkeypatch.setattr(train_module, "IN_MEMORY_PIXELS", 0)  # every image read lazily
+    monkeypatch.setattr(sstream.training.images, "IN_MEMORY_PIXELS", 0)  # every image read lazily
     announced = []
     expect = PixelSource.expect
 
