@@ -39,7 +39,7 @@ from sstream.engine.saving import AutocastState, GradientSum
 from sstream.engine.tiling import Box, OutputMask
 
 if TYPE_CHECKING:
-    from sstream.engine.streaming import _TileRunner
+    from sstream.engine.streaming import TileRunner
 
 WeightSink = Callable[[Box, torch.Tensor], None]
 """Receives (output box, attention weights (N, K, h, w)) block by block; zero off the mask."""
@@ -174,7 +174,7 @@ class AttentionRun:
     """One image's attention pooling (`StreamingCNN.attention_pool`): the forward pools the
     output regions as they come; the backward re-runs every tile the mask needs."""
 
-    def __init__(self, run: _TileRunner, pool: AttentionPool) -> None:
+    def __init__(self, run: TileRunner, pool: AttentionPool) -> None:
         self.run, self.pool = run, pool
         self.attention_params = {id(p) for p in pool.attention.parameters()}
 
@@ -256,7 +256,7 @@ def _finite_or_zero(values: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(values), values, torch.zeros_like(values))
 
 
-def attention_weight_blocks(run: _TileRunner, pool: AttentionPool
+def attention_weight_blocks(run: TileRunner, pool: AttentionPool
                             ) -> Iterator[tuple[Box, torch.Tensor]]:
     """(output box, softmax weights (N, K, h, w)) for every region `run` gives, once `pool`
     has seen the whole output (its normaliser is final)."""

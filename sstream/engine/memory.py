@@ -82,7 +82,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from sstream.engine.geometry import eval_mode, meta_shortcut
-from sstream.engine.halo import HaloProgram
+from sstream.engine.halo_schedule import HaloProgram
 from sstream.engine.pooling import head_global_pool
 from sstream.engine.saving import storage_key
 from sstream.engine.streaming import StreamingCNN, check_engine

@@ -13,7 +13,9 @@ The algorithm (Pinckaers et al., TPAMI 2020, with the window arithmetic of docs/
    block is handed out (to `image.grad`, or to a sink) as soon as no later tile can touch it.
 
 Only crops, one at a time, ever go through the stream: no activation of full-image size exists.
-(The halo engine, halo.py, runs steps 1 and 3 without recomputing the crops' margins.)
+Steps 1 and 3 are the crop engine's run (crop_run.py); the halo engine (halo_schedule.py plans
+it, halo_run.py runs it) does the same without recomputing the crops' margins. A `TileRunner`
+holds one image's run of either engine behind one interface (`TileRun`).
 
 With a head that starts with global pooling (`global_pool`, pooling.py), step 1 reduces each
 output region into the pooled values (N, C') as it comes, and those enter the graph instead of
@@ -34,19 +36,13 @@ import torch
 from torch import nn
 
 from sstream.engine.attention import AttentionPool, AttentionRun, attention_weight_blocks
+from sstream.engine.crop_run import CropRun, GradientWriter, OutputGradient
 from sstream.engine.geometry import StreamGeometry, analyse, meta_call, training_flags
-from sstream.engine.halo import HaloProgram, HaloRun
+from sstream.engine.halo_run import HaloRun
+from sstream.engine.halo_schedule import HaloProgram
 from sstream.engine.pooling import GlobalPool, check_mode, masked_tiles, sparse_plan
-from sstream.engine.saving import AutocastState, GradientSum
+from sstream.engine.tile_io import TileIO, TileProgress, module_dtype
 from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan, make_plan
-
-TileProgress = Callable[[str, int, int], None]
-"""Called as (phase, tiles done, tiles in all) after every tile; phase "forward"/"backward"."""
-
-OutputGradient = Callable[[Box], "torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None"]
-"""The gradient of the stream's output block (y0, y1, x0, x1) (output pixels), or None where
-it is zero, or a function of the block's output giving it (attention pooling's gradient
-depends on the features: the re-run's output is used, so the block is computed once)."""
 
 InputGradSink = Callable[[Box, torch.Tensor], None]
 """Receives (box, gradient) for final blocks of the input gradient, box = (y0, y1, x0, x1) in
@@ -208,8 +204,8 @@ class StreamingCNN(nn.Module):
         # the sink wants input-gradient blocks top to bottom: the halo backward goes bottom-up
         program = None if input_grad_sink is not None else self._halo_program(
             source.shape, plan, training=wants_graph)
-        run = _TileRunner(self.stream, plan, source, input_grad_sink, self.on_tile, program,
-                          keep_halos=wants_graph)
+        run = TileRunner(self.stream, plan, source, input_grad_sink, self.on_tile, program,
+                         keep_halos=wants_graph)
         if not wants_graph:
             return run.forward()
         return _StreamFunction.apply(run, image_anchor, sink_anchor, *params)
@@ -291,7 +287,7 @@ class StreamingCNN(nn.Module):
             yield from run.output_regions(output_mask)
 
     def _pooling_runner(self, image: torch.Tensor | ImageSource, mask: torch.Tensor | None,
-                        sink: InputGradSink | None) -> tuple[_TileRunner, OutputMask | None]:
+                        sink: InputGradSink | None) -> tuple[TileRunner, OutputMask | None]:
         """The tile runner of a pooling call (halo forward where it can, crop backward) and
         its output mask (ValueError for a mask that does not fit)."""
         self._refuse_current_modes()
@@ -300,7 +296,7 @@ class StreamingCNN(nn.Module):
         output_mask = None if mask is None else OutputMask(mask, plan.output_size,
                                                            source.shape[0])
         program = self._halo_program(source.shape, plan, training=False)
-        return _TileRunner(self.stream, plan, source, sink, self.on_tile, program), output_mask
+        return TileRunner(self.stream, plan, source, sink, self.on_tile, program), output_mask
 
     def _recorded(self, pooled: _PooledRun | AttentionRun, image: torch.Tensor | ImageSource,
                   sink: InputGradSink | None, more_params: Iterable[nn.Parameter] = (),
@@ -327,7 +323,7 @@ class StreamingCNN(nn.Module):
         """
         self._refuse_current_modes()
         source = _as_source(image)
-        run = _TileRunner(self.stream, self.plan(source.shape), source, sink, self.on_tile)
+        run = TileRunner(self.stream, self.plan(source.shape), source, sink, self.on_tile)
         run.crop_backward(grad_output, None, [])
 
     def engine_for(self, input_shape: Sequence[int]) -> str:
@@ -429,93 +425,59 @@ def _input_edges(count: int, length: int) -> list[int]:
     return [k * length // count for k in range(count + 1)]
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    for tensor in module.parameters():
-        return tensor.dtype
-    return torch.get_default_dtype()
-
-
 def _meta_output_size(stream: nn.Module, chw: tuple[int, ...]) -> tuple[int, int]:
     """Run the stream on the meta device (no memory, no compute) to get its output size."""
-    out = meta_call(stream, torch.empty((1, *chw), device="meta", dtype=_module_dtype(stream)))
+    out = meta_call(stream, torch.empty((1, *chw), device="meta", dtype=module_dtype(stream)))
     return int(out.shape[-2]), int(out.shape[-1])
 
 
-class _TileRunner:
-    """Runs one image's tile plan forward (no grad) and backward (re-run per tile)."""
+class TileRun(Protocol):
+    """One image's tiles run by one engine: `CropRun` (crop_run.py) or `HaloRun` (halo_run.py).
+
+    Each pass announces the input regions it will read, in order, before it reads them
+    (`TileIO.expect`), and reports progress tile by tile.
+    """
+
+    def forward(self) -> torch.Tensor:
+        """The stream's whole output (N, C', H', W'), without grad."""
+        ...
+
+    def output_regions(self, mask: OutputMask | None = None
+                       ) -> Iterator[tuple[Box, torch.Tensor]]:
+        """(output box, output region) without grad, in raster order, the boxes partitioning
+        the output; with `mask`, tiles no masked output depends on are not read or run."""
+        ...
+
+    def backward(self, grad_fmap: torch.Tensor, params: list[torch.Tensor],
+                 write: GradientWriter | None) -> list[torch.Tensor | None]:
+        """The parameter gradients for the output gradient `grad_fmap` (N, C', H', W'); the
+        input gradient goes to `write` in final blocks, if given."""
+        ...
+
+
+class TileRunner:
+    """One image's tile plan, forward (no grad) and backward, for one call of StreamingCNN.
+
+    `tiles` is the run of the engine chosen for this image (a HaloRun given a `program`, else
+    a CropRun); `crops` the crop engine's, which pooled backwards use whichever engine ran the
+    forward (they re-run only the tiles their gradient reaches). `io` reads the source and
+    reports progress for both; final input-gradient blocks go to `sink` and/or the image's
+    gradient.
+    """
 
     def __init__(self, stream: nn.Module, plan: TilePlan, source: ImageSource,
                  sink: InputGradSink | None, on_tile: TileProgress | None,
                  program: HaloProgram | None = None, keep_halos: bool = False) -> None:
-        self.stream, self.plan, self.source, self.sink = stream, plan, source, sink
-        self.on_tile = on_tile
-        self.device = _module_device(stream)
-        prefer_device = getattr(source, "prefer_device", None)
-        if prefer_device is not None:  # a source that can hand regions out on our device
-            prefer_device(self.device)
-        self.autocast = AutocastState(self.device)  # backward re-runs use the forward's
-        self.halo = None if program is None else HaloRun(program, stream, self.read,
-                                                         keep_halos, self._report, self.expect)
-
-    def expect(self, boxes: Sequence[Box]) -> None:
-        """Tell the source which input regions come next, in order, if it wants to know
-        (an `ImageSource` with `expect`, e.g. one that decodes ahead)."""
-        announce = getattr(self.source, "expect", None)
-        if announce is not None:
-            announce(list(boxes))
-
-    def crop(self, tile: Tile) -> torch.Tensor:
-        """The tile's input crop on the stream's device (pinned for an async host copy)."""
-        return self.read(tile.in_box)
-
-    def read(self, box: Box) -> torch.Tensor:
-        """An input region on the stream's device (pinned for an async host copy)."""
-        crop = self.source.read(box)
-        if crop.device != self.device:
-            if self.device.type == "cuda" and crop.device.type == "cpu":
-                crop = crop.pin_memory()
-            crop = crop.to(self.device, non_blocking=True)
-        return crop
-
-    def kept(self, tile: Tile, crop_out: torch.Tensor) -> torch.Tensor:
-        ky0, ky1, kx0, kx1 = tile.keep_box
-        if crop_out.shape[-2] < ky1 or crop_out.shape[-1] < kx1:
-            raise RuntimeError(
-                f"internal error: crop {tile.in_box} gave output {tuple(crop_out.shape[-2:])}, "
-                f"too small for kept range {tile.keep_box}; please report this stream")
-        return crop_out[..., ky0:ky1, kx0:kx1]
-
-    def _report(self, phase: str, done: int, total: int | None = None) -> None:
-        if self.on_tile is not None:
-            self.on_tile(phase, done, len(self.plan) if total is None else total)
-
-    def blank(self, box: Box) -> torch.Tensor:
-        """Zeros in place of an input region no wanted output depends on (never read)."""
-        y0, y1, x0, x1 = box
-        batch, channels = self.source.shape[:2]
-        return torch.zeros((batch, channels, y1 - y0, x1 - x0), device=self.device,
-                           dtype=_module_dtype(self.stream))
+        self.plan, self.source, self.sink = plan, source, sink
+        self.io = TileIO(stream, source, len(plan), on_tile)
+        self.autocast = self.io.autocast  # the forward's, for the backward's re-runs
+        self.crops = CropRun(stream, plan, self.io)
+        self.tiles: TileRun = self.crops if program is None else HaloRun(
+            program, stream, self.io, keep_halos)
 
     def forward(self) -> torch.Tensor:
-        if self.halo is not None:
-            with torch.no_grad():
-                return self.halo.forward()
-        fmap: torch.Tensor | None = None
-        for (oy0, oy1, ox0, ox1), kept in self.output_regions():
-            if fmap is None:
-                batch, channels = kept.shape[:2]
-                fmap = kept.new_empty((batch, channels, *self.plan.output_size))
-            fmap[..., oy0:oy1, ox0:ox1] = kept
-        assert fmap is not None, "a tile plan always has at least one tile"
-        return fmap
+        """The stream's whole output (N, C', H', W'), without grad."""
+        return self.tiles.forward()
 
     def output_regions(self, mask: OutputMask | None = None
                        ) -> Iterator[tuple[Box, torch.Tensor]]:
@@ -523,23 +485,29 @@ class _TileRunner:
         partition the output. With `mask`, tiles that no masked output depends on are
         skipped (neither read nor computed). Progress is reported once the consumer has
         taken a tile."""
-        if self.halo is not None:
-            needs = None if mask is None else self.halo.program.tiles_needed(mask)
-            with torch.no_grad():
-                yield from self.halo.regions(needs, self.blank)
-            return
-        self.expect(tile.in_box for tile in self.plan
-                    if mask is None or mask.any_in(tile.out_box))
-        for done, tile in enumerate(self.plan, start=1):
-            if mask is None or mask.any_in(tile.out_box):
-                with torch.no_grad():
-                    kept = self.kept(tile, self.stream(self.crop(tile)))
-                yield tile.out_box, kept
-            self._report("forward", done)
+        return self.tiles.output_regions(mask)
 
-    def _gradient_receiver(self, image_grad: torch.Tensor | None
-                           ) -> Callable[[Box, torch.Tensor], None]:
-        """Where final input-gradient blocks go: the sink and/or `image_grad`."""
+    def backward(self, grad_fmap: torch.Tensor, image_grad: torch.Tensor | None,
+                 params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Accumulate parameter gradients (returned) and input gradients (to the blocks)."""
+        return self.tiles.backward(grad_fmap, params, self._gradient_writer(image_grad))
+
+    def crop_backward(self, grad_fmap: torch.Tensor | OutputGradient,
+                      image_grad: torch.Tensor | None, params: list[torch.Tensor],
+                      plan: TilePlan | None = None, tiles: Sequence[Tile] | None = None,
+                      ) -> list[torch.Tensor | None]:
+        """The crop engine's backward (`CropRun.backward`), the input gradient to the sink
+        and/or `image_grad`: every tile of `plan` (default: the forward's) whose output
+        gradient is not zero re-runs its crop with autograd; `tiles` restricts it to those."""
+        return self.crops.backward(grad_fmap, params, self._gradient_writer(image_grad),
+                                   plan, tiles)
+
+    def _gradient_writer(self, image_grad: torch.Tensor | None) -> GradientWriter | None:
+        """Where final input-gradient blocks go: the sink and/or `image_grad` (None: nowhere,
+        no input gradient is formed)."""
+        if image_grad is None and self.sink is None:
+            return None
+
         def receive(box: Box, grad: torch.Tensor) -> None:
             if self.sink is not None:
                 self.sink(box, grad)
@@ -548,137 +516,14 @@ class _TileRunner:
                 image_grad[..., y0:y1, x0:x1] = grad.to(image_grad.device)
         return receive
 
-    def backward(self, grad_fmap: torch.Tensor, image_grad: torch.Tensor | None,
-                 params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Accumulate parameter gradients (returned) and input gradients (to the blocks)."""
-        if self.halo is not None:
-            write = None if image_grad is None else self._gradient_receiver(image_grad)
-            with self.autocast():
-                return self.halo.backward(grad_fmap, params, write)
-        return self.crop_backward(grad_fmap, image_grad, params)
-
-    def crop_backward(self, grad_fmap: torch.Tensor | OutputGradient,
-                      image_grad: torch.Tensor | None, params: list[torch.Tensor],
-                      plan: TilePlan | None = None, tiles: Sequence[Tile] | None = None,
-                      ) -> list[torch.Tensor | None]:
-        """The crop engine's backward: every tile of `plan` (default: the forward's) whose
-        output gradient is not zero re-runs its crop with autograd. `tiles` (raster order)
-        restricts it to those tiles when no input gradient is wanted: the others' output
-        gradient must be zero. Returns the parameter gradients summed over tiles."""
-        plan = plan or self.plan
-        grad_of = grad_fmap if callable(grad_fmap) else _block_of(grad_fmap)
-        blocks = None
-        if image_grad is not None or self.sink is not None:
-            assert tiles is None, "input-gradient blocks are released tile by tile, in order"
-            blocks = _InputGradBlocks(plan, self.source.shape, self.device,
-                                      _module_dtype(self.stream),
-                                      self._gradient_receiver(image_grad))
-        if tiles is not None or not callable(grad_fmap):  # else which tiles run is unknown
-            self.expect(tile.in_box for tile in (plan if tiles is None else tiles))
-        tiles = list(plan) if tiles is None else tiles
-        param_grads = GradientSum(params)
-        with param_grads.collecting():  # parameter gradients summed as they come
-            for done, tile in enumerate(tiles, start=1):
-                grad_kept = grad_of(tile.out_box)
-                if grad_kept is not None:  # else the tile adds nothing to any gradient
-                    crop = self.crop(tile).detach().requires_grad_(blocks is not None)
-                    with torch.enable_grad(), self.autocast():
-                        kept = self.kept(tile, self.stream(crop))
-                    if callable(grad_kept):
-                        grad_kept = grad_kept(kept.detach())
-                    inputs = ([crop] if blocks is not None else []) + params
-                    grads = torch.autograd.grad(kept, inputs, grad_kept.to(kept.dtype),
-                                                allow_unused=True)
-                    if blocks is not None:
-                        blocks.add(tile.in_box, grads[0])
-                    del crop, kept, grads  # before the next tile's re-run allocates
-                if blocks is not None:
-                    blocks.release(tile.row, tile.col)
-                self._report("backward", done, len(tiles))
-        return param_grads.sums
-
-
-def _block_of(tensor: torch.Tensor) -> OutputGradient:
-    """An OutputGradient reading blocks of a whole gradient tensor (N, C', H', W')."""
-    def block(box: Box) -> torch.Tensor:
-        y0, y1, x0, x1 = box
-        return tensor[..., y0:y1, x0:x1]
-    return block
-
-
-class _InputGradBlocks:
-    """Adds up the crops' overlapping input gradients and hands out each block once final.
-
-    Blocks cut the image at the crops' first rows and columns (suffix minima, so the cuts
-    never decrease): block (r, c) is final after tile (r, c), because later tiles of the row
-    start right of it and later rows start below it. Pending sums are kept per block column,
-    from the current block row down to the lowest row a crop reached: memory is about the
-    overlap times the width plus one tile, never a full-width band of tile rows.
-    """
-
-    def __init__(self, plan: TilePlan, shape: Sequence[int], device: torch.device,
-                 dtype: torch.dtype, deliver: Callable[[Box, torch.Tensor], None]) -> None:
-        self.batch, self.channels = int(shape[0]), int(shape[1])
-        self.dtype = dtype  # of blocks no tile sent a gradient to; else the gradients' own
-        self.row_cuts = _cuts([span.in0 for span in plan.rows], plan.input_size[0])
-        self.col_cuts = _cuts([span.in0 for span in plan.cols], plan.input_size[1])
-        self.device, self.deliver = device, deliver
-        # block column -> (first pending row, sums for rows [first, first + height) or None)
-        self.pending: list[tuple[int, torch.Tensor | None]] = [(0, None)] * (
-            len(self.col_cuts) - 1)
-
-    def add(self, in_box: Box, grad: torch.Tensor) -> None:
-        y0, y1, x0, x1 = in_box
-        for col in range(len(self.pending)):
-            cx0, cx1 = self.col_cuts[col], self.col_cuts[col + 1]
-            lo, hi = max(x0, cx0), min(x1, cx1)
-            if lo < hi:
-                self.dtype = grad.dtype
-                first, sums = self._grown(col, y1)
-                sums[..., y0 - first:y1 - first, lo - cx0:hi - cx0] += grad[..., lo - x0:hi - x0]
-
-    def _grown(self, col: int, y1: int) -> tuple[int, torch.Tensor]:
-        """Column `col`'s pending sums, grown with zeros to reach row y1."""
-        first, sums = self.pending[col]
-        held = 0 if sums is None else sums.shape[-2]
-        if sums is None or first + held < y1:
-            width = self.col_cuts[col + 1] - self.col_cuts[col]
-            grown = torch.zeros((self.batch, self.channels, y1 - first, width),
-                                dtype=self.dtype, device=self.device)
-            if sums is not None:
-                grown[..., :held, :] = sums
-            sums = grown
-            self.pending[col] = (first, sums)
-        return first, sums
-
-    def release(self, row: int, col: int) -> None:
-        """Hand out block (row, col): no tile after tile (row, col) reaches it."""
-        by0, by1 = self.row_cuts[row], self.row_cuts[row + 1]
-        bx0, bx1 = self.col_cuts[col], self.col_cuts[col + 1]
-        if by1 == by0 or bx1 == bx0:
-            return
-        first, sums = self._grown(col, by1)
-        assert first == by0, "blocks are released in raster order"
-        self.deliver((by0, by1, bx0, bx1), sums[..., :by1 - by0, :])
-        self.pending[col] = (by1, sums[..., by1 - by0:, :].clone())  # frees the rows handed out
-
-
-def _cuts(starts: Sequence[int], length: int) -> list[int]:
-    """Block edges from tile starts: suffix minima of the starts (0 first), then `length`."""
-    cuts = list(starts) + [length]
-    for k in range(len(starts) - 1, -1, -1):
-        cuts[k] = min(cuts[k], cuts[k + 1])
-    cuts[0] = 0
-    return cuts
-
 
 class _StreamFunction(torch.autograd.Function):
     """Puts what a streamed run computes into the autograd graph: the feature map
-    (`_TileRunner`) or the pooled values (`_PooledRun`, `AttentionRun`); backward streams
+    (`TileRunner`) or the pooled values (`_PooledRun`, `AttentionRun`); backward streams
     the tiles."""
 
     @staticmethod
-    def forward(ctx: Any, run: _TileRunner | _PooledRun | AttentionRun, image: torch.Tensor,
+    def forward(ctx: Any, run: TileRunner | _PooledRun | AttentionRun, image: torch.Tensor,
                 sink_anchor: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.run, ctx.params = run, params
         ctx.image_meta = (image.dtype, image.device, image.shape)
@@ -703,7 +548,7 @@ class _PooledRun:
     """One image's global pooling (`StreamingCNN.global_pool`): the forward reduces the
     output regions as they come; the backward re-runs only the blocks the gradient reaches."""
 
-    def __init__(self, run: _TileRunner, pool: GlobalPool,
+    def __init__(self, run: TileRunner, pool: GlobalPool,
                  plan_for: Callable[[tuple[int, int]], TilePlan], stride: tuple[int, int],
                  ) -> None:
         self.run, self.pool, self.plan_for, self.stride = run, pool, plan_for, stride

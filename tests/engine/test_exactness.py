@@ -304,7 +304,7 @@ def test_cpu_autocast_is_kept_by_the_recomputed_values():
 def test_strided_pointwise_convolutions_sample_their_crop_exactly(monkeypatch):
     """A strided 1x1 convolution without padding (ResNet's downsample) runs with stride 1 on
     every s-th pixel of its crop; anisotropic strides and crops at odd offsets included."""
-    import sstream.engine.halo as halo
+    import sstream.engine.halo_run as halo
 
     calls = []
     sampled = halo._sampled_conv

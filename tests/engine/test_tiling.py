@@ -312,7 +312,7 @@ def test_saved_halo_elements_counts_what_the_halo_engine_keeps(monkeypatch):
     scnn = sstream.StreamingCNN(stream, 24)
     image = torch.randn(2, 3, 141, 117, dtype=torch.float64)
     out = scnn(image)
-    halo = runs[0].halo  # counted before the backward, which frees the strips as it goes
+    halo = runs[0].tiles  # counted before the backward, which frees the strips as it goes
     kept = sum(t.numel() for top in halo.saved_top for t in top.values())
     kept += sum(t.numel() for t in halo.saved_left.values())
     assert kept > 0 and scnn.saved_halo_elements(image.shape) == kept
