@@ -5,7 +5,7 @@ images, order, augmentation and optimizer: once conventionally (plain PyTorch on
 image) and once streamed as `sstream train` runs it (the whole-slide path: pooled tile by
 tile, the backward re-run where the gradient goes; no tissue mask, which the conventional
 model would not have). One loss per optimizer step is recorded for each; the two curves are
-drawn over each other (in the results folder; a full run also refreshes the README's
+drawn over each other (in the results folder; a full run also refreshes docs/results.md's
 `benchmarks/figures/equivalence.png`, a quick run leaves it alone), and
 the largest difference of the losses and of the final weights is printed. float32: the two
 differ by rounding only (float64 makes them equal to 1e-12, see tests). Standalone:

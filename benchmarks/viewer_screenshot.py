@@ -1,4 +1,4 @@
-"""The README's screenshot of `sstream view` on the demo's saliency map (after `make demo`),
+"""The usage guide's screenshot (docs/usage.md) of `sstream view` on the demo's saliency map (after `make demo`),
 zoomed 4x on its strongest value: headless Debian Chromium through Selenium, once every tile
 is in.
 

@@ -88,7 +88,7 @@ def compact_cpu_memory(threshold: int = COMPACT_MMAP_THRESHOLD) -> bool:
     tensor bytes. A fixed threshold of 1 MiB maps every larger tensor on its own and unmaps it
     when freed (and stops the raising), and the heap is trimmed as soon as 1 MiB at its top is
     free. The price is a page fault for each page of each new tensor: steps run ~1.7x slower
-    (benchmarks/bench_memory.py measures both; the README has the table).
+    (benchmarks/bench_memory.py measures both; docs/results.md has the table).
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -114,7 +114,7 @@ class StreamingCNN(nn.Module):
     parameters (and `image`, if it requires grad) exactly the gradients plain autograd gives.
 
     Args:
-        stream: the convolutional trunk; every op must be local (see the README's table),
+        stream: the convolutional trunk; every op must be local (see docs/engine.md's table),
             otherwise UnsupportedModuleError names the offending module.
         tile_size: tile side in input pixels, int or (height, width), before the overlap the
             engine adds. Rounded up to a multiple of the output stride; see `self.tile_size`.
