@@ -436,7 +436,7 @@ def train(
     import signal
     from dataclasses import fields
 
-    from sstream.cli_render import JsonTrainEvents, RichTrainEvents
+    from sstream.cli_render import JsonTrainEvents, RichTrainEvents, print_train_end
     from sstream.train import ResumeMismatch, TrainConfig, TrainEvents, resume_config
     from sstream.train import train as run_training
 
@@ -489,14 +489,10 @@ def train(
                 signal.signal(sig, handler)
             if hasattr(events, "close"):
                 events.close()
+        if result.interrupted or not (quiet or json_events):
+            print_train_end(err_console, result)
         if result.interrupted:
-            if result.rank == 0:
-                err_console.print(f"interrupted: last.pt holds the last completed step; "
-                                  f"continue with: sstream train --resume {result.out}")
             raise typer.Exit(130 if stop["signal"] == signal.SIGINT else 143)
-        if not quiet and not json_events and result.rank == 0:
-            err_console.print(f"done ({result.stop_reason}): checkpoints, metrics.csv and "
-                              f"curves.png in {result.out}")
 
 
 # ---- predict --------------------------------------------------------------------------------

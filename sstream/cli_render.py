@@ -32,7 +32,7 @@ from rich.text import Text
 from sstream.predict import PredictEvents, Prediction
 from sstream.saliency import SaliencyEvents, SaliencyResult
 from sstream.task import Evaluation, Task
-from sstream.train import TrainEvents
+from sstream.train import TrainEvents, TrainResult
 
 
 def _progress(console: Console) -> Progress:
@@ -152,6 +152,19 @@ class JsonTrainEvents(TrainEvents):
 
     def on_checkpoint(self, path: Path) -> None:
         self._emit("checkpoint", path=str(path))
+
+
+def print_train_end(console: Console, result: TrainResult) -> None:
+    """The run's last line (rank 0 alone): how to continue an interrupted run, or why it
+    ended and where its outputs are."""
+    if result.rank != 0:
+        return
+    if result.interrupted:
+        console.print(f"interrupted: last.pt holds the last completed step; continue with: "
+                      f"sstream train --resume {result.out}")
+    else:
+        console.print(f"done ({result.stop_reason}): checkpoints, metrics.csv and curves.png "
+                      f"in {result.out}")
 
 
 class RichPredictEvents(PredictEvents):
