@@ -232,7 +232,7 @@ def resnet34(check: Check) -> None:
     finally:
         torch.cuda.empty_cache() if check.device.type == "cuda" else None
     estimate = estimate_memory(EstimateConfig([str(size)], "resnet34", tile_size=[tile]))
-    for row in estimate["rows"]:
+    for row in estimate.rows:
         measured = streamed[1] if row.get("tile_size") == tile else plain_reserved
         what = f"{row.get('path')} tile {tile}" if row.get("tile_size") else "plain"
         error = f"{row['peak_bytes'] / measured - 1:+.0%} of reserved" if measured else ""

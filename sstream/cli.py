@@ -1074,9 +1074,8 @@ def estimate_memory(
 
     Traced on the meta device: no GPU, no real memory, seconds even for 65536 x 65536.
     """
-    import json
-
-    from sstream.estimate import EstimateConfig, memory_table, parse_tile_size, write_memory_plot
+    from sstream.cli_render import memory_table, to_json
+    from sstream.estimate import EstimateConfig, parse_tile_size, write_memory_plot
     from sstream.estimate import estimate_memory as run_estimate
     from sstream.runtime import parse_bytes
 
@@ -1096,28 +1095,27 @@ def estimate_memory(
                 result = run_estimate(config)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        estimates = result.pop("estimates")
         plot_path = None
         if plot is not None:
-            fitting = [a["tile_size"] for a in result["advice"] if a["tile_size"] is not None]
-            side = min(estimates[0].image_size)
+            fitting = [a["tile_size"] for a in result.advice if a["tile_size"] is not None]
+            side = min(result.estimates[0].image_size)
             plot_tile = (fitting[0] if fitting and isinstance(fitting[0], int)
                          else tiles[0] if tiles else min(1024, side))
             with err_console.status(f"estimating image sides up to {max(65536, side)} for "
                                     "the plot"):
                 plot_path = write_memory_plot(plot, model, stream_layers, plot_tile,
-                                              config.dtype, optimizer, result["budget_bytes"],
+                                              config.dtype, optimizer, result.budget_bytes,
                                               max_size=max(65536, side), engine=engine)
         if json_output:
-            print(json.dumps(result, indent=2))
+            print(to_json(result))
         else:
             console.print(memory_table(result, console.width))
-            for advice in result["advice"]:
+            for advice in result.advice:
                 style = "green" if advice["fits"] else "bold red"
                 console.print(f"[{style}]{advice['message']}[/{style}]", highlight=False)
             if plot_path is not None:
                 console.print(f"plot written to {plot_path}")
-        if result["advice"] and not any(a["fits"] for a in result["advice"]):
+        if result.over_budget:
             raise typer.Exit(EXIT_FAILURE)
 
 

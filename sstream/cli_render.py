@@ -29,6 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from sstream.estimate import MemoryReport, format_bytes
 from sstream.predict import PredictEvents, Prediction
 from sstream.saliency import SaliencyEvents, SaliencyResult
 from sstream.task import Evaluation, Task
@@ -331,6 +332,54 @@ def info_table(info: Any) -> Group:
         table.add_row(f"{index}{marker}", str(level.width), str(level.height),
                       f"{level.downsample:g}", "-" if level.mpp is None else f"{level.mpp:.4g}")
     return Group(Text(str(info.path), style="italic"), table, Text("\n".join(caption)))
+
+
+WIDE_TABLE = 110  # columns from which estimate-memory's table shows every component
+
+
+def memory_table(result: MemoryReport, width: int = 200) -> Table:
+    """The rows as a rich Table (the CLI prints it) for a terminal `width` columns wide.
+    Model state (parameters, gradients, optimizer state) is the same in every row, so it goes
+    in the caption; below WIDE_TABLE columns the table keeps the peak and leaves the
+    components (activations, feature map, tile peak) to `--json`, so that it stays readable
+    in 80 columns."""
+    rows = result.rows
+    first = rows[0]
+    wide = width >= WIDE_TABLE
+    title = (f"Predicted peak memory of one training step: {result.model}, "
+             f"stream {result.stream_layers or 'whole trunk'}, {result.dtype}, "
+             f"{result.optimizer}, batch 1")
+    caption = (f"every row also holds parameters {format_bytes(first['parameters_bytes'])}, "
+               f"gradients {format_bytes(first['gradients_bytes'])}, optimizer state "
+               f"{format_bytes(first['optimizer_bytes'])}; compute = training FLOPs relative "
+               "to conventional. Streaming rows: feature map = the streamed feature map and "
+               "its gradient are kept; whole-slide = a pooling head, pooled tile by tile "
+               "(no feature map; the backward re-runs only where the gradient goes: compute "
+               "and peak are upper bounds with max pooling)"
+               + ("" if wide else "; the components of each peak: --json or a terminal of "
+                  f"{WIDE_TABLE}+ columns"))
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
+                  box=box.SIMPLE_HEAD)
+    details = ("activations", "fmap+grad", "tile peak") if wide else ()
+    for name in ("image", "mode", "tile", *details, "peak", "vs conv.", "tiles", "compute"):
+        left = name in ("image", "mode")
+        table.add_column(name, justify="left" if left else "right",
+                         no_wrap=name != "mode", overflow="fold")
+    for row in rows:
+        streaming = row["mode"] == "streaming"
+        saving = row["saving"]
+        versus = ("" if not streaming else f"{saving:.0%} less" if saving >= 0
+                  else f"{-saving:.0%} more")
+        components = [format_bytes(row["activations_bytes"]),
+                      format_bytes(row["feature_map_bytes"]) if streaming else "-",
+                      format_bytes(row["tile_peak_bytes"]) if streaming else "-"]
+        table.add_row(
+            f"{row['image_width']}x{row['image_height']}",
+            f"{row['path']} ({row['engine']})" if streaming else row["mode"],
+            str(row["tile_size"]) if streaming else "-", *(components if wide else []),
+            f"[bold]{format_bytes(row['peak_bytes'])}[/bold]", versus,
+            str(row["num_tiles"]), f"{row['compute_overhead']:.2f}x")
+    return table
 
 
 def verification_table(result: Any) -> Table:

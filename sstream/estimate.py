@@ -13,7 +13,7 @@ reports); a bare number is bytes ("12e9"). Output tables use GiB/MiB.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,10 @@ from sstream.models import MODEL_NAMES, ModelConfig, build_model
 from sstream.options import Options, option
 from sstream.runtime import parse_bytes
 
-__all__ = ["DEFAULT_TILE_SIZES", "EstimateConfig", "estimate_memory", "format_bytes", "parse_size",
-           "parse_tile_size", "write_memory_plot"]
+__all__ = ["DEFAULT_TILE_SIZES", "EstimateConfig", "MemoryReport", "estimate_memory",
+           "format_bytes", "parse_size", "parse_tile_size", "write_memory_plot"]
 
 DEFAULT_TILE_SIZES = (512, 1024, 2048, 4096)
-WIDE_TABLE = 110  # columns from which estimate-memory's table shows every component
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # train's --amp-dtype spellings
 
 
@@ -61,6 +60,36 @@ class EstimateConfig(Options):
     def dtype(self) -> str:
         """The activations' dtype: float32, or bfloat16 or float16 under mixed precision."""
         return AMP_DTYPES.get(self.amp_dtype or "", self.amp_dtype or "float32")
+@dataclass
+class MemoryReport:
+    """What `estimate_memory` found: a row per image size and mode (conventional, then each
+    tile), and with a budget one piece of advice per size. `to_dict` gives all but the
+    engine's estimates (not JSON), which `sstream estimate-memory --json` prints."""
+
+    model: str
+    stream_layers: str | None
+    engine: str
+    dtype: str
+    optimizer: str
+    budget_bytes: int | None
+    # per row: image_width, image_height, mode, tile_size (None for conventional),
+    # peak_bytes, parameters_bytes, ..., saving, num_tiles, compute_overhead
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    # per size, with a budget: tile_size (the largest that fits, or None), fits, message
+    advice: list[dict[str, Any]] = field(default_factory=list)
+    estimates: list[MemoryEstimate] = field(default_factory=list)  # per size, the engine's
+
+    @property
+    def over_budget(self) -> bool:
+        """A budget was given and nothing fits it at any size."""
+        return bool(self.advice) and not any(a["fits"] for a in self.advice)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "stream_layers": self.stream_layers,
+                "engine": self.engine, "dtype": self.dtype, "optimizer": self.optimizer,
+                "budget_bytes": self.budget_bytes, "rows": self.rows, "advice": self.advice}
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'8192' (square) or '8192x6144' (width x height) -> (height, width); ValueError else."""
     match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX]\s*([0-9]+))?\s*", text)
@@ -161,21 +190,15 @@ def _advice(estimate: MemoryEstimate, budget: int, stream_layers: str | None,
             "message": message}
 
 
-def estimate_memory(config: EstimateConfig) -> dict[str, Any]:
+def estimate_memory(config: EstimateConfig) -> MemoryReport:
     """Predicted peak training memory per image size, conventional and per tile size.
 
     `config.image_size` holds sizes as typed ("8192" or "8192x6144", width x height), its
     `tile_size` tile sides (empty: the DEFAULT_TILE_SIZES that fit the image) and its
     `memory_budget` a budget as typed ("12GiB", "12GB", "12e9") or None; see `EstimateConfig`.
 
-    Returns:
-        {"model", "stream_layers", "dtype", "optimizer", "budget_bytes",
-         "rows": [per row: image_width, image_height, mode, tile_size (None for
-                  conventional), peak_bytes, parameters_bytes, ..., saving, num_tiles,
-                  compute_overhead],
-         "advice": [per size, with a budget: tile_size (largest that fits or None), fits,
-                    message],
-         "estimates": [MemoryEstimate per size]}  (the last is not JSON; drop it to dump)
+    Returns a MemoryReport: its rows, the advice where a budget was given, and the
+    engine's MemoryEstimate per size.
 
     Raises:
         ValueError: unknown model / split / dtype / optimizer, a size or budget that does not
@@ -196,68 +219,18 @@ def estimate_memory(config: EstimateConfig) -> dict[str, Any]:
                 raise ValueError(f"tile size {tile} is larger than the image {width}x{height}")
     model = build_model(ModelConfig(model_name, num_classes=config.num_classes,
                                     stream_layers=stream_layers, pooling=config.pooling))
-    result: dict[str, Any] = {"model": model_name, "stream_layers": stream_layers,
-                              "engine": engine, "dtype": dtype, "optimizer": config.optimizer,
-                              "budget_bytes": budget_bytes, "rows": [], "advice": [],
-                              "estimates": []}
+    result = MemoryReport(model_name, stream_layers, engine, dtype, config.optimizer,
+                          budget_bytes)
     for height, width in parsed_sizes:
         chosen = tiles or [t for t in DEFAULT_TILE_SIZES if t <= min(height, width)]
         estimate = estimate_training_memory(model.stream, model.head, (height, width), chosen,
                                             dtype=dtype, optimizer=config.optimizer,
                                             engine=engine)
-        result["estimates"].append(estimate)
-        result["rows"].extend(_row_dict(estimate, row) for row in estimate.rows)
+        result.estimates.append(estimate)
+        result.rows.extend(_row_dict(estimate, row) for row in estimate.rows)
         if budget_bytes is not None:
-            result["advice"].append(_advice(estimate, budget_bytes, stream_layers, model_name))
+            result.advice.append(_advice(estimate, budget_bytes, stream_layers, model_name))
     return result
-
-
-def memory_table(result: dict[str, Any], width: int = 200):  # -> rich.table.Table
-    """The rows as a rich Table (the CLI prints it) for a terminal `width` columns wide.
-    Model state (parameters, gradients, optimizer state) is the same in every row, so it goes
-    in the caption; below WIDE_TABLE columns the table keeps the peak and leaves the
-    components (activations, feature map, tile peak) to `--json`, so that it stays readable
-    in 80 columns."""
-    from rich import box
-    from rich.table import Table
-
-    rows = result["rows"]
-    first = rows[0]
-    wide = width >= WIDE_TABLE
-    title = (f"Predicted peak memory of one training step: {result['model']}, "
-             f"stream {result['stream_layers'] or 'whole trunk'}, {result['dtype']}, "
-             f"{result['optimizer']}, batch 1")
-    caption = (f"every row also holds parameters {format_bytes(first['parameters_bytes'])}, "
-               f"gradients {format_bytes(first['gradients_bytes'])}, optimizer state "
-               f"{format_bytes(first['optimizer_bytes'])}; compute = training FLOPs relative "
-               "to conventional. Streaming rows: feature map = the streamed feature map and "
-               "its gradient are kept; whole-slide = a pooling head, pooled tile by tile "
-               "(no feature map; the backward re-runs only where the gradient goes: compute "
-               "and peak are upper bounds with max pooling)"
-               + ("" if wide else "; the components of each peak: --json or a terminal of "
-                  f"{WIDE_TABLE}+ columns"))
-    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
-                  box=box.SIMPLE_HEAD)
-    details = ("activations", "fmap+grad", "tile peak") if wide else ()
-    for name in ("image", "mode", "tile", *details, "peak", "vs conv.", "tiles", "compute"):
-        left = name in ("image", "mode")
-        table.add_column(name, justify="left" if left else "right",
-                         no_wrap=name != "mode", overflow="fold")
-    for row in rows:
-        streaming = row["mode"] == "streaming"
-        saving = row["saving"]
-        versus = ("" if not streaming else f"{saving:.0%} less" if saving >= 0
-                  else f"{-saving:.0%} more")
-        components = [format_bytes(row["activations_bytes"]),
-                      format_bytes(row["feature_map_bytes"]) if streaming else "-",
-                      format_bytes(row["tile_peak_bytes"]) if streaming else "-"]
-        table.add_row(
-            f"{row['image_width']}x{row['image_height']}",
-            f"{row['path']} ({row['engine']})" if streaming else row["mode"],
-            str(row["tile_size"]) if streaming else "-", *(components if wide else []),
-            f"[bold]{format_bytes(row['peak_bytes'])}[/bold]", versus,
-            str(row["num_tiles"]), f"{row['compute_overhead']:.2f}x")
-    return table
 
 
 def write_memory_plot(path: str | Path, model_name: str, stream_layers: str | None,

@@ -30,10 +30,10 @@ def test_parse_size_is_width_by_height():
 def test_library_rows_have_mode_tile_and_peak():
     result = estimate_memory(EstimateConfig(["512x384"], "tiny", tile_size=[128, 256],
                                             memory_budget="1GiB"))
-    modes = [(r["mode"], r["tile_size"]) for r in result["rows"]]
+    modes = [(r["mode"], r["tile_size"]) for r in result.rows]
     assert modes == [("conventional", None), ("streaming", 128), ("streaming", 256)]
-    assert all(r["peak_bytes"] > 0 and r["image_width"] == 512 for r in result["rows"])
-    assert result["advice"][0]["tile_size"] == 256 and result["advice"][0]["fits"]
+    assert all(r["peak_bytes"] > 0 and r["image_width"] == 512 for r in result.rows)
+    assert result.advice[0]["tile_size"] == 256 and result.advice[0]["fits"]
 
 
 def test_json_output():
@@ -52,9 +52,9 @@ def test_rows_say_which_path_they_model():
     trunk streamed (the default) takes the whole-slide path, whose peak does not hold it."""
     split = estimate_memory(EstimateConfig(["1024"], "tiny", "stage3", tile_size=[256]))
     whole = estimate_memory(EstimateConfig(["1024"], "tiny", tile_size=[256]))
-    assert split["rows"][1]["path"] == "feature map" and split["rows"][1]["feature_map_bytes"]
-    assert whole["rows"][1]["path"] == "whole-slide"
-    assert whole["rows"][1]["feature_map_bytes"] == 0
+    assert split.rows[1]["path"] == "feature map" and split.rows[1]["feature_map_bytes"]
+    assert whole.rows[1]["path"] == "whole-slide"
+    assert whole.rows[1]["feature_map_bytes"] == 0
 
 
 def test_engine_option_models_the_crop_engine():
