@@ -1,6 +1,6 @@
-"""The usage guide's screenshot (docs/usage.md) of `sstream view` on the demo's saliency map (after `make demo`),
-zoomed 4x on its strongest value: headless Debian Chromium through Selenium, once every tile
-is in.
+"""The usage guide's screenshot (docs/usage.md) of `sstream view` on the demo's saliency map
+(after `make demo`), zoomed 4x on its strongest value: headless Debian Chromium through
+Selenium, once every tile is in.
 
     python benchmarks/viewer_screenshot.py [--out benchmarks/figures/viewer.png]
 """
