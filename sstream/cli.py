@@ -538,15 +538,16 @@ def predict(
     with user_errors():
         whole = image_size is not None and image_size.lower() == "whole"
         size = None if whole else _parse_size(image_size, "--image-size")
-        _check_read(level, mpp, assume_mpp, size)
-        if tile_size is not None and tile_size <= 0:
-            raise UsageError("--tile-size must be positive")
         config = PredictConfig(
             checkpoint=str(checkpoint), images=[str(i) for i in images or []],
             csv=str(csv) if csv else None, out=str(out) if out else None, level=level,
             mpp=mpp, assume_mpp=assume_mpp, image_size=size, whole_image=whole,
             tile_size=tile_size,
             device=device, amp=amp, overwrite=overwrite, tissue=tissue)
+        try:
+            config.validate()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 alone reports
         events = PredictEvents() if quiet or json_output or rank else \
             RichPredictEvents(err_console)

@@ -79,6 +79,12 @@ class HeatmapConfig(Options):
                                        "values.")
     overwrite: bool = option(False, "Replace existing outputs.")
 
+    def validate(self) -> None:
+        """HeatmapError for a value that cannot work."""
+        if not 0 < self.contour_percentile < 100:
+            raise HeatmapError(f"the contour percentile must be in (0, 100), got "
+                               f"{self.contour_percentile}")
+
 
 @dataclass
 class HeatmapResult:
@@ -121,15 +127,12 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
     """
     started = time.perf_counter()
     config = replace(config or HeatmapConfig(), **options)
-    index, overwrite, contour_percentile = (config.index, config.overwrite,
-                                            config.contour_percentile)
+    config.validate()
+    index, overwrite = config.index, config.overwrite
     out = Path(out)
     for path in (out, geojson):
         if path is not None and Path(path).exists() and not overwrite:
             raise FileExistsError(f"{path} exists (use --overwrite to replace it)")
-    if not 0 < contour_percentile < 100:
-        raise HeatmapError(f"the contour percentile must be in (0, 100), got "
-                           f"{contour_percentile}")
     device = (config.device if isinstance(config.device, torch.device)
               else resolve_device(config.device))
     model = (checkpoint.to(device) if isinstance(checkpoint, Classifier)
@@ -172,7 +175,7 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
         if geojson is not None:
             name = "attention" if kind == "attention" else task.output_name(chosen)
             write_geojson(geojson, map_features(
-                heatmap, threshold_at(heatmap, contour_percentile),
+                heatmap, threshold_at(heatmap, config.contour_percentile),
                 lambda y, x: source.level0(y * stride, x * stride), name))
     return HeatmapResult(out, kind, None if kind == "attention" else chosen,
                          task.summary(prediction), (heatmap.shape[1], heatmap.shape[0]),

@@ -60,6 +60,12 @@ class PredictConfig(Options):
     tissue: str | None = option(None, "auto, none, or a mask image (one slide); a CSV's mask "
                                 "column gives slides their own masks.", shown=AS_TRAINED)
 
+    def validate(self) -> None:
+        """ValueError for options that cannot work (the read options: ReadSpecError)."""
+        ReadSpec(self.level, self.mpp, self.assume_mpp, self.image_size)
+        if self.tile_size is not None and self.tile_size <= 0:
+            raise ValueError("--tile-size must be positive")
+
 
 @dataclass
 class Prediction:
@@ -96,9 +102,11 @@ def predict(config: PredictConfig, events: PredictEvents | None = None) -> Predi
     """Predict every image; see the module docstring.
 
     Raises:
-        ValueError / FileNotFoundError: unreadable checkpoint, bad CSV, conflicting options.
+        ValueError / FileNotFoundError: unreadable checkpoint, bad CSV, conflicting options
+            (`PredictConfig.validate`).
         FileExistsError: the output CSV exists and not `overwrite`.
     """
+    config.validate()
     events = events or PredictEvents()
     if config.out and Path(config.out).exists() and not config.overwrite:
         raise FileExistsError(f"{config.out} exists; use --overwrite to replace it")

@@ -152,6 +152,17 @@ class SaliencyConfig(Options):
                                        "|values|.")
     overwrite: bool = option(False, "Replace existing outputs.")
 
+    def validate(self) -> None:
+        """SaliencyOptionError for a value no slide can use."""
+        if self.method not in METHODS:
+            raise SaliencyOptionError(f"unknown method {self.method!r}; choose one of "
+                                      f"{', '.join(METHODS)}")
+        if not 0 < self.percentile <= 100:
+            raise SaliencyOptionError(f"percentile must be in (0, 100], got {self.percentile}")
+        if not 0 < self.contour_percentile < 100:
+            raise SaliencyOptionError(f"the contour percentile must be in (0, 100), got "
+                                      f"{self.contour_percentile}")
+
 
 def _saliency_config(config: SaliencyConfig | None, options: dict[str, Any]) -> SaliencyConfig:
     """`config` (default: SaliencyConfig()) with the options given by name in its place
@@ -277,20 +288,13 @@ def compute_saliency(
     """
     started = time.perf_counter()
     config = _saliency_config(config, options)
+    config.validate()
     method, percentile, overwrite, uint8 = (config.method, config.percentile,
                                             config.overwrite, config.uint8)
-    if method not in METHODS:
-        raise SaliencyOptionError(f"unknown method {method!r}; choose one of "
-                                  f"{', '.join(METHODS)}")
-    if not 0 < percentile <= 100:
-        raise SaliencyOptionError(f"percentile must be in (0, 100], got {percentile}")
     out = Path(out)
     overview = None if overview is None else Path(overview)
     if overview is not None and overview.resolve() == out.resolve():
         raise SaliencyOptionError(f"{out}: the map and the overview need different paths")
-    if not 0 < config.contour_percentile < 100:
-        raise SaliencyOptionError(f"the contour percentile must be in (0, 100), got "
-                                  f"{config.contour_percentile}")
     for path in (out, overview, None if geojson is None else Path(geojson)):
         if path is not None:
             _refuse_unwritable(path, overwrite)

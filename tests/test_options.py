@@ -187,3 +187,26 @@ def test_saliency_options_by_name_replace_the_configs():
     assert _saliency_config(None, {}) == SaliencyConfig()
     with pytest.raises(TypeError, match="colour"):  # as a function's unknown keyword
         compute_saliency("slide.tif", "best.pt", "map.tif", colour="red")
+
+
+@pytest.mark.parametrize(("config", "error"), [
+    (PredictConfig("best.pt", tile_size=0), "--tile-size must be positive"),
+    (PredictConfig("best.pt", level=1, mpp=0.5), "not both"),
+    (SaliencyConfig(method="smoothgrad"), "unknown method 'smoothgrad'"),
+    (SaliencyConfig(percentile=0), "percentile must be in"),
+    (SaliencyConfig(contour_percentile=100), "contour percentile"),
+    (HeatmapConfig(contour_percentile=0), "contour percentile"),
+    (VerifyConfig(dtype="float16"), "--dtype must be one of"),
+    (VerifyConfig(tile_size=0), "must be positive"),
+    (SplitConfig("a.csv", "out", folds=1), "--folds"),
+    (TrainConfig(train_csv="a.csv", epochs=0), "--epochs"),
+])
+def test_configs_refuse_what_cannot_work(config, error):
+    with pytest.raises(ValueError, match=error):
+        config.validate()
+
+
+def test_defaults_are_valid():
+    for config in (PredictConfig("best.pt"), SaliencyConfig(), HeatmapConfig(), VerifyConfig(),
+                   SplitConfig("a.csv", "out"), TrainConfig(train_csv="a.csv")):
+        config.validate()
