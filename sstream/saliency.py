@@ -488,6 +488,7 @@ def saliency_for_slides(
     if options.pop("geojson", None) is not None:
         raise SaliencyOptionError("geojson names one file: map one slide to trace its regions")
     config = _saliency_config(config, options)
+    config.validate()  # before the checkpoint loads and any slide is read
     events = events or SaliencyEvents()
     parallel, torch_device = DataParallel.from_env(config.device)
     try:
