@@ -43,8 +43,8 @@ class Job:
 JOBS = {
     "train": Job(TrainConfig, cli_only=frozenset({
         "config", "resume", "overwrite",   # how the run starts, not what it trains
-        "no_augment",                             # hidden former spelling of --augment none
-        "quiet", "json_events"})),                # what the terminal shows
+        "no_augment",                      # hidden former spelling of --augment none
+        "quiet", "json_events"})),         # what the terminal shows
     "predict": Job(PredictConfig, cli_only=frozenset({"quiet", "json_output"}),
                    field_only=frozenset({"whole_image"})),   # --image-size whole
     "split": Job(SplitConfig),
