@@ -109,7 +109,7 @@ def _options(
         False, "--compact-memory", envvar="SSTREAM_COMPACT_MEMORY",
         help="CPU: keep the process's resident memory close to its live tensors (glibc "
              "returns every block above 1 MiB when freed), at a cost in time "
-             "(docs/benchmarks.md)."),
+             "(docs/results.md)."),
     backend: str = typer.Option(
         "auto", "--backend", envvar="SSTREAM_BACKEND",
         help="What reads slides: auto (tifffile for TIFFs, OpenSlide for MIRAX, DICOM and "
@@ -619,8 +619,8 @@ def saliency(
         99.5, "--percentile", help="Percentile of the non-zero |values| that sets the uint8 "
                                    "scale and the overview's colour range."),
     tile_size: int = typer.Option(
-        256, "--tile-size", help="Streaming tile side in pixels. Memory grows with it: a "
-        "larger tiles take more memory and less time (docs/benchmarks.md)."),
+        256, "--tile-size", help="Streaming tile side in pixels. Memory grows with it: "
+        "larger tiles take more memory and less time (docs/results.md)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     tissue: str | None = typer.Option(
         None, "--tissue", callback=_tissue_choice,

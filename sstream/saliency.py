@@ -142,8 +142,8 @@ class SaliencyConfig(Options):
                          "the TIFF description) instead of float32.")
     percentile: float = option(99.5, "Percentile of the non-zero |values| that sets the uint8 "
                                "scale and the overview's colour range.")
-    tile_size: int = option(256, "Streaming tile side in pixels. Memory grows with it: a "
-                            "larger tiles take more memory and less time (docs/benchmarks.md).")
+    tile_size: int = option(256, "Streaming tile side in pixels. Memory grows with it: "
+                            "larger tiles take more memory and less time (docs/results.md).")
     device: str = option("auto", DEVICE_HELP)
     tissue: str | None = option(None, "auto, none or a mask image: the prediction pools over "
                                 "tissue and the map is zero on glass.", shown=AS_TRAINED)
