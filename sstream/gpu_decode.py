@@ -9,7 +9,7 @@ on the device; levels of any other kind are read by the slide's own reader.
 
 Why it is the default on CUDA: the CPU pool's threads share the interpreter with the thread
 that drives the GPU, so on a fast GPU decoding in threads steals the launch thread's time
-instead of hiding behind it, whereas nvJPEG leaves the CPU free (docs/benchmarks.md has the
+instead of hiding behind it, whereas nvJPEG leaves the CPU free (docs/reading.md has the
 measurements). `sstream --jpeg-decoder cpu` (SSTREAM_JPEG_DECODER=cpu) turns it off.
 
 Pixels differ from the CPU decoder's: JPEG leaves the inverse DCT's rounding and the chroma
