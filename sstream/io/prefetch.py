@@ -57,6 +57,7 @@ class ReadAhead(Generic[Key, Value]):
         self._read, self.depth = read, depth
         self._announced: deque[Key] = deque()             # not yet started
         self._pending: Counter[Key] = Counter()           # the same, for membership
+        self._abandoned: list[Future] = []  # taken, then left by an interrupt, still reading
         self._started: deque[tuple[Key, Future]] = deque()  # at most `depth`, in order
         self._lock = threading.Lock()
         self.hits = self.misses = 0  # regions served read ahead / read on demand
@@ -88,7 +89,13 @@ class ReadAhead(Generic[Key, Value]):
             self.misses += 1
             return self._read(key)
         self.hits += 1
-        return future.result()
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():  # interrupted while it reads: `close` waits for it too
+                with self._lock:
+                    self._abandoned.append(future)
+            raise
 
     def held(self) -> int:
         """Regions started and not yet taken (the memory bound: at most `depth`)."""
@@ -100,7 +107,8 @@ class ReadAhead(Generic[Key, Value]):
         with self._lock:
             self._announced.clear()
             self._pending.clear()
-            started = self._drop_started()
+            started = self._drop_started() + self._abandoned
+            self._abandoned = []
         for future in started:
             _wait_quietly(future)
 
