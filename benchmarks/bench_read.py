@@ -135,14 +135,15 @@ def predict_seconds(path: str, tile: int, mode: str, device=None, read_ahead: in
         else:
             source = PixelSource.from_slide(slide, 0,
                                             read_ahead=0 if mode == "serial" else read_ahead)
-        boxes = forward_reads(scnn, source.shape)
+        scnn.halo_program(source.shape, training=False)  # planned, as by a first forward
+        boxes = scnn.pooled_reads(source.shape)  # the regions the pooled forward reads
         y0, y1, x0, x1 = boxes[0]
         slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))  # caches warm
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         if mode == "decode":
-            for y0, y1, x0, x1 in boxes:  # the reads a crop plan makes, decode only
+            for y0, y1, x0, x1 in boxes:  # the forward's reads, decode only
                 slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))
         else:
             with torch.no_grad():
@@ -150,16 +151,6 @@ def predict_seconds(path: str, tile: int, mode: str, device=None, read_ahead: in
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return time.perf_counter() - start
-
-
-def forward_reads(scnn, shape) -> list[tuple[int, int, int, int]]:
-    """The input regions a no-grad forward of `scnn` reads on an image of `shape`."""
-    if scnn.engine_for(shape) == "halo":
-        program = scnn.halo_program(shape, training=False)
-        entry = next(e for e in program.nodes if e.kind == "input")
-        return [(entry.rows[r], entry.rows[r + 1], entry.cols[c], entry.cols[c + 1])
-                for r in range(len(entry.rows) - 1) for c in range(len(entry.cols) - 1)]
-    return [t.in_box for t in scnn.plan(shape)]
 
 
 def run(quick: bool = False) -> dict:

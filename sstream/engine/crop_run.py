@@ -18,7 +18,7 @@ from torch import nn
 
 from sstream.engine.saving import GradientSum
 from sstream.engine.tile_io import TileIO, module_dtype
-from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan
+from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan, masked_tiles
 
 OutputGradient = Callable[[Box], "torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None"]
 """The gradient of the stream's output block (y0, y1, x0, x1) (output pixels), or None where
@@ -52,8 +52,7 @@ class CropRun:
         partition the output. With `mask`, tiles that no masked output depends on are
         skipped (neither read nor computed). Progress is reported once the consumer has
         taken a tile."""
-        self.io.expect(tile.in_box for tile in self.plan
-                       if mask is None or mask.any_in(tile.out_box))
+        self.io.expect(tile.in_box for tile in masked_tiles(self.plan, mask))
         for done, tile in enumerate(self.plan, start=1):
             if mask is None or mask.any_in(tile.out_box):
                 with torch.no_grad():

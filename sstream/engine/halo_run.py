@@ -354,8 +354,7 @@ class HaloRun:
         param_grads = GradientSum(params)
         grad_next_top: dict[fx.Node, torch.Tensor] = {}
         done = 0
-        self.io.expect(self._input_box(row, col) for row in reversed(range(rows))
-                       for col in reversed(range(cols)))
+        self.io.expect(reversed(self.program.input_boxes()))
         with param_grads.collecting():  # parameter gradients summed as they come
             for row in reversed(range(rows)):
                 top_saved = self.saved_top.pop()

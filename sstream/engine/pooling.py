@@ -28,7 +28,7 @@ input pixels re-run, with a fixed allowance per block for what a crop costs what
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -193,11 +193,6 @@ def sparse_plan(make_plan: Callable[[tuple[int, int]], TilePlan], tile: tuple[in
     return best[1], sorted(best[2], key=lambda t: (t.row, t.col))
 
 
-def masked_tiles(plan: TilePlan, mask: OutputMask | None) -> Sequence[Tile]:
-    """The plan's tiles whose output block holds a masked position (all without a mask)."""
-    if mask is None:
-        return list(plan)
-    return [tile for tile in plan if mask.any_in(tile.out_box)]
 
 
 def _area(box: Box) -> int:

@@ -40,9 +40,9 @@ from sstream.engine.crop_run import CropRun, GradientWriter, OutputGradient
 from sstream.engine.geometry import StreamGeometry, analyse, meta_call, training_flags
 from sstream.engine.halo_run import HaloRun
 from sstream.engine.halo_schedule import HaloProgram
-from sstream.engine.pooling import GlobalPool, check_mode, masked_tiles, sparse_plan
+from sstream.engine.pooling import GlobalPool, check_mode, sparse_plan
 from sstream.engine.tile_io import TileIO, TileProgress, module_dtype
-from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan, make_plan
+from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan, make_plan, masked_tiles
 
 InputGradSink = Callable[[Box, torch.Tensor], None]
 """Receives (box, gradient) for final blocks of the input gradient, box = (y0, y1, x0, x1) in
@@ -371,7 +371,7 @@ class StreamingCNN(nn.Module):
             if program is not None:
                 return program.input_boxes(None if output_mask is None
                                            else program.tiles_needed(output_mask))
-        return [t.in_box for t in plan if output_mask is None or output_mask.any_in(t.out_box)]
+        return [tile.in_box for tile in masked_tiles(plan, output_mask)]
 
     def _halo_program(self, shape: Sequence[int], plan: TilePlan, training: bool
                       ) -> HaloProgram | None:

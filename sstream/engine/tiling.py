@@ -180,3 +180,10 @@ class OutputMask:
         part = self.mask[..., y0:y1, x0:x1]
         part = part.unsqueeze(1) if self.per_image else part[None, None]
         return part.to(device)
+
+
+def masked_tiles(plan: TilePlan, mask: OutputMask | None) -> list[Tile]:
+    """The plan's tiles whose output block holds a masked position (all without a mask)."""
+    if mask is None:
+        return list(plan)
+    return [tile for tile in plan if mask.any_in(tile.out_box)]

@@ -24,11 +24,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import imagecodecs
 import numpy as np
-import tifffile
 
-__all__ = ["TiffTiles", "default_read_workers", "run_parallel", "set_read_workers"]
+__all__ = ["TiffTiles", "default_read_workers", "run_parallel", "set_read_workers",
+           "wait_quietly"]
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
@@ -89,14 +88,21 @@ def run_parallel(tasks: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
     except BaseException:
         for future in futures:
             future.cancel()
-        for future in futures:
-            if not future.cancelled():
-                try:
-                    future.exception()
-                except BaseException:  # noqa: S110 - the first error is the one raised
-                    pass
+        for future in futures:  # the first error is the one raised
+            wait_quietly(future)
         raise
     return [future.result() for future in futures]
+
+
+def wait_quietly(future: Future) -> None:
+    """Wait until `future` has stopped (at once if it was cancelled), ignoring its error:
+    for work the caller has given up on but must not outlive a buffer or a file."""
+    if future.cancelled():
+        return
+    try:
+        future.exception()
+    except BaseException:  # noqa: S110 - nobody waits for this result any more
+        pass
 
 
 def split_evenly(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
@@ -138,6 +144,10 @@ class TiffTiles:
                            and int(keyframe.photometric) == 6 and self.samples == 3
                            and self.dtype == np.uint8)
         self._jpeg_args = _jpeg_arguments(keyframe) if keyframe.is_tiled else None
+        if self._jpeg_args is not None:
+            import imagecodecs  # on the first TIFF opened, as tifffile is
+
+            self._jpeg_decode = imagecodecs.jpeg_decode
 
     @staticmethod
     def supports(level_series: Any) -> bool:
@@ -215,7 +225,7 @@ class TiffTiles:
             target[...] = 0
             return
         if self._jpeg_args is not None:  # whole tiles: the decoder writes into the buffer
-            tile = imagecodecs.jpeg_decode(data, out=buffer, **self._jpeg_args)
+            tile = self._jpeg_decode(data, out=buffer, **self._jpeg_args)
         else:
             tile, _, _ = self._decode(data, index, jpegtables=self._jpegtables,
                                       jpegheader=self._jpegheader)
@@ -229,6 +239,8 @@ def _jpeg_arguments(keyframe: Any) -> dict[str, Any] | None:
     not say how it decodes JPEG."""
     if int(keyframe.compression) != 7 or getattr(keyframe, "jpegheader", None) is not None:
         return None
+    import tifffile
+
     colorspace_of = getattr(getattr(tifffile, "tifffile", None), "jpeg_decode_colorspace", None)
     if colorspace_of is None:
         return None

@@ -21,6 +21,8 @@ from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+from sstream.io.parallel import wait_quietly
+
 __all__ = ["DEFAULT_READ_AHEAD", "ReadAhead"]
 
 Key = TypeVar("Key", bound=Hashable)
@@ -110,7 +112,7 @@ class ReadAhead(Generic[Key, Value]):
             started = self._drop_started() + self._abandoned
             self._abandoned = []
         for future in started:
-            _wait_quietly(future)
+            wait_quietly(future)
 
     def __enter__(self) -> ReadAhead[Key, Value]:
         return self
@@ -148,12 +150,3 @@ class ReadAhead(Generic[Key, Value]):
             future.cancel()
         self._started.clear()
         return dropped
-
-
-def _wait_quietly(future: Future) -> None:
-    if future.cancelled():
-        return
-    try:
-        future.exception()
-    except BaseException:  # noqa: S110 - a dropped read's failure concerns nobody
-        pass
