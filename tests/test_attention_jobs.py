@@ -10,27 +10,14 @@ from sstream.engine import StreamingCNN
 from sstream.models import ModelConfig, build_model, streamed_logits, training_path
 from sstream.train import TrainConfig, train
 from tests.conftest import float64_training, relative_error
-from tests.test_train_predict import StartInfo, config
+from tests.test_train_predict import assert_both_paths_train_alike
 
 
 def test_attention_pooling_trains_on_the_whole_slide_path_as_on_the_feature_map(tmp_path):
     """Two SGD steps (four images, accumulate 2, augmentation and dropout on): the
     whole-slide path's weights equal the feature-map path's, float64."""
-    settings = config(tmp_path, epochs=1, optimizer="sgd", weight_decay=0.0,
-                      pooling="attention", attention_hidden=8)
-    runs = {}
-    with float64_training():
-        for path in ("whole-slide", "feature map"):
-            settings.whole_slide = path == "whole-slide"
-            events = StartInfo()
-            settings.out = str(tmp_path / path.replace(" ", "_"))
-            result = train(settings, events)
-            assert events.info["path"] == path and result.state.step == 2
-            runs[path] = result.model.state_dict()
+    runs = assert_both_paths_train_alike(tmp_path, pooling="attention", attention_hidden=8)
     assert any(name.startswith("head.pool.attention") for name in runs["feature map"])
-    for name, value in runs["feature map"].items():
-        error = (runs["whole-slide"][name] - value).abs().max() / (value.abs().max() or 1)
-        assert error < 1e-9, name
 
 
 def test_a_masked_attention_model_streams_as_the_plain_model():

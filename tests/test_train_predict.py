@@ -80,7 +80,13 @@ def test_the_whole_slide_path_trains_as_the_feature_map_path(tmp_path):
     """A pooling head trains on the whole-slide path by default (said at start-up): after two
     SGD steps (four images, accumulate 2, augmentation and dropout on) its weights equal
     those of the feature-map path (--no-whole-slide), float64."""
-    settings = config(tmp_path, epochs=1, optimizer="sgd", weight_decay=0.0)
+    assert_both_paths_train_alike(tmp_path)
+
+
+def assert_both_paths_train_alike(tmp_path, **overrides) -> dict:
+    """Train two SGD steps in float64 on the whole-slide path and on the feature-map path
+    (each said at start-up) and assert equal weights; returns the state dicts by path."""
+    settings = config(tmp_path, epochs=1, optimizer="sgd", weight_decay=0.0, **overrides)
     runs = {}
     with float64_training():
         for path in ("whole-slide", "feature map"):
@@ -93,6 +99,7 @@ def test_the_whole_slide_path_trains_as_the_feature_map_path(tmp_path):
     for name, value in runs["feature map"].items():
         error = (runs["whole-slide"][name] - value).abs().max() / (value.abs().max() or 1)
         assert error < 1e-9, name
+    return runs
 
 
 def test_amp_trains_on_the_whole_slide_path(tmp_path):

@@ -60,7 +60,15 @@ def assert_streaming_exact(stream: nn.Module, image: torch.Tensor, tile_size,
     assert actual.output.shape == expected.output.shape
     assert relative_error(actual.output, expected.output) < tolerance
     assert relative_error(actual.image_grad, expected.image_grad) < tolerance
-    assert actual.param_grads.keys() == expected.param_grads.keys()
-    for name, grad in expected.param_grads.items():
-        error = relative_error(actual.param_grads[name], grad)
+    assert_gradients_close(actual.param_grads, expected.param_grads, tolerance)
+
+
+def assert_gradients_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                           tolerance: float) -> None:
+    """The same parameters have gradients, each within `tolerance` (relative), named if not."""
+    from tests.conftest import relative_error
+
+    assert actual.keys() == expected.keys()
+    for name, grad in expected.items():
+        error = relative_error(actual[name], grad)
         assert error < tolerance, f"gradient of {name}: relative error {error:.3g}"

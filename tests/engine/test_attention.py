@@ -16,7 +16,7 @@ from torch import nn
 
 import sstream
 from tests.conftest import assert_autocast_matches_plain, relative_error
-from tests.engine.helpers import randomise_batchnorm
+from tests.engine.helpers import assert_gradients_close, randomise_batchnorm
 from tests.engine.test_exactness import architecture, output_exists
 from tests.engine.test_pooling import count_reruns, random_mask
 from tests.engine.test_tiling import RecordingSource, small_stream
@@ -112,10 +112,7 @@ def assert_attention_exact(stream: nn.Module, attention: nn.Module, image: torch
     assert relative_error(pooled, want) < tolerance
     if image_grad is not None:
         assert relative_error(image_grad, want_image_grad) < tolerance
-    assert grads.keys() == want_grads.keys()
-    for name, grad in want_grads.items():
-        error = relative_error(grads[name], grad)
-        assert error < tolerance, f"gradient of {name}: relative error {error:.3g}"
+    assert_gradients_close(grads, want_grads, tolerance)
     assert_weights_equal(scnn, attention, image, mask, want_softmax, tolerance)
 
 

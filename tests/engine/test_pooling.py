@@ -18,7 +18,7 @@ from torch import nn
 
 import sstream
 from tests.conftest import assert_autocast_matches_plain, relative_error
-from tests.engine.helpers import randomise_batchnorm
+from tests.engine.helpers import assert_gradients_close, randomise_batchnorm
 from tests.engine.test_exactness import architecture, output_exists
 from tests.engine.test_tiling import RecordingSource, small_stream
 
@@ -80,10 +80,7 @@ def assert_pooling_exact(stream: nn.Module, image: torch.Tensor, tile, mode: str
         assert indices is None
     if image_grad is not None:
         assert relative_error(image_grad, want_image_grad) < tolerance
-    assert grads.keys() == want_grads.keys()
-    for name, grad in want_grads.items():
-        error = relative_error(grads[name], grad)
-        assert error < tolerance, f"gradient of {name}: relative error {error:.3g}"
+    assert_gradients_close(grads, want_grads, tolerance)
 
 
 def random_mask(shape: tuple[int, ...], generator: torch.Generator, blob: bool = False
