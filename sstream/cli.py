@@ -19,7 +19,7 @@ import typer
 import typer.core
 from rich.console import Console
 
-from sstream.errors import SstreamError
+from sstream.errors import SstreamError, first_line
 
 if TYPE_CHECKING:  # the jobs are imported when a command runs
     from sstream.saliency import SaliencyConfig
@@ -170,13 +170,9 @@ def user_errors() -> Iterator[None]:
         _fail(exc, EXIT_FAILURE)
     except Exception as exc:
         if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's
-            _fail(RuntimeError(f"{_first_line(exc)} (a smaller --tile-size or a "
+            _fail(RuntimeError(f"{first_line(exc)} (a smaller --tile-size or a "
                                "--memory-budget fits; see estimate-memory)"), EXIT_FAILURE)
         _report_bug(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _report_bug(exc: BaseException) -> None:
@@ -189,7 +185,7 @@ def _report_bug(exc: BaseException) -> None:
         raise exc
     traceback.print_exception(exc, file=sys.stderr)
     err_console.print(f"[bold red]error:[/bold red] a bug in sstream {__version__} "
-                      f"({type(exc).__name__}: {_first_line(exc)}); please report it with "
+                      f"({type(exc).__name__}: {first_line(exc)}); please report it with "
                       "the command and the traceback above", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_FAILURE)
 
@@ -197,7 +193,7 @@ def _report_bug(exc: BaseException) -> None:
 def _fail(exc: BaseException, code: int) -> None:
     if _state["debug"]:
         raise exc
-    message = _first_line(exc)
+    message = first_line(exc)
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
         message = f"{message}: {exc.filename}"
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
@@ -1027,7 +1023,7 @@ def _each_slide(slides: list[Path], describe: Callable[[Path], Any]
         try:
             records.append(describe(path))
         except (SstreamError, ValueError, OSError) as exc:
-            reason = _first_line(exc)
+            reason = first_line(exc)
             failures.append((path, reason if str(path) in reason else f"{path}: {reason}"))
     return records, failures
 

@@ -27,7 +27,7 @@ import torch
 
 from sstream.errors import SstreamError
 from sstream.gpu_decode import JpegRegionReader, jpeg_decoder
-from sstream.io import SlideImage
+from sstream.io import SlideImage, positive_number
 from sstream.io.prefetch import DEFAULT_READ_AHEAD, ReadAhead
 from sstream.io.tissue import TissueMask
 from sstream.task import Classification, Task
@@ -135,7 +135,7 @@ def read_label_csv(path: str | Path, task: Task | None = None,
         patient = row[patient_col].strip() if patient_col is not None and \
             patient_col < len(row) else ""
         mpp_text = row[mpp_col].strip() if mpp_col is not None and mpp_col < len(row) else ""
-        mpp = _positive(mpp_text)
+        mpp = positive_number(mpp_text)
         if mpp_text and mpp is None:
             problems.append(f"line {line}: mpp {mpp_text!r} is not a positive number")
             continue
@@ -171,13 +171,6 @@ def named_samples(images: Sequence[str], csv_path: str | None, task: Task
     return [(str(name), Sample(Path(name), None, 0)) for name in images]
 
 
-def _positive(text: str) -> float | None:
-    """A positive finite number, or None (empty, not a number, or not positive)."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value > 0 else None
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sstream.errors import SstreamError
+from sstream.errors import SstreamError, first_line
 from sstream.runtime import resolve_device
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -100,7 +100,7 @@ class DataParallel:
                 dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
             except Exception as exc:
                 raise RankFailure(f"rank {os.environ.get('RANK', '?')}: could not join the "
-                                  f"{world} training processes ({_first_line(exc)})") from exc
+                                  f"{world} training processes ({first_line(exc)})") from exc
         collective_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         return cls(dist.get_rank(), dist.get_world_size(), collective_device, timeout_s,
                    owns), device
@@ -125,7 +125,7 @@ class DataParallel:
         except Exception as exc:
             raise RankFailure(
                 f"rank {self.rank}: {where}: the other training processes did not answer "
-                f"within {self.timeout_s:g} s or one of them died ({_first_line(exc)}); see "
+                f"within {self.timeout_s:g} s or one of them died ({first_line(exc)}); see "
                 "their errors; --dist-timeout sets how long to wait") from exc
 
     def check(self, error: BaseException | None, where: str) -> None:
@@ -143,7 +143,7 @@ class DataParallel:
         self._collective(where, lambda: dist.all_reduce(failed))
         if not failed.any():
             return
-        messages = self.gather_objects(None if error is None else _first_line(error), where)
+        messages = self.gather_objects(None if error is None else first_line(error), where)
         if error is not None:
             raise error
         ranks = [r for r, message in enumerate(messages) if message is not None]
@@ -248,6 +248,3 @@ def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None
         offset += tensor.numel()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

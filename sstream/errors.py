@@ -14,3 +14,10 @@ from __future__ import annotations
 
 class SstreamError(Exception):
     """An error a user can act on: bad input, options that cannot work, a failed run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): how
+    a cause is quoted inside sstream's own one-line messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

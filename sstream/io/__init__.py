@@ -18,6 +18,7 @@ from sstream.io.reader import (
     ImageReadError,
     SlideImage,
     open_image,
+    positive_number,
     read_downsampled,
     to_rgb8,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "downsample_2x2",
     "make_sample_data",
     "open_image",
+    "positive_number",
     "pyramid_shapes",
     "read_downsampled",
     "to_rgb8",

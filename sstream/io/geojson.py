@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from skimage import draw, measure
 
+from sstream.errors import first_line
 from sstream.io.reader import ImageReadError
 
 __all__ = ["DEFAULT_PERCENTILE", "map_features", "rasterise", "read_polygons",
@@ -129,7 +130,7 @@ def read_polygons(path: str | Path) -> list[Polygon]:
     try:
         document = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ImageReadError(path, f"not a GeoJSON file ({_first_line(exc)})") from None
+        raise ImageReadError(path, f"not a GeoJSON file ({first_line(exc)})") from None
     polygons: list[Polygon] = []
     try:
         for geometry in _geometries(document):
@@ -139,7 +140,7 @@ def read_polygons(path: str | Path) -> list[Polygon]:
             elif kind == "MultiPolygon":
                 polygons.extend(_polygon(p) for p in coordinates)
     except (TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise ImageReadError(path, f"a malformed GeoJSON polygon ({_first_line(exc)})") \
+        raise ImageReadError(path, f"a malformed GeoJSON polygon ({first_line(exc)})") \
             from None
     if not polygons:
         raise ImageReadError(path, "the GeoJSON holds no Polygon or MultiPolygon")
@@ -188,5 +189,3 @@ def rasterise(polygons: list[Polygon], shape: tuple[int, int],
     return mask
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

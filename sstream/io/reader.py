@@ -50,6 +50,7 @@ __all__ = [
     "PIL_MAX_PIXELS",
     "SlideImage",
     "open_image",
+    "positive_number",
     "to_rgb8",
 ]
 
@@ -433,8 +434,8 @@ class SlideImage:
         handles = _OpenSlideHandles(openslide, self.path, slide)
         self._levels = [_OpenSlideLevel(handles, level, background)
                         for level in range(slide.level_count)]
-        self.mpp_x = _positive(self.properties.get("openslide.mpp-x"))
-        self.mpp_y = _positive(self.properties.get("openslide.mpp-y"))
+        self.mpp_x = positive_number(self.properties.get("openslide.mpp-x"))
+        self.mpp_y = positive_number(self.properties.get("openslide.mpp-y"))
         self._associated = {name: (lambda name=name: slide.associated_images[name])
                             for name in slide.associated_images}
 
@@ -808,7 +809,7 @@ def _tiff_mpp(tf) -> tuple[float | None, float | None]:
     if tf.is_svs or description.startswith("Aperio"):
         m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", description)
         if m:
-            mpp = _positive(m.group(1))
+            mpp = positive_number(m.group(1))
             if mpp is not None:
                 return mpp, mpp
     if tf.is_ome and tf.ome_metadata:
@@ -839,7 +840,7 @@ def _ome_mpp(xml: str) -> tuple[float, float] | None:
         if element.tag.endswith("}Pixels") or element.tag == "Pixels":
             sizes = []
             for axis in "XY":
-                value = _positive(element.get(f"PhysicalSize{axis}"))
+                value = positive_number(element.get(f"PhysicalSize{axis}"))
                 unit = element.get(f"PhysicalSize{axis}Unit", "µm")
                 if value is None or unit not in _OME_UNIT_MICRONS:
                     return None
@@ -855,13 +856,15 @@ def _mpp_from_rational(value, microns_per_unit: float) -> float | None:
         if len(value) != 2 or value[1] == 0:
             return None
         value = value[0] / value[1]
-    pixels_per_unit = _positive(value)
+    pixels_per_unit = positive_number(value)
     if pixels_per_unit is None or pixels_per_unit == 1.0:  # 1/1 is the "unset" default
         return None
     return microns_per_unit / pixels_per_unit
 
 
-def _positive(text) -> float | None:
+def positive_number(text: object) -> float | None:
+    """`text` as a positive finite number, or None (missing, not a number, not positive):
+    how a metadata value or a CSV cell that should hold a resolution is read."""
     try:
         value = float(text)
     except (TypeError, ValueError):
