@@ -98,10 +98,12 @@ class StepLoop:
         group_loss, group_tiles, stop_wanted, error = 0.0, 0, False, None
         try:
             for index in parallel.shard(start, stop):
-                source = loads.next()
+                source, mask = loads.next()
                 sample = self.parts.train_samples[int(order[index])]
                 try:
-                    loss = self._train_image(source, sample, stop - start, state)
+                    if mask is _NOT_MADE:
+                        mask = images.sample_output_mask(source, self.parts.scnn, sample)
+                    loss = self._train_image(source, mask, sample, stop - start, state)
                 finally:
                     source.close()
                 tiles = len(self.parts.scnn.plan(source.shape))
@@ -127,11 +129,11 @@ class StepLoop:
         parallel.sum_gradients(self.parts.params, where)
         return GroupResult(loss_sum, int(tiles_sum), bool(stops))
 
-    def _train_image(self, source: PixelSource, sample: Sample, group_size: int,
-                     state: TrainState) -> float:
-        """Forward and backward one image; gradients accumulate (loss / group size)."""
+    def _train_image(self, source: PixelSource, mask: torch.Tensor | None, sample: Sample,
+                     group_size: int, state: TrainState) -> float:
+        """Forward and backward one image (`mask`: its output mask); gradients accumulate
+        (loss / group size)."""
         parts = self.parts
-        mask = images.sample_output_mask(source, parts.scnn, sample)
         with autocast(parts.device, parts.config.amp, parts.amp_dtype):
             logits = streamed_logits(parts.model, parts.scnn, source, mask,  # (1, classes)
                                      whole_slide=parts.config.whole_slide)
@@ -167,18 +169,29 @@ class StepLoop:
         sample = self.parts.train_samples[int(order[index])]
         return self.pool.submit(self._load_ahead, sample, (epoch, 1, index))
 
-    def _load_ahead(self, sample: Sample, seed_keys: tuple[int, ...]) -> PixelSource:
-        """(On the loading thread.) The next image, with the first regions of a lazily read
-        slide already decoding: its tissue mask is made, and the regions its pooled forward
-        will read are announced to the read-ahead, while the current image trains."""
+    def _load_ahead(self, sample: Sample, seed_keys: tuple[int, ...]
+                    ) -> tuple[PixelSource, torch.Tensor | None | object]:
+        """(On the loading thread.) The next image and its output mask, with the first
+        regions of a lazily read slide already decoding: the regions its pooled forward will
+        read are announced to the read-ahead while the current image trains. The mask is
+        made here only where the image's shape has been planned (making it asks for the
+        output's size); elsewhere it is `_NOT_MADE`, for the training thread to make."""
         parts = self.parts
         source = images.load_training_image(sample, parts.config, True, seed_keys,
                                             parts.dtype, parts.tissue)
-        if (source.read_ahead and parts.config.whole_slide
+        if not (source.read_ahead and parts.config.whole_slide
                 and parts.scnn.planned(source.shape)):
-            source.expect(parts.scnn.pooled_reads(
-                source.shape, images.sample_output_mask(source, parts.scnn, sample)))
-        return source
+            return source, _NOT_MADE
+        try:
+            mask = images.sample_output_mask(source, parts.scnn, sample)
+        except BaseException:  # (no tissue under the image:) the slide is not handed on
+            source.close()
+            raise
+        source.expect(parts.scnn.pooled_reads(source.shape, mask))
+        return source, mask
+
+
+_NOT_MADE = object()  # an output mask the loading thread left for the training thread
 
 
 class _Loads:
@@ -189,9 +202,10 @@ class _Loads:
         self.start, self.position = start, 0
         self.pending = start(0)
 
-    def next(self) -> PixelSource:
-        """The next image (waiting for its load); the one after starts loading."""
-        source = self.pending.result()
+    def next(self) -> tuple[PixelSource, torch.Tensor | None | object]:
+        """The next image and its output mask, or `_NOT_MADE` (waiting for its load); the
+        one after starts loading."""
+        loaded = self.pending.result()
         self.position += 1
         self.pending = self.start(self.position)
-        return source
+        return loaded
