@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sstream.errors import SstreamError
+from sstream.errors import InputError, first_line
 from sstream.gpu_decode import JpegRegionReader, jpeg_decoder
 from sstream.io import SlideImage, positive_number
 from sstream.io.prefetch import DEFAULT_READ_AHEAD, ReadAhead
@@ -46,7 +46,7 @@ def _identity(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, x
 
 
-class DatasetError(SstreamError, ValueError):
+class DatasetError(InputError):
     """A label CSV or its images are unusable; the message lists every problem found."""
 
 
@@ -64,6 +64,17 @@ class Sample:
     mask: Path | None = None
     patient: str | None = None
     mpp: float | None = None
+
+
+def read_csv_rows(path: Path) -> list[list[str]]:
+    """A CSV's rows as written, blank rows left out (a UTF-8 byte order mark ignored); a
+    file that is not UTF-8 text or not CSV is a DatasetError naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path}: not a UTF-8 CSV file ({first_line(exc)})") from None
+    return [r for r in rows if any(cell.strip() for cell in r)]
 
 
 def read_label_csv(path: str | Path, task: Task | None = None,
@@ -84,9 +95,7 @@ def read_label_csv(path: str | Path, task: Task | None = None,
     if not path.is_file():
         raise DatasetError(f"{path}: CSV file not found" if not path.exists()
                            else f"{path}: is not a file")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.reader(handle))
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    rows = read_csv_rows(path)
     if not rows:
         raise DatasetError(f"{path}: the CSV is empty (expected header 'image,label')")
     header = [cell.strip().lower() for cell in rows[0]]
@@ -160,14 +169,14 @@ def named_samples(images: Sequence[str], csv_path: str | None, task: Task
         DatasetError: a bad CSV (see `read_label_csv`).
     """
     if csv_path and images:
-        raise ValueError("give images or --csv, not both")
+        raise InputError("give images or --csv, not both")
     if csv_path:
         samples = read_label_csv(csv_path, task, require_labels=False)
         root = Path(csv_path).parent.resolve()
         return [(str(s.image.relative_to(root) if s.image.is_relative_to(root) else s.image),
                  s) for s in samples]
     if not images:
-        raise ValueError("no images given: pass image paths or --csv list.csv")
+        raise InputError("no images given: pass image paths or --csv list.csv")
     return [(str(name), Sample(Path(name), None, 0)) for name in images]
 
 
@@ -277,7 +286,7 @@ class PixelSource:
                  slide: SlideImage | None = None, level0: PointMap = _identity,
                  read_ahead: int = 0) -> None:
         if height <= 0 or width <= 0:
-            raise ValueError(f"image has no pixels ({width} x {height})")
+            raise InputError(f"image has no pixels ({width} x {height})")
         self._read_rgb, self.height, self.width = read_rgb, int(height), int(width)
         self.colour, self.dtype = colour, dtype
         self._slide = slide  # closed by `close()`: the source owns it

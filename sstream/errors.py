@@ -16,6 +16,12 @@ class SstreamError(Exception):
     """An error a user can act on: bad input, options that cannot work, a failed run."""
 
 
+class InputError(SstreamError, ValueError):
+    """A value sstream was given that cannot work (an option, a CSV cell, a file's contents),
+    with a message naming it. It is a ValueError too, so code that validated with
+    `except ValueError` before keeps working; a plain ValueError from elsewhere is a bug."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none): how
     a cause is quoted inside sstream's own one-line messages."""

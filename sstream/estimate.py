@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sstream.engine.memory import MemoryEstimate, MemoryRow, estimate_training_memory
+from sstream.errors import InputError
 from sstream.models import MODEL_NAMES, ModelConfig, build_model
 from sstream.options import Options, option
 from sstream.runtime import parse_bytes
@@ -94,7 +95,7 @@ def parse_size(text: str) -> tuple[int, int]:
     """'8192' (square) or '8192x6144' (width x height) -> (height, width); ValueError else."""
     match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX]\s*([0-9]+))?\s*", text)
     if not match or int(match.group(1)) <= 0 or (match.group(2) and int(match.group(2)) <= 0):
-        raise ValueError(f"image size must be a positive integer or WIDTHxHEIGHT (e.g. 8192 or "
+        raise InputError(f"image size must be a positive integer or WIDTHxHEIGHT (e.g. 8192 or "
                          f"8192x6144), got {text!r}")
     width = int(match.group(1))
     height = int(match.group(2)) if match.group(2) else width
@@ -107,7 +108,7 @@ def parse_tile_size(text: str | int) -> int:
         value = int(text)
         if value > 0:
             return value
-    raise ValueError(f"tile size must be a positive integer (pixels), got {text!r}")
+    raise InputError(f"tile size must be a positive integer (pixels), got {text!r}")
 
 
 def format_bytes(n: float) -> str:
@@ -207,16 +208,16 @@ def estimate_memory(config: EstimateConfig) -> MemoryReport:
     model_name, sizes, stream_layers = config.model, config.image_size, config.stream_layers
     budget, engine, dtype = config.memory_budget, config.engine, config.dtype
     if model_name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {model_name!r}; valid models: {', '.join(MODEL_NAMES)}")
+        raise InputError(f"unknown model {model_name!r}; valid models: {', '.join(MODEL_NAMES)}")
     if not sizes:
-        raise ValueError("give at least one image size (--image-size 8192 or 8192x6144)")
+        raise InputError("give at least one image size (--image-size 8192 or 8192x6144)")
     parsed_sizes = [parse_size(s) for s in sizes]
     tiles = sorted({parse_tile_size(t) for t in config.tile_size})
     budget_bytes = parse_bytes(budget) if budget is not None else None
     for height, width in parsed_sizes:
         for tile in tiles:
             if tile > min(height, width):
-                raise ValueError(f"tile size {tile} is larger than the image {width}x{height}")
+                raise InputError(f"tile size {tile} is larger than the image {width}x{height}")
     model = build_model(ModelConfig(model_name, num_classes=config.num_classes,
                                     stream_layers=stream_layers, pooling=config.pooling))
     result = MemoryReport(model_name, stream_layers, engine, dtype, config.optimizer,

@@ -25,6 +25,7 @@ import os
 import numpy as np
 import torch
 
+from sstream.errors import InputError
 from sstream.io import SlideImage
 
 __all__ = ["JPEG_DECODERS", "JpegRegionReader", "jpeg_decoder"]
@@ -38,7 +39,7 @@ def jpeg_decoder() -> str:
     when the model runs on CUDA, "cpu" always with the CPU pool."""
     choice = os.environ.get("SSTREAM_JPEG_DECODER", "auto").strip().lower() or "auto"
     if choice not in JPEG_DECODERS:
-        raise ValueError(f"SSTREAM_JPEG_DECODER must be one of {', '.join(JPEG_DECODERS)}, "
+        raise InputError(f"SSTREAM_JPEG_DECODER must be one of {', '.join(JPEG_DECODERS)}, "
                          f"got {choice!r}")
     return choice
 
@@ -69,7 +70,7 @@ class JpegRegionReader:
             return out
         tiles = self.slide.jpeg_tiles(self.level, (iy0, iy1, ix0, ix1))
         if tiles is None:
-            raise ValueError(f"{self.slide.path}: level {self.level} is not JPEG tiles")
+            raise InputError(f"{self.slide.path}: level {self.level} is not JPEG tiles")
         out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = 0  # sparse tiles read as black
         files = [(box, data) for box, data in tiles if data is not None]
         decoded = self._decode([data for _, data in files])

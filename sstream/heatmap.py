@@ -34,7 +34,7 @@ from torch import nn
 from sstream.engine import StreamingCNN
 from sstream.engine.pooling import GlobalPool
 from sstream.engine.tiling import OutputMask
-from sstream.errors import SstreamError
+from sstream.errors import InputError
 from sstream.io import TiffMapWriter
 from sstream.io.geojson import DEFAULT_PERCENTILE, map_features, threshold_at, write_geojson
 from sstream.models import Classifier, head_global_pool, load_checkpoint, minimum_input_size
@@ -54,7 +54,7 @@ HeatmapProgress = Callable[[str, int, int], None]
 """Called as (phase, tiles done, tiles in all)."""
 
 
-class HeatmapError(SstreamError, ValueError):
+class HeatmapError(InputError):
     """A model or option that has no heatmap (one line)."""
 
 
@@ -149,7 +149,7 @@ def compute_heatmap(slide_path: str | os.PathLike, checkpoint: str | os.PathLike
         source.stain = slide_normaliser(model.config.stain_normalize, read)
         smallest = minimum_input_size(model)
         if min(source.height, source.width) < smallest:
-            raise ValueError(f"{read.slide.path}: the image read is {source.width} x "
+            raise InputError(f"{read.slide.path}: the image read is {source.width} x "
                              f"{source.height} pixels, smaller than the {smallest} x "
                              f"{smallest} the model accepts")
         scnn = StreamingCNN(model.stream, config.tile_size)

@@ -21,6 +21,8 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
+from sstream.errors import InputError
+
 
 def binary_auc(scores: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve (ties count half); NaN when only one class is present."""
@@ -145,7 +147,7 @@ def patient_level(predictions: np.ndarray, labels: Sequence, patients: Sequence[
     for patient, indices in rows.items():
         found = {_hashable(labels[i]) for i in indices}
         if len(found) > 1:
-            raise ValueError(f"patient {patient!r} has slides with different labels "
+            raise InputError(f"patient {patient!r} has slides with different labels "
                              f"({', '.join(sorted(map(str, found)))})")
         combined.append(predictions[indices].mean(0))
         patient_labels.append(labels[indices[0]])

@@ -56,7 +56,7 @@ from torch import nn
 from sstream.engine.attention import AttentionPooling
 from sstream.engine.geometry import eval_mode, meta_call
 from sstream.engine.pooling import head_global_pool
-from sstream.errors import SstreamError
+from sstream.errors import InputError, SstreamError
 from sstream.runtime import autocast
 from sstream.task import TASKS, TargetScale
 
@@ -148,35 +148,35 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; expected some of "
+            raise InputError(f"unknown model config keys {unknown}; expected some of "
                              f"{sorted(known)}")
         return cls(**d)
 
     def validate(self) -> None:
         """Raise ValueError for an unknown name, split point, pooling or a bad number."""
         if self.name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.name!r}; valid models: "
+            raise InputError(f"unknown model {self.name!r}; valid models: "
                              f"{', '.join(MODEL_NAMES)}")
         valid = split_names(self.name)
         if self.stream_layers is not None and self.stream_layers not in valid:
-            raise ValueError(f"unknown stream_layers {self.stream_layers!r} for {self.name}; "
+            raise InputError(f"unknown stream_layers {self.stream_layers!r} for {self.name}; "
                              f"valid split points: {', '.join(valid)} (or None for the "
                              "whole trunk)")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}; valid: {', '.join(POOLINGS)}")
+            raise InputError(f"unknown pooling {self.pooling!r}; valid: {', '.join(POOLINGS)}")
         if int(self.attention_hidden) != self.attention_hidden or self.attention_hidden < 1:
-            raise ValueError(f"attention_hidden must be a positive integer, got "
+            raise InputError(f"attention_hidden must be a positive integer, got "
                              f"{self.attention_hidden}")
         if int(self.num_classes) != self.num_classes or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes}")
+            raise InputError(f"num_classes must be a positive integer, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.tissue not in ("auto", "none"):
-            raise ValueError(f"tissue must be 'auto' or 'none', got {self.tissue!r}")
+            raise InputError(f"tissue must be 'auto' or 'none', got {self.tissue!r}")
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; valid: {', '.join(TASKS)}")
+            raise InputError(f"unknown task {self.task!r}; valid: {', '.join(TASKS)}")
         if self.task == "regression" and len(self.targets or ()) != self.num_classes:
-            raise ValueError(f"a regression model has one output per target: "
+            raise InputError(f"a regression model has one output per target: "
                              f"{self.num_classes} outputs, targets {self.targets}")
 
 
@@ -221,7 +221,7 @@ class Classifier(nn.Module):
             return self.head(features)
         pooling = head_global_pool(self.head)
         if pooling is None:
-            raise ValueError("a mask needs a head that starts with global pooling (stream "
+            raise InputError("a mask needs a head that starts with global pooling (stream "
                              "the whole trunk: no --stream-layers)")
         if pooling == "attention":
             return self.head[1:](self.head[0](features, mask))  # (N, 1, C') -> (N, outputs)
@@ -287,7 +287,7 @@ _SPLITS: dict[str, tuple[str, ...]] = {
 def split_names(name: str) -> tuple[str, ...]:
     """Valid `stream_layers` values for model `name` (ValueError for an unknown model)."""
     if name not in _SPLITS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+        raise InputError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
     return _SPLITS[name]
 
 
@@ -395,7 +395,7 @@ def build_model(config: ModelConfig, weights: str | Path | None = None,
     """
     config.validate()
     if weights is not None and pretrained:
-        raise ValueError("give either weights=PATH or pretrained=True, not both")
+        raise InputError("give either weights=PATH or pretrained=True, not both")
     backbone = _BUILDERS[config.name]()
     if weights is not None:
         load_backbone_weights(backbone.module, weights, backbone.ignored_prefixes,
@@ -442,7 +442,7 @@ def _torch_load(path: Path, what: str, advice: str, map_location: str | torch.de
     except Exception as exc:  # noqa: BLE001 - the unpickler's errors are anybody's
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() \
             else type(exc).__name__
-        raise ValueError(f"{path}: not a readable {what} (not a torch file, or a truncated or "
+        raise InputError(f"{path}: not a readable {what} (not a torch file, or a truncated or "
                          f"corrupted one: {first}); {advice}") from None
 
 
@@ -452,7 +452,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
-        raise ValueError(f"{path}: expected a state dict (parameter name -> tensor)")
+        raise InputError(f"{path}: expected a state dict (parameter name -> tensor)")
     return loaded
 
 
@@ -482,7 +482,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path,
             parts.append(f"unexpected keys: {_summarise(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches: {_summarise(shapes, 2)}")
-        raise ValueError(f"{path}: weights do not fit {what or type(backbone).__name__} "
+        raise InputError(f"{path}: weights do not fit {what or type(backbone).__name__} "
                          f"(another architecture?): {'; '.join(parts)}")
     backbone.load_state_dict(given, strict=False)
 
@@ -493,7 +493,7 @@ class WeightsUnavailable(SstreamError, RuntimeError):
 
 def _load_pretrained(backbone: _Backbone, name: str) -> None:
     if name == "tiny":
-        raise ValueError("no pretrained weights exist for 'tiny'; use a torchvision model")
+        raise InputError("no pretrained weights exist for 'tiny'; use a torchvision model")
     try:
         weights = _torchvision().models.get_model_weights(name).DEFAULT
         state = weights.get_state_dict(progress=False)
@@ -531,7 +531,7 @@ def streamed_logits(model: Classifier, scnn: StreamingCNN,
         pooled, _ = scnn.global_pool(source, pool, mask=mask, input_grad_sink=input_grad_sink)
         return model.head[1:](pooled[..., None, None])  # (N, C') -> (N, classes)
     if mask is not None:
-        raise ValueError("a tissue mask needs the whole-slide path: a head that starts with "
+        raise InputError("a tissue mask needs the whole-slide path: a head that starts with "
                          "global pooling (stream the whole trunk: no --stream-layers)")
     return model.head(scnn(source, input_grad_sink=input_grad_sink))
 
@@ -569,7 +569,7 @@ def minimum_input_size(model: Classifier | nn.Module, channels: int = 3) -> int:
                 return side
             except (RuntimeError, ValueError):
                 continue
-    raise ValueError("the model accepts no input up to 1024 x 1024 pixels")
+    raise InputError("the model accepts no input up to 1024 x 1024 pixels")
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,22 +635,22 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     payload = _torch_load(path, "checkpoint", _CHECKPOINT_ADVICE, map_location, data)
     if not isinstance(payload, dict) or "format" not in payload:
-        raise ValueError(f"{path}: {_what_it_is(payload)}, not an sstream checkpoint; "
+        raise InputError(f"{path}: {_what_it_is(payload)}, not an sstream checkpoint; "
                          f"{_CHECKPOINT_ADVICE}")
     if payload["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {payload['format']!r} "
+        raise InputError(f"{path}: unsupported checkpoint format {payload['format']!r} "
                          f"(this version reads {CHECKPOINT_FORMAT!r})")
     seal_record = payload.get(INTEGRITY_KEY)
     if seal_record is not None:
         body = {k: v for k, v in payload.items() if k != INTEGRITY_KEY}
         if not isinstance(seal_record, dict) or seal_record.get("blake2b") != \
                 payload_digest(body):
-            raise ValueError(f"{path}: corrupted: its contents do not match the checksum "
+            raise InputError(f"{path}: corrupted: its contents do not match the checksum "
                              "written with it (a damaged copy?); use another copy, or "
                              "best.pt / last.pt of the run")
     for key in ("model_config", "model"):
         if not isinstance(payload.get(key), dict):
-            raise ValueError(f"{path}: sstream checkpoint without a valid {key!r} entry")
+            raise InputError(f"{path}: sstream checkpoint without a valid {key!r} entry")
     return payload
 
 
@@ -682,11 +682,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         config = ModelConfig.from_dict(payload["model_config"])
         model = build_model(config)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: bad model_config: {exc}") from None
+        raise InputError(f"{path}: bad model_config: {exc}") from None
     try:
         model.load_state_dict(payload["model"], strict=True)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:300]
-        raise ValueError(f"{path}: weights do not fit the model config {config}: {first}"
+        raise InputError(f"{path}: weights do not fit the model config {config}: {first}"
                          ) from None
     return model.eval()

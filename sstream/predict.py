@@ -22,6 +22,7 @@ import torch
 from sstream.data import named_samples
 from sstream.distributed import DataParallel
 from sstream.engine import StreamingCNN
+from sstream.errors import InputError
 from sstream.io import atomic_output
 from sstream.models import head_global_pool, load_checkpoint, model_outputs
 from sstream.options import AS_TRAINED, ASSUME_MPP_HELP, DEVICE_HELP, Options, option
@@ -64,7 +65,7 @@ class PredictConfig(Options):
         """ValueError for options that cannot work (the read options: ReadSpecError)."""
         ReadSpec(self.level, self.mpp, self.assume_mpp, self.image_size)
         if self.tile_size is not None and self.tile_size <= 0:
-            raise ValueError("--tile-size must be positive")
+            raise InputError("--tile-size must be positive")
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _predict(config: PredictConfig, events: PredictEvents, parallel: DataParalle
                               config.assume_mpp)
     if config.whole_image:
         if config.image_size is not None:
-            raise ValueError("give --image-size N|WxH or whole, not both")
+            raise InputError("give --image-size N|WxH or whole, not both")
         spec = replace(spec, image_size=None)
     scnn = StreamingCNN(model.stream, config.tile_size or model.config.tile_size
                         or DEFAULT_TILE)
@@ -136,11 +137,11 @@ def _predict(config: PredictConfig, events: PredictEvents, parallel: DataParalle
     inputs = named_samples(config.images, config.csv, task)
     tissue = Tissue.parse(spec.tissue, model.config.tissue)
     if tissue.is_file and len(inputs) > 1:
-        raise ValueError("--tissue PATH is the mask of one slide; give each slide its mask "
+        raise InputError("--tissue PATH is the mask of one slide; give each slide its mask "
                          "in the CSV's mask column")
     if head_global_pool(model.head) is None and (tissue.choice != "none" or any(
             sample.mask for _, sample in inputs)):
-        raise ValueError("tissue masks need a model whose head starts with global pooling "
+        raise InputError("tissue masks need a model whose head starts with global pooling "
                          "(trained without --stream-layers); use --tissue none")
     events.on_start(len(inputs))
     outcomes: list[tuple[int, Prediction | None, str | None]] = []  # (position, ...)

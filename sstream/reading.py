@@ -27,7 +27,7 @@ import torch
 
 from sstream.data import Box, PixelSource, Sample, fit_window
 from sstream.engine import StreamingCNN
-from sstream.errors import SstreamError
+from sstream.errors import InputError
 from sstream.io import SlideImage, open_image
 from sstream.io.prefetch import DEFAULT_READ_AHEAD
 from sstream.io.resample import ResampledLevel, Resolution, resolve_read
@@ -39,7 +39,7 @@ __all__ = ["ModelInput", "ReadSpec", "ReadSpecError", "SlideRead", "model_input"
 RECORDED = ("level", "mpp", "image_size")  # what a checkpoint keeps of the spec
 
 
-class ReadSpecError(SstreamError, ValueError):
+class ReadSpecError(InputError):
     """Read options that cannot work together (the CLI answers them as usage errors)."""
 
 
@@ -149,12 +149,7 @@ class ReadSpec:
     def resolve(self, slide: SlideImage, slide_mpp: float | None = None) -> Resolution:
         """The level read and its scale for this slide (`slide_mpp`: the CSV's value for a
         slide that states none; else `assume_mpp`)."""
-        try:
-            return resolve_read(slide, self.level, self.mpp, slide_mpp or self.assume_mpp)
-        except ValueError as exc:
-            if isinstance(exc, SstreamError):
-                raise
-            raise ReadSpecError(str(exc)) from None
+        return resolve_read(slide, self.level, self.mpp, slide_mpp or self.assume_mpp)
 
     def open(self, image: Sample | str | Path, generator: np.random.Generator | None = None,
              read_ahead: int = DEFAULT_READ_AHEAD) -> SlideRead:

@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from sstream.errors import InputError
+
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -22,22 +24,22 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     if not match or unit not in _BYTE_UNITS:
-        raise ValueError(f"cannot parse memory budget {text!r}: write e.g. 12GiB (12 * 2**30 "
+        raise InputError(f"cannot parse memory budget {text!r}: write e.g. 12GiB (12 * 2**30 "
                          "bytes), 12GB (12e9 bytes), 500MiB or a number of bytes")
     value = float(match.group(1)) * _BYTE_UNITS[unit]
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"memory budget must be positive, got {text!r}")
+        raise InputError(f"memory budget must be positive, got {text!r}")
     return int(value)
 
 
 def resolve_device(name: str) -> torch.device:
     """'auto' is CUDA when available, else CPU; 'cuda' without a GPU is an error."""
     if name not in DEVICES and not name.startswith("cuda:"):
-        raise ValueError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
+        raise InputError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+        raise InputError("--device cuda was asked for, but no CUDA GPU is available")
     return torch.device(name)
 
 
@@ -45,7 +47,7 @@ def amp_dtype(device: torch.device, requested: str | None) -> torch.dtype:
     """The autocast dtype: as requested, else fp16 on CUDA and bf16 on CPU."""
     if requested is not None:
         if requested not in AMP_DTYPES:
-            raise ValueError(f"unknown AMP dtype {requested!r}; use bf16 or fp16")
+            raise InputError(f"unknown AMP dtype {requested!r}; use bf16 or fp16")
         return AMP_DTYPES[requested]
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 

@@ -79,7 +79,7 @@ import torch
 from sstream.data import PixelSource, Sample, named_samples
 from sstream.distributed import DataParallel
 from sstream.engine import StreamingCNN
-from sstream.errors import SstreamError
+from sstream.errors import InputError
 from sstream.io import TiffMapWriter, atomic_output, read_downsampled
 from sstream.io.colormap import inferno
 from sstream.io.geojson import DEFAULT_PERCENTILE, map_features, write_geojson
@@ -118,7 +118,7 @@ SaliencyProgress = Callable[[str, int, int], None]
 (uint8 only) counts rows of the map."""
 
 
-class SaliencyOptionError(SstreamError, ValueError):
+class SaliencyOptionError(InputError):
     """An option value that cannot work (class out of range, unknown method...)."""
 
 
@@ -327,7 +327,7 @@ def compute_saliency(
         level, height, width = resolution.level, source.height, source.width
         smallest = minimum_input_size(model)
         if min(height, width) < smallest:
-            raise ValueError(f"{slide.path}: the image read ({spec.resolution_text}) is "
+            raise InputError(f"{slide.path}: the image read ({spec.resolution_text}) is "
                              f"{width} x {height} pixels, smaller than the {smallest} x "
                              f"{smallest} the model accepts")
         stream = StreamingCNN(model.stream, config.tile_size)
@@ -497,7 +497,7 @@ def saliency_for_slides(
         inputs = named_samples(list(slides), None if csv is None else str(csv),
                                task_for_model(model))
         if Tissue.parse(config.tissue).is_file and len(inputs) > 1:
-            raise ValueError("--tissue PATH is the mask of one slide; give each slide its mask "
+            raise InputError("--tissue PATH is the mask of one slide; give each slide its mask "
                              "in the CSV's mask column")
         paths = _slide_outputs([sample.image for _, sample in inputs], out_dir, overviews)
         mine = parallel.shard(0, len(inputs))
@@ -538,7 +538,7 @@ def _slide_outputs(slides: list[Path], out_dir: str | os.PathLike | None, overvi
     for slide, (map_path, _) in zip(slides, paths):
         other = first.setdefault(map_path.resolve(), slide)
         if other != slide:
-            raise ValueError(f"{other} and {slide} would both write {map_path}: rename one, "
+            raise InputError(f"{other} and {slide} would both write {map_path}: rename one, "
                              "or map them into different folders")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

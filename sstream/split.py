@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from sstream.data import Sample, read_label_csv
+from sstream.data import Sample, read_csv_rows, read_label_csv
+from sstream.errors import InputError
 from sstream.io import atomic_output
 from sstream.options import Options, option
 from sstream.task import TASKS, Classification, Regression, Task
@@ -59,7 +60,7 @@ class SplitConfig(Options):
                   (self.bins >= 2, "--bins must be at least 2")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InputError(message)
 
 
 @dataclass
@@ -142,13 +143,13 @@ def _check_enough(strata: np.ndarray, strata_name: str, groups: np.ndarray,
     patients = len(set(groups))
     need = config.folds * (2 if config.test_fraction > 0 and not where else 1)
     if patients < need:
-        raise ValueError(f"{config.csv}: {patients} patients are too few for {config.folds} "
+        raise InputError(f"{config.csv}: {patients} patients are too few for {config.folds} "
                          f"folds{' and a test set' if config.test_fraction else ''} "
                          f"(need at least {need})")
     for stratum in sorted(set(strata)):
         holders = len(set(groups[strata == stratum]))
         if holders < config.folds:
-            raise ValueError(f"{config.csv}: {strata_name} {stratum} has {holders} patients"
+            raise InputError(f"{config.csv}: {strata_name} {stratum} has {holders} patients"
                              f"{' ' + where if where else ''}, fewer than --folds "
                              f"{config.folds}: some folds would have none of it in "
                              "validation; use fewer folds")
@@ -156,8 +157,7 @@ def _check_enough(strata: np.ndarray, strata_name: str, groups: np.ndarray,
 
 def _raw_rows(path: Path) -> tuple[list[str], dict[int, list[str]]]:
     """The header and every row as written, by line number (as `Sample.row`)."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = [r for r in csv.reader(handle) if any(cell.strip() for cell in r)]
+    rows = read_csv_rows(path)
     return rows[0], {line: row for line, row in enumerate(rows[1:], start=2)}
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sstream.errors import InputError
 from sstream.io import SlideImage, read_downsampled
 
 STAIN_NORMALISERS = ("macenko", "reinhard")
@@ -182,7 +183,7 @@ def _tissue_od(rgb: np.ndarray) -> np.ndarray:
     od = -np.log(np.maximum(rgb.reshape(-1, 3).astype(np.float64) / 255.0, _FLOOR))
     tissue = od[(od > OD_TISSUE).all(1)]
     if len(tissue) < 16:
-        raise ValueError("no stained tissue to fit the stain normaliser on (fewer than 16 "
+        raise InputError("no stained tissue to fit the stain normaliser on (fewer than 16 "
                          f"pixels with optical density above {OD_TISSUE})")
     return tissue
 
@@ -195,7 +196,7 @@ def fit_normaliser(method: str, slide: SlideImage, level: int = 0) -> PixelTrans
     docstring), once per file and level in this process (training opens each slide every
     epoch). ValueError for another method or a slide without stained tissue."""
     if method not in STAIN_NORMALISERS:
-        raise ValueError(f"--stain-normalize must be one of {', '.join(STAIN_NORMALISERS)}, "
+        raise InputError(f"--stain-normalize must be one of {', '.join(STAIN_NORMALISERS)}, "
                          f"got {method!r}")
     path = Path(slide.path)
     key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, level, method)
@@ -213,7 +214,7 @@ def _fit(method: str, slide: SlideImage, level: int) -> PixelTransform:
     try:
         return Macenko.fit(thumbnail) if method == "macenko" else Reinhard.fit(thumbnail)
     except ValueError as exc:
-        raise ValueError(f"{slide.path}: {exc}") from None
+        raise InputError(f"{slide.path}: {exc}") from None
 
 
 def chain(*transforms: PixelTransform | None) -> PixelTransform | None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
+from sstream.errors import InputError
 from sstream.metrics import (
     bootstrap_auc,
     classification_metric_names,
@@ -77,7 +78,7 @@ class Classification:
     # -- labels --
     def label_columns(self, header: list[str]) -> list[int]:
         if "label" not in header:
-            raise ValueError("expected a 'label' column")
+            raise InputError("expected a 'label' column")
         return [header.index("label")]
 
     def scan(self, texts: list[str]) -> None:
@@ -92,23 +93,23 @@ class Classification:
         if not found or any(_is_integer(t) for t in found):
             return
         if len(found) < 2:
-            raise ValueError(f"only one class ({', '.join(found)}) in the labels")
+            raise InputError(f"only one class ({', '.join(found)}) in the labels")
         self.names, self.num_classes = tuple(found), len(found)
 
     def parse_label(self, texts: list[str]) -> int:
         """One row's label; ValueError naming what is wrong (the CSV reader adds the line)."""
         if self.names is not None:
             if texts[0] not in self.names:
-                raise ValueError(f"label {texts[0]!r} is not one of the classes "
+                raise InputError(f"label {texts[0]!r} is not one of the classes "
                                  f"{', '.join(self.names)}")
             return self.names.index(texts[0])
         try:
             label = int(texts[0])
         except ValueError:
-            raise ValueError(f"label {texts[0]!r} is not an integer") from None
+            raise InputError(f"label {texts[0]!r} is not an integer") from None
         if label < 0 or (self.num_classes is not None and label >= self.num_classes):
             upper = f"{self.num_classes - 1}" if self.num_classes else "..."
-            raise ValueError(f"label {label} out of range 0..{upper}")
+            raise InputError(f"label {label} out of range 0..{upper}")
         return label
 
     def fit(self, labels: list[int]) -> None:
@@ -230,14 +231,14 @@ class Classification:
             return self.class_names.index(chosen)
         if isinstance(chosen, int) or _is_integer(chosen):
             return int(chosen)
-        raise ValueError(f"no class {chosen!r}: the model's classes are "
+        raise InputError(f"no class {chosen!r}: the model's classes are "
                          f"{', '.join(self.class_names)}")
 
     def output_name(self, index: int) -> str:
         """'class NAME' ('class K' without names); ValueError when the model has no such
         class."""
         if not 0 <= index < self.outputs:
-            raise ValueError(f"class {index} out of range: the model has {self.outputs} "
+            raise InputError(f"class {index} out of range: the model has {self.outputs} "
                              f"classes (0..{self.outputs - 1}: "
                              f"{', '.join(self.class_names)})")
         return f"class {self.class_names[index]}"
@@ -278,7 +279,7 @@ class Regression:
 
     def __post_init__(self) -> None:
         if self.loss_name not in LOSSES:
-            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got "
+            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got "
                              f"{self.loss_name!r}")
 
     # -- labels --
@@ -288,7 +289,7 @@ class Regression:
         columns = self._columns("label")
         missing = [c for c in columns if c not in header]
         if missing:
-            raise ValueError(f"expected the target columns {', '.join(columns)} (missing "
+            raise InputError(f"expected the target columns {', '.join(columns)} (missing "
                              f"{', '.join(missing)})")
         return [header.index(c) for c in columns]
 
@@ -298,9 +299,9 @@ class Regression:
             try:
                 value = float(text)
             except ValueError:
-                raise ValueError(f"{column} {text!r} is not a number") from None
+                raise InputError(f"{column} {text!r} is not a number") from None
             if not math.isfinite(value):
-                raise ValueError(f"{column} is {text}, not a finite number")
+                raise InputError(f"{column} is {text}, not a finite number")
             values.append(value)
         return tuple(values)
 
@@ -399,7 +400,7 @@ class Regression:
         """'target NAME' ('the predicted value' for one `label` column); ValueError when
         the model has no such target."""
         if not 0 <= index < self.outputs:
-            raise ValueError(f"target {index} out of range: the model predicts "
+            raise InputError(f"target {index} out of range: the model predicts "
                              f"{self.outputs} target(s) (0..{self.outputs - 1})")
         return "the predicted value" if self.targets == ("label",) else \
             f"target {self.targets[index]}"
@@ -488,11 +489,11 @@ def _target_names(header: list[str]) -> tuple[str, ...]:
     named = tuple(c[len("label_"):] for c in header if c.startswith("label_") and
                   len(c) > len("label_"))
     if "label" in header and named:
-        raise ValueError("give one 'label' column or several 'label_<name>' columns, not both")
+        raise InputError("give one 'label' column or several 'label_<name>' columns, not both")
     if "label" in header:
         return ("label",)
     if not named:
-        raise ValueError("expected a 'label' column (or 'label_<name>' columns, one per "
+        raise InputError("expected a 'label' column (or 'label_<name>' columns, one per "
                          "target)")
     return named
 

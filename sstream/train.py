@@ -44,6 +44,7 @@ import torch
 
 from sstream.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from sstream.engine import ENGINES
+from sstream.errors import InputError, first_line
 from sstream.models import Classifier
 from sstream.options import ASSUME_MPP_HELP, DEVICE_HELP, Options, option
 from sstream.reading import ReadSpec
@@ -191,7 +192,7 @@ class TrainConfig(Options):
     def validate(self) -> None:
         """Raise ValueError for options that cannot work together."""
         if not self.train_csv:
-            raise ValueError("--train-csv is required")
+            raise InputError("--train-csv is required")
         self.read_spec()
         checks = [
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
@@ -224,7 +225,7 @@ class TrainConfig(Options):
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InputError(message)
 
     def read_spec(self, tissue: str | None = None) -> ReadSpec:
         """How this run reads its images (ReadSpecError for options that cannot work)."""
@@ -366,7 +367,11 @@ def resume_config(out: str | Path, given: dict[str, Any] | None = None) -> Train
     """
     path = Path(out) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{out}: not a training directory (no config.json)")
-    saved = TrainConfig.from_dict(json.loads(path.read_text()))
+        raise InputError(f"{out}: not a training directory (no config.json)")
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable run configuration ({first_line(exc)})"
+                         ) from None
     changes = check_resume(saved, given or {}, out)
     return TrainConfig.from_dict({**saved.to_dict(), **changes, "out": str(out)})

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from sstream.engine import StreamingCNN
 from sstream.engine.memory import LiveBytes, estimate_training_memory
+from sstream.errors import InputError
 from sstream.models import (
     Classifier,
     ModelConfig,
@@ -71,10 +72,10 @@ class VerifyConfig(Options):
     def validate(self) -> None:
         """ValueError for options that cannot work."""
         if self.dtype not in TOLERANCES:
-            raise ValueError(f"--dtype must be one of {', '.join(TOLERANCES)}, got "
+            raise InputError(f"--dtype must be one of {', '.join(TOLERANCES)}, got "
                              f"{self.dtype!r}")
         if min(self.image_size) <= 0 or self.tile_size <= 0:
-            raise ValueError("--image-size and --tile-size must be positive")
+            raise InputError("--image-size and --tile-size must be positive")
 
     def read_spec(self) -> ReadSpec:
         """How `image` is read (level or mpp; the tissue is not used)."""

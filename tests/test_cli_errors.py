@@ -22,6 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sstream.cli import app
+from sstream.errors import InputError
 from sstream.models import ModelConfig, build_model, checkpoint_payload
 
 USAGE, FAILURE = 2, 1
@@ -321,21 +322,24 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_bug_shows_its_traceback_and_asks_for_a_report(tmp_path, monkeypatch):
-    """An exception sstream did not raise on purpose is not dressed up as a user error."""
+@pytest.mark.parametrize("error, shown", [(KeyError("levels"), "KeyError: 'levels'"),
+                                          (ValueError("bad value"), "ValueError: bad value")])
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(error, shown, tmp_path, monkeypatch):
+    """An exception sstream did not raise on purpose (a plain ValueError included: ours are
+    InputErrors) is not dressed up as a user error."""
     import sstream.io.info
 
     def broken(*_args, **_kwargs):
-        raise KeyError("levels")
+        raise error
 
     monkeypatch.setattr(sstream.io.info, "slide_info", broken)
     result = CliRunner().invoke(app, ["info", str(png(tmp_path / "a.png"))])
     assert result.exit_code == FAILURE
-    assert "Traceback" in result.stderr and "KeyError: 'levels'" in result.stderr
+    assert "Traceback" in result.stderr and shown in result.stderr
     assert "a bug in sstream" in result.stderr.splitlines()[-1]
 
 
-@pytest.mark.parametrize("error", [ValueError("bad value"), FileNotFoundError("no file"),
+@pytest.mark.parametrize("error", [InputError("bad value"), FileNotFoundError("no file"),
                                    MemoryError("cannot allocate")])
 def test_user_errors_stay_one_line(error, tmp_path, monkeypatch):
     import sstream.io.info
@@ -362,3 +366,17 @@ def test_our_errors_derive_from_one_base():
     for error in (DatasetError, RankFailure, UnsupportedModuleError, ImageReadError,
                   WeightsUnavailable, SaliencyOptionError, ResumeMismatch, TrainingError):
         assert issubclass(error, SstreamError), error
+
+
+def test_sstream_raises_no_plain_value_error():
+    """Every ValueError sstream raises on purpose is an InputError, so that the CLI can tell
+    a user's mistake (one line) from a bug (a traceback): a bare `raise ValueError(` in the
+    package would be shown to users as a bug."""
+    import sstream
+
+    package = Path(sstream.__file__).parent
+    bare = [f"{path.relative_to(package)}:{number}"
+            for path in sorted(package.rglob("*.py"))
+            for number, line in enumerate(path.read_text().splitlines(), 1)
+            if "raise ValueError(" in line]
+    assert not bare, f"raise InputError (sstream.errors) instead: {bare}"

@@ -37,6 +37,7 @@ from torch import nn
 
 from sstream.engine.saving import AutocastState, GradientSum
 from sstream.engine.tiling import Box, OutputMask
+from sstream.errors import InputError
 
 if TYPE_CHECKING:
     from sstream.engine.streaming import TileRunner
@@ -66,7 +67,7 @@ class AttentionPool:
         logits = self.attention(region)
         if logits.dim() != 4 or logits.shape[0] != region.shape[0] or \
                 logits.shape[-2:] != region.shape[-2:]:
-            raise ValueError(f"the attention module must map a block (N, C', h, w) to logits "
+            raise InputError(f"the attention module must map a block (N, C', h, w) to logits "
                              f"(N, K, h, w), got {tuple(logits.shape)} for "
                              f"{tuple(region.shape)}")
         if self.mask is None:

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sstream.errors import SstreamError
+from sstream.errors import InputError
 
 
-class UnsupportedModuleError(SstreamError, ValueError):
+class UnsupportedModuleError(InputError):
     """The stream contains an operation that cannot be streamed exactly.
 
     The message names the module (its qualified name in the stream and its type) and why.
@@ -69,7 +69,7 @@ class AxisWindow:
     def merge(self, other: AxisWindow) -> AxisWindow:
         """The window of a node that combines two branches (residual add, concatenation)."""
         if self.stride != other.stride:
-            raise ValueError(f"branches with different output strides ({self.stride} and "
+            raise InputError(f"branches with different output strides ({self.stride} and "
                              f"{other.stride}) meet")
         return AxisWindow(self.stride, max(self.lo, other.lo), max(self.hi, other.hi),
                           max(self.reach, other.reach))

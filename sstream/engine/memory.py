@@ -87,6 +87,7 @@ from sstream.engine.pooling import head_global_pool
 from sstream.engine.saving import storage_key
 from sstream.engine.streaming import StreamingCNN, check_engine
 from sstream.engine.tiling import TilePlan
+from sstream.errors import InputError
 
 __all__ = ["OPTIMIZERS", "MemoryEstimate", "MemoryRow", "estimate_training_memory",
            "largest_fitting_row"]
@@ -412,15 +413,15 @@ def estimate_training_memory(
     dtype = _as_dtype(dtype)
     check_engine(engine)
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        raise InputError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     height, width = (int(s) for s in image_size)
     if height <= 0 or width <= 0 or batch <= 0 or channels <= 0:
-        raise ValueError(f"image size, batch and channels must be positive, got {image_size}, "
+        raise InputError(f"image size, batch and channels must be positive, got {image_size}, "
                          f"{batch}, {channels}")
     tiles = sorted({_tile_pair(t) for t in tile_sizes})
     for tile in tiles:
         if tile[0] > height or tile[1] > width:
-            raise ValueError(f"tile {tile[1]}x{tile[0]} is larger than the image "
+            raise InputError(f"tile {tile[1]}x{tile[0]} is larger than the image "
                              f"{width}x{height}")
 
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -443,7 +444,7 @@ def estimate_training_memory(
             stream_flops, fmap = _forward_flops(meta_stream, image)
             head_flops, _ = _forward_flops(meta_head, fmap)
         except RuntimeError as exc:
-            raise ValueError(f"image {width}x{height} is too small for this model "
+            raise InputError(f"image {width}x{height} is too small for this model "
                              f"({str(exc).splitlines()[0]})") from None
         conv = _conventional_trace(meta_stream, meta_head, image)
         grad_fix = _grad_fix(meta_stream, meta_head, itemsize)
@@ -691,14 +692,14 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype in _DTYPES.values():
             return dtype
-        raise ValueError(f"unsupported dtype {dtype}; valid: {', '.join(_DTYPES)}")
+        raise InputError(f"unsupported dtype {dtype}; valid: {', '.join(_DTYPES)}")
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 
 def _tile_pair(tile: int | Sequence[int]) -> tuple[int, int]:
     pair = (int(tile), int(tile)) if isinstance(tile, int) else tuple(int(t) for t in tile)
     if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"tile size must be a positive int or (height, width), got {tile}")
+        raise InputError(f"tile size must be a positive int or (height, width), got {tile}")
     return pair  # type: ignore[return-value]

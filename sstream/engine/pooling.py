@@ -35,6 +35,7 @@ from torch import nn
 
 from sstream.engine.attention import AttentionPooling
 from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan
+from sstream.errors import InputError
 
 POOLING_MODES = ("max", "avg")
 
@@ -46,7 +47,7 @@ CROP_ALLOWANCE_PIXELS = 64 * 64
 def check_mode(mode: str) -> str:
     """`mode` if it is "max" or "avg", else a one-line ValueError."""
     if mode not in POOLING_MODES:
-        raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+        raise InputError(f"mode must be 'max' or 'avg', got {mode!r}")
     return mode
 
 

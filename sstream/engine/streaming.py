@@ -43,6 +43,7 @@ from sstream.engine.halo_schedule import HaloProgram
 from sstream.engine.pooling import GlobalPool, check_mode, sparse_plan
 from sstream.engine.tile_io import TileIO, TileProgress, module_dtype
 from sstream.engine.tiling import Box, OutputMask, Tile, TilePlan, make_plan, masked_tiles
+from sstream.errors import InputError
 
 InputGradSink = Callable[[Box, torch.Tensor], None]
 """Receives (box, gradient) for final blocks of the input gradient, box = (y0, y1, x0, x1) in
@@ -57,7 +58,7 @@ ENGINES = ("auto", "halo", "crop")
 def check_engine(engine: str) -> str:
     """`engine` if it names one of ENGINES, else a one-line ValueError listing them."""
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+        raise InputError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     return engine
 
 
@@ -85,7 +86,7 @@ class TensorSource:
 
     def __init__(self, image: torch.Tensor) -> None:
         if image.dim() != 4:
-            raise ValueError(f"expected an image tensor (N, C, H, W), got shape "
+            raise InputError(f"expected an image tensor (N, C, H, W), got shape "
                              f"{tuple(image.shape)}")
         self.image = image.detach()
 
@@ -103,7 +104,7 @@ def _as_tuple(tile_size: int | Sequence[int]) -> tuple[int, int]:
         tile_size = (tile_size, tile_size)
     size = tuple(int(t) for t in tile_size)
     if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"tile_size must be a positive int or (height, width), got {tile_size}")
+        raise InputError(f"tile_size must be a positive int or (height, width), got {tile_size}")
     return size  # type: ignore[return-value]
 
 
@@ -384,7 +385,7 @@ class StreamingCNN(nn.Module):
             cols = _input_edges(len(plan.cols), plan.input_size[1])
             self._programs[key] = HaloProgram.build(self.stream, shape, rows, cols, training)
         if self.engine == "halo" and self._programs[key] is None:
-            raise ValueError("engine='halo' cannot run this stream exactly; use 'auto'")
+            raise InputError("engine='halo' cannot run this stream exactly; use 'auto'")
         return self._programs[key]
 
     def _refuse_current_modes(self) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from sstream.engine.geometry import AxisWindow, StreamGeometry
+from sstream.errors import InputError
 
 Box = tuple[int, int, int, int]
 
@@ -134,11 +135,11 @@ class OutputMask:
 
     def __init__(self, mask: torch.Tensor, output_size: tuple[int, int], batch: int) -> None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError("mask must be a bool tensor (H', W') or (N, H', W') at the "
+            raise InputError("mask must be a bool tensor (H', W') or (N, H', W') at the "
                              "stream's output resolution")
         shape = tuple(mask.shape)
         if shape not in (tuple(output_size), (batch, *output_size)):
-            raise ValueError(f"mask shape {shape} does not match the stream's output: expected "
+            raise InputError(f"mask shape {shape} does not match the stream's output: expected "
                              f"{tuple(output_size)} or {(batch, *output_size)}")
         self.mask = mask.detach().cpu()
         self.per_image = self.mask.dim() == 3
@@ -147,7 +148,7 @@ class OutputMask:
         if empty:
             which = "the mask" if not self.per_image else \
                 f"the mask of batch element{'s' if len(empty) > 1 else ''} {empty}"
-            raise ValueError(f"{which} selects no output position: nothing to pool")
+            raise InputError(f"{which} selects no output position: nothing to pool")
         self.counts = counts
         union = self.mask.any(0) if self.per_image else self.mask
         table = torch.zeros((union.shape[0] + 1, union.shape[1] + 1), dtype=torch.int64)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from skimage import draw, measure
 
-from sstream.errors import first_line
+from sstream.errors import InputError, first_line
 from sstream.io.reader import ImageReadError
 
 __all__ = ["DEFAULT_PERCENTILE", "map_features", "rasterise", "read_polygons",
@@ -153,7 +153,7 @@ def _geometries(document: Any) -> Iterable[dict[str, Any]]:
         for item in document:
             yield from _geometries(item)
     elif not isinstance(document, dict):
-        raise ValueError(f"expected a GeoJSON object, got {type(document).__name__}")
+        raise InputError(f"expected a GeoJSON object, got {type(document).__name__}")
     elif document.get("type") == "FeatureCollection":
         yield from _geometries(document.get("features", []))
     elif document.get("type") == "Feature":
@@ -168,9 +168,9 @@ def _geometries(document: Any) -> Iterable[dict[str, Any]]:
 def _polygon(coordinates: Any) -> Polygon:
     rings = [np.asarray(ring, dtype=np.float64)[:, :2] for ring in coordinates]
     if not rings or any(ring.ndim != 2 or len(ring) < 3 for ring in rings):
-        raise ValueError("a polygon's rings need three or more [x, y] positions")
+        raise InputError("a polygon's rings need three or more [x, y] positions")
     if not all(np.isfinite(ring).all() for ring in rings):
-        raise ValueError("a coordinate is not a finite number")
+        raise InputError("a coordinate is not a finite number")
     return rings
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from sstream.errors import InputError
+
 __all__ = ["TiffTiles", "default_read_workers", "run_parallel", "set_read_workers",
            "wait_quietly"]
 
@@ -46,10 +48,10 @@ def default_read_workers() -> int:
         try:
             workers = int(text)
         except ValueError:
-            raise ValueError(f"SSTREAM_READ_WORKERS must be a whole number, got {text!r}"
+            raise InputError(f"SSTREAM_READ_WORKERS must be a whole number, got {text!r}"
                              ) from None
         if workers < 1:
-            raise ValueError(f"SSTREAM_READ_WORKERS must be at least 1, got {workers}")
+            raise InputError(f"SSTREAM_READ_WORKERS must be at least 1, got {workers}")
         return workers
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -61,7 +63,7 @@ def set_read_workers(workers: int | None) -> None:
     """Set the decode threads for slides opened from now on (None: back to the default)."""
     global _configured_workers
     if workers is not None and workers < 1:
-        raise ValueError(f"read workers must be at least 1, got {workers}")
+        raise InputError(f"read workers must be at least 1, got {workers}")
     _configured_workers = workers
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+from sstream.errors import InputError
 from sstream.io.parallel import wait_quietly
 
 __all__ = ["DEFAULT_READ_AHEAD", "ReadAhead"]
@@ -55,7 +56,7 @@ class ReadAhead(Generic[Key, Value]):
 
     def __init__(self, read: Callable[[Key], Value], depth: int = DEFAULT_READ_AHEAD) -> None:
         if depth < 1:
-            raise ValueError(f"read-ahead depth must be at least 1, got {depth}")
+            raise InputError(f"read-ahead depth must be at least 1, got {depth}")
         self._read, self.depth = read, depth
         self._announced: deque[Key] = deque()             # not yet started
         self._pending: Counter[Key] = Counter()           # the same, for membership

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sstream.errors import SstreamError
+from sstream.errors import InputError
 from sstream.io.parallel import TiffTiles, default_read_workers, run_parallel
 
 __all__ = [
@@ -77,7 +77,7 @@ _PIL_LOCK = threading.Lock()
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
-class ImageReadError(SstreamError, ValueError):
+class ImageReadError(InputError):
     """An image cannot be opened or a region cannot be decoded; the message names the file."""
 
     def __init__(self, path: str | os.PathLike, cause: str | BaseException):
@@ -168,7 +168,7 @@ class SlideImage:
         self._associated: dict[str, object] = {}
         backend = backend or os.environ.get("SSTREAM_BACKEND") or "auto"
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+            raise InputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if not self.path.exists():
             raise ImageReadError(self.path, "no such file")
         if self.path.is_dir():
@@ -241,7 +241,7 @@ class SlideImage:
             ValueError: `target_mpp` is not positive.
         """
         if not target_mpp > 0:
-            raise ValueError(f"target_mpp must be positive, got {target_mpp}")
+            raise InputError(f"target_mpp must be positive, got {target_mpp}")
         if self.mpp is None:
             raise ImageReadError(self.path, "resolution (mpp) unknown, cannot choose a level")
         return self.get_best_level_for_downsample(target_mpp / self.mpp)
@@ -270,9 +270,9 @@ class SlideImage:
         x, y = int(location[0]), int(location[1])
         w, h = int(size[0]), int(size[1])
         if w < 0 or h < 0:
-            raise ValueError(f"size must be non-negative, got {size}")
+            raise InputError(f"size must be non-negative, got {size}")
         if not 0 <= fill <= 255:
-            raise ValueError(f"fill must be in 0..255, got {fill}")
+            raise InputError(f"fill must be in 0..255, got {fill}")
         lv = self._levels[level]
         # level-0 -> level coordinates, per axis (downsamples may differ slightly in x and y)
         lx0 = math.floor(x * lv.width / self.dimensions[0])
@@ -305,7 +305,7 @@ class SlideImage:
         """Count a read in flight (close waits for it); refuse reads once closed."""
         with self._idle:
             if self._closed:
-                raise ValueError(f"{self.path}: read from a closed SlideImage")
+                raise InputError(f"{self.path}: read from a closed SlideImage")
             self._reads_in_flight += 1
         try:
             yield
@@ -367,7 +367,7 @@ class SlideImage:
 
     def _check_level(self, level: int) -> None:
         if not 0 <= level < len(self._levels):
-            raise ValueError(f"level must be in 0..{len(self._levels) - 1}, got {level}")
+            raise InputError(f"level must be in 0..{len(self._levels) - 1}, got {level}")
 
     # ---- backends -------------------------------------------------------------------------
 
@@ -410,7 +410,7 @@ class SlideImage:
     def associated_image(self, name: str) -> np.ndarray:
         """An associated image (label, macro, thumbnail) as (h, w, 3) uint8."""
         if name not in self._associated:
-            raise ValueError(f"{self.path}: no associated image {name!r} (has: "
+            raise InputError(f"{self.path}: no associated image {name!r} (has: "
                              f"{', '.join(self._associated) or 'none'})")
         with self._lock:
             return to_rgb8(np.asarray(self._associated[name]()))
@@ -738,7 +738,7 @@ def _to_uint8(raw: np.ndarray, float_scale: float) -> np.ndarray:
     if kind == "f":
         v = np.nan_to_num(raw.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
         return np.rint(np.clip(v * np.float32(float_scale), 0, 255)).astype(np.uint8)
-    raise ValueError(f"unsupported pixel type {raw.dtype}")
+    raise InputError(f"unsupported pixel type {raw.dtype}")
 
 
 def _composite(rgb: np.ndarray, alpha: np.ndarray,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from sstream.errors import InputError
 from sstream.io.reader import ImageReadError, SlideImage
 
 __all__ = ["SAME_SCALE", "ResampledLevel", "Resolution", "resample_array", "resolve_read"]
@@ -172,12 +173,12 @@ def resolve_read(slide: SlideImage, level: int | None = None, mpp: float | None 
         ImageReadError: `mpp` for a slide that states no resolution, without `assume_mpp`.
     """
     if level is not None and mpp is not None:
-        raise ValueError("give --level or --mpp, not both")
+        raise InputError("give --level or --mpp, not both")
     base = (slide.mpp_y, slide.mpp_x) if slide.mpp is not None else (assume_mpp, assume_mpp)
     if mpp is None:
         chosen = level or 0
         if not 0 <= chosen < slide.level_count:
-            raise ValueError(f"{slide.path}: level {chosen} does not exist (the file has "
+            raise InputError(f"{slide.path}: level {chosen} does not exist (the file has "
                              f"levels 0..{slide.level_count - 1})")
         return _native(slide, chosen, base)
     if base[0] is None:

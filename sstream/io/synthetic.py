@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sstream.errors import InputError
 from sstream.io.atomic import atomic_output
 from sstream.io.writer import TiffMapWriter
 
@@ -213,13 +214,13 @@ def write_synthetic_slide(
     """
     width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if label not in (0, 1):
-        raise ValueError(f"label must be 0 or 1, got {label}")
+        raise InputError(f"label must be 0 or 1, got {label}")
     if width <= 0 or height <= 0:
-        raise ValueError(f"size must be positive, got {size}")
+        raise InputError(f"size must be positive, got {size}")
     if tissue_fraction is not None and not 0 < tissue_fraction <= 1:
-        raise ValueError(f"tissue_fraction must be in (0, 1], got {tissue_fraction}")
+        raise InputError(f"tissue_fraction must be in (0, 1], got {tissue_fraction}")
     if not 0 <= contrast <= 1:
-        raise ValueError(f"contrast must be in [0, 1], got {contrast}")
+        raise InputError(f"contrast must be in [0, 1], got {contrast}")
     slide = _plan_slide(width, height, int(label), int(seed), tissue_fraction, contrast)
     with TiffMapWriter(
         path,
@@ -284,9 +285,9 @@ def make_sample_data(
         (train_csv, val_csv) paths.
     """
     if count < 2:
-        raise ValueError(f"count must be >= 2, got {count}")
+        raise InputError(f"count must be >= 2, got {count}")
     if patients is not None and not 2 <= patients <= count:
-        raise ValueError(f"patients must be in 2..count ({count}), got {patients}")
+        raise InputError(f"patients must be in 2..count ({count}), got {patients}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 2])

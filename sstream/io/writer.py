@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sstream.errors import InputError
 from sstream.io.atomic import atomic_output
 
 __all__ = ["COMPRESSIONS", "TiffMapWriter", "pyramid_shapes", "downsample_2x2"]
@@ -126,26 +127,26 @@ class TiffMapWriter:
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
         if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3):
-            raise ValueError(f"shape must be (h, w) or (h, w, 3), got {shape}")
+            raise InputError(f"shape must be (h, w) or (h, w, 3), got {shape}")
         if min(shape[:2]) <= 0:
-            raise ValueError(f"shape must be positive, got {shape}")
+            raise InputError(f"shape must be positive, got {shape}")
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.uint8)):
-            raise ValueError(f"dtype must be float32 or uint8, got {self.dtype}")
+            raise InputError(f"dtype must be float32 or uint8, got {self.dtype}")
         self.channels = 3 if len(shape) == 3 else 1
         if self.channels == 3 and self.dtype != np.uint8:
-            raise ValueError("RGB images must be uint8")
+            raise InputError("RGB images must be uint8")
         if tile_size <= 0 or tile_size % 16:
-            raise ValueError(f"tile_size must be a positive multiple of 16, got {tile_size}")
+            raise InputError(f"tile_size must be a positive multiple of 16, got {tile_size}")
         if compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}")
+            raise InputError(f"compression must be one of {sorted(COMPRESSIONS)}")
         if compression == "jpeg" and self.dtype != np.uint8:
-            raise ValueError("jpeg compression needs uint8 data")
+            raise InputError("jpeg compression needs uint8 data")
         if ome and description is not None:
-            raise ValueError("description is not supported with ome=True (OME-XML owns it)")
+            raise InputError("description is not supported with ome=True (OME-XML owns it)")
         if levels is not None and levels < 1:
-            raise ValueError(f"levels must be >= 1, got {levels}")
+            raise InputError(f"levels must be >= 1, got {levels}")
         if mpp is not None and not mpp > 0:
-            raise ValueError(f"mpp must be positive, got {mpp}")
+            raise InputError(f"mpp must be positive, got {mpp}")
         self.height, self.width = int(shape[0]), int(shape[1])
         self.tile_size = int(tile_size)
         self.mpp = mpp
@@ -189,20 +190,20 @@ class TiffMapWriter:
         are cast to the writer's dtype; integer values outside uint8's range are an error.
         """
         if self._closed:
-            raise ValueError(f"{self.path}: writer is closed")
+            raise InputError(f"{self.path}: writer is closed")
         band = np.asarray(band)
         expected = (self.width, self.channels) if self.channels == 3 else (self.width,)
         if band.ndim != 1 + len(expected) or band.shape[1:] != expected:
-            raise ValueError(
+            raise InputError(
                 f"band must have shape (rows, {', '.join(map(str, expected))}), got {band.shape}"
             )
         if y0 != self._rows_in:
-            raise ValueError(f"bands must arrive in order: expected y0={self._rows_in}, got {y0}")
+            raise InputError(f"bands must arrive in order: expected y0={self._rows_in}, got {y0}")
         if self._rows_in + band.shape[0] > self.height:
-            raise ValueError(f"band rows {y0}..{y0 + band.shape[0]} exceed height {self.height}")
+            raise InputError(f"band rows {y0}..{y0 + band.shape[0]} exceed height {self.height}")
         if self.dtype == np.uint8 and band.dtype != np.uint8:
             if band.dtype.kind not in "biu" or (band.size and (band.min() < 0 or band.max() > 255)):
-                raise ValueError(f"uint8 map: band of {band.dtype} has values outside 0..255")
+                raise InputError(f"uint8 map: band of {band.dtype} has values outside 0..255")
         band = band.astype(self.dtype, copy=False)
         for start in range(0, band.shape[0], self.tile_size):  # bound temporaries
             rows = band[start : start + self.tile_size]
@@ -219,7 +220,7 @@ class TiffMapWriter:
             return
         try:
             if self._rows_in != self.height:
-                raise ValueError(
+                raise InputError(
                     f"{self.path}: only {self._rows_in} of {self.height} rows were written"
                 )
             for k in range(len(self.level_shapes)):

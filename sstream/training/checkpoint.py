@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sstream.distributed import DataParallel
-from sstream.errors import SstreamError
+from sstream.errors import InputError
 from sstream.io import atomic_output
 from sstream.models import Classifier, checkpoint_payload, read_checkpoint, seal
 from sstream.options import Options
@@ -36,7 +36,7 @@ RESUMABLE_CHANGES = ("epochs", "device", "out", "accumulate", "dist_timeout", "p
 PATH_SETTINGS = ("train_csv", "val_csv", "out", "weights")  # compared as resolved paths
 
 
-class ResumeMismatch(SstreamError, ValueError):
+class ResumeMismatch(InputError):
     """A resumed run was given an option whose value differs from the saved one."""
 
 

@@ -13,6 +13,7 @@ import torch
 
 from sstream.data import Augmentation, PixelSource, Sample
 from sstream.engine import StreamingCNN
+from sstream.errors import InputError
 from sstream.stain import HedJitter, chain, fit_normaliser
 from sstream.tissue import Tissue, output_mask
 
@@ -79,4 +80,4 @@ def sample_output_mask(source: PixelSource, scnn: StreamingCNN, sample: Sample
     try:
         return output_mask(source, scnn)
     except ValueError as exc:
-        raise ValueError(f"line {sample.row}: {sample.image.name}: {exc}") from None
+        raise InputError(f"line {sample.row}: {sample.image.name}: {exc}") from None

@@ -21,6 +21,7 @@ import torch
 from sstream.data import Sample, read_label_csv
 from sstream.engine import StreamingCNN
 from sstream.engine.memory import estimate_training_memory, largest_fitting_row
+from sstream.errors import InputError
 from sstream.io import atomic_output, open_image
 from sstream.models import (
     Classifier,
@@ -138,7 +139,7 @@ def training_tissue(config: TrainConfig, model: Classifier, samples: list[Sample
     if not whole_slide and (config.tissue == "auto" or with_files):
         what = "--tissue auto" if config.tissue == "auto" else \
             f"the mask column (line {with_files[0].row})"
-        raise ValueError(f"{what} needs the whole-slide path: a head that starts with global "
+        raise InputError(f"{what} needs the whole-slide path: a head that starts with global "
                          "pooling (no --stream-layers) and --whole-slide; or --tissue none "
                          "without masks")
     return Tissue(config.tissue or ("auto" if whole_slide else "none"))
@@ -184,7 +185,7 @@ def check_images(samples: list[Sample], config: TrainConfig, minimum: int, what:
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)"
                                            if len(problems) > 8 else "")
-        raise ValueError(f"{what}: {shown}")
+        raise InputError(f"{what}: {shown}")
     return largest
 
 
@@ -210,7 +211,7 @@ def tile_for_budget(model: Classifier, image_size: tuple[int, int], budget: str,
         smallest = min(smallest, *(r.peak_bytes for r in streaming))
         if all(r.engine == "crop" for r in streaming):
             break  # "auto" already ran crops everywhere: the crop estimate would repeat it
-    raise ValueError(f"no tile fits the memory budget {budget} for {image_size[1]} x "
+    raise InputError(f"no tile fits the memory budget {budget} for {image_size[1]} x "
                      f"{image_size[0]} images (the smallest needs {smallest / 2**30:.2f} "
                      "GiB); raise the budget or stream fewer layers with --stream-layers")
 
@@ -220,7 +221,7 @@ def prepare_out_dir(out: Path, config: TrainConfig, resume: bool, overwrite: boo
     or to resume where there is no last.pt."""
     if resume:
         if not (out / "last.pt").is_file():
-            raise ValueError(f"{out}: no last.pt to resume from")
+            raise InputError(f"{out}: no last.pt to resume from")
     elif (out / "last.pt").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a training run (last.pt); use "
                               "--resume to continue it or --overwrite to start afresh")
