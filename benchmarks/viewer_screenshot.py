@@ -43,7 +43,7 @@ def main() -> None:
 
     rows = list(csv.DictReader(open(ROOT / "sample_data/val.csv")))
     slide = ROOT / "sample_data" / next(r["image"] for r in rows if r["label"] == "1")
-    server = make_server(slide, [ROOT / "demo_output/saliency.tif"], port=0)
+    server = make_server(slide, overlays=[ROOT / "demo_output/saliency.tif"], port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")

@@ -19,10 +19,11 @@ import typer
 import typer.core
 from rich.console import Console
 
-from sstream.errors import SstreamError, first_line
+from sstream.errors import InputError, SstreamError, first_line
 
 if TYPE_CHECKING:  # the jobs are imported when a command runs
     from sstream.saliency import SaliencyConfig
+    from sstream.view import ViewConfig
 
 
 def _clean_metavar(param: object) -> None:
@@ -245,9 +246,14 @@ def _renamed(value: object, old_value: object) -> object:
 DEVICE_HELP = "auto (CUDA when a GPU is there, else the CPU), cpu, cuda or cuda:N."
 
 
-def _check_max_side(max_side: int) -> None:
-    if max_side < 16:
-        raise UsageError("--max-side must be at least 16")
+def _validated(config: Any) -> Any:
+    """A job's config checked before the job starts (its `validate`): options that cannot
+    work are a usage error (exit 2)."""
+    try:
+        config.validate()
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    return config
 
 
 def _print_json(value: object) -> None:
@@ -657,6 +663,7 @@ def saliency(
         compute_saliency,
         default_output_paths,
     )
+    from sstream.view import ViewConfig
 
     class RateColumn(ProgressColumn):
         def render(self, task) -> Text:  # type: ignore[no-untyped-def]
@@ -717,7 +724,7 @@ def saliency(
         if json_output:
             _print_json(result)
             if view:
-                serve(Path(slide), [Path(result.out)], "127.0.0.1", 8000)
+                serve(Path(slide), ViewConfig([str(result.out)]))
             return
         console.print(result.summary, highlight=False)
         resized = "" if result.resize == 1 else f" resized by {result.resize:.4g}"
@@ -731,7 +738,7 @@ def saliency(
                       f"(p{result.percentile:g} of |non-zero|), {result.tiles} tiles in "
                       f"{result.seconds:.1f} s", highlight=False, soft_wrap=True)
         if view:
-            serve(Path(slide), [Path(result.out)], "127.0.0.1", 8000)
+            serve(Path(slide), ViewConfig([str(result.out)]))
 
 
 def _saliency_of_slides(slides: list[str], csv: str | None, checkpoint: str, out: str | None,
@@ -905,14 +912,13 @@ def tissue_command(
                                      "as JSON."),
 ) -> None:
     """Preview the tissue mask of a slide before a long run: what --tissue auto pools over."""
-    from sstream.tissue import preview_tissue
+    from sstream.tissue import TissueConfig, preview_tissue
 
     with user_errors():
-        _check_max_side(max_side)
-        if tissue == "none":
-            raise UsageError("--tissue none has no mask to preview: use auto or a mask file")
-        target = out if out is not None else slide.with_name(slide.name + ".tissue.png")
-        result = preview_tissue(slide, target, tissue, mask, max_side, overwrite)
+        config = _validated(TissueConfig(
+            out=None if out is None else str(out), tissue=tissue,
+            mask=None if mask is None else str(mask), max_side=max_side, overwrite=overwrite))
+        result = preview_tissue(slide, config)
         if json_output:
             _print_json(result)
         else:
@@ -934,26 +940,28 @@ def tissue_command(
 @app.command("view")
 def view_command(
     slide: Path = typer.Argument(..., help="Slide to look at."),
-    overlay: list[Path] = typer.Option(None, "--overlay", help="Saliency map (pyramidal TIFF "
-                                       "from sstream saliency) to overlay; repeatable."),
+    overlays: list[Path] = typer.Option(None, "--overlay", help="Saliency map (pyramidal TIFF "
+                                        "from sstream saliency) to overlay; repeatable."),
     port: int = typer.Option(8000, "--port", help="Port (0: any free one)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: "
                              "this machine only; reach it over SSH with ssh -L)."),
     tissue: str = typer.Option("none", "--tissue", callback=_tissue_choice, help="Outline "
-                               "the tissue: auto (found as "
-                               "the jobs find it), a mask image, or none."),
+                               "the tissue: auto (found as the jobs find it), a mask image, "
+                               "or none."),
 ) -> None:
     """Serve a deep-zoom viewer of a slide and its saliency maps to a web browser."""
+    from sstream.view import ViewConfig
+
     with user_errors():
-        serve(slide, overlay or [], host, port, tissue)
+        serve(slide, _validated(ViewConfig([str(path) for path in overlays or []], port, host,
+                                           tissue)))
 
 
-def serve(slide: Path, overlays: list[Path], host: str, port: int,
-          tissue: str | None = None) -> None:
+def serve(slide: Path, config: ViewConfig) -> None:
     """Run the viewer's server until Ctrl-C (shared by view and saliency --view)."""
     from sstream.view import make_server, url_of
 
-    server = make_server(slide, overlays, host, port, tissue)
+    server = make_server(slide, config)
     console.print(f"viewing {slide.name} at [bold]{url_of(server)}[/bold] (Ctrl-C to stop; "
                   f"from another machine: ssh -L {server.server_address[1]}:localhost:"
                   f"{server.server_address[1]} this-host)", highlight=False)
@@ -986,17 +994,14 @@ def info_command(
     import json
 
     from sstream.cli_render import info_table
-    from sstream.io.info import slide_info, write_thumbnail
+    from sstream.info import InfoConfig, describe_slide, write_slide_thumbnail
 
     with user_errors():
         if thumbnail is not None and len(slides) > 1:
             raise UsageError("--thumbnail writes one slide's thumbnail: give one slide")
-        if mpp is not None and not 0 < mpp < float("inf"):
-            raise UsageError(f"--mpp must be a positive number, got {mpp}")
-        _check_max_side(max_side)
-        _check_read(mpp=mpp, assume_mpp=assume_mpp)
-        records, failures = _each_slide(
-            slides, lambda path: slide_info(path, mpp, assume_mpp=assume_mpp))
+        config = _validated(InfoConfig(mpp, assume_mpp, None if thumbnail is None
+                                       else str(thumbnail), max_side, overwrite))
+        records, failures = _each_slide(slides, lambda path: describe_slide(path, config))
         if json_output:
             console.print_json(json.dumps([r.to_dict() for r in records] + [
                 {"path": str(path), "error": reason} for path, reason in failures]))
@@ -1009,9 +1014,10 @@ def info_command(
         if failures:
             raise typer.Exit(EXIT_FAILURE)
         if thumbnail is not None:
-            width, height = write_thumbnail(slides[0], thumbnail, max_side, overwrite)
+            written = write_slide_thumbnail(slides[0], config)
             (err_console if json_output else console).print(
-                f"thumbnail ({width} x {height} px): {thumbnail}", highlight=False)
+                f"thumbnail ({written.width} x {written.height} px): {written.path}",
+                highlight=False)
 
 
 def _each_slide(slides: list[Path], describe: Callable[[Path], Any]
@@ -1162,10 +1168,10 @@ def report_command(
     """Mean and standard deviation over runs (e.g. folds) of every metric at each run's best
     epoch (the one best.pt keeps)."""
     from sstream.cli_render import report_table
-    from sstream.report import report
+    from sstream.report import ReportConfig, report
 
     with user_errors():
-        summary = report([str(r) for r in runs])
+        summary = report(_validated(ReportConfig([str(run) for run in runs])))
         if json_out:
             typer.echo(summary.to_json())
         else:
@@ -1205,27 +1211,23 @@ def make_sample_data(
     """
     from rich.progress import Progress
 
-    from sstream.io import make_sample_data as generate
+    from sstream.sample_data import SampleDataConfig, write_sample_data
 
     with user_errors():
-        if count < 2 or size <= 0 or (min_size is not None and not 0 < min_size <= size):
-            raise UsageError("need --count >= 2 and 0 < --min-size <= --size")
-        if not 0 <= val_fraction < 1:
-            raise UsageError("--val-fraction must be in [0, 1)")
-        if patients is not None and not 2 <= patients <= count:
-            raise UsageError("--patients must be in 2..--count")
-        sides = size if min_size is None else (min_size, size)
+        config = _validated(SampleDataConfig(
+            str(out), count, size, min_size, seed, val_fraction,
+            _renamed(tiff_tile_size, tile), overwrite, regression, patients))
         with Progress(console=err_console) as progress:
             task = progress.add_task("slides", total=count)
-            train_csv, val_csv = generate(
-                out, count, sides, seed, val_fraction, _renamed(tiff_tile_size, tile), overwrite,
-                on_slide=lambda done, total: progress.update(task, completed=done),
-                regression=regression, patients=patients)
+            written = write_sample_data(
+                config, on_slide=lambda done, total: progress.update(task, completed=done))
         if json_output:
-            _print_json({"slides": count, "train_csv": train_csv, "val_csv": val_csv})
+            _print_json(written)
         else:
-            cohort = f" and {out / 'cohort.csv'} ({patients} patients)" if patients else ""
-            console.print(f"wrote {count} slides, {train_csv} and {val_csv}{cohort}")
+            cohort = (f" and {written.cohort_csv} ({patients} patients)"
+                      if written.cohort_csv else "")
+            console.print(f"wrote {written.slides} slides, {written.train_csv} and "
+                          f"{written.val_csv}{cohort}")
 
 
 def main(argv: list[str] | None = None) -> None:

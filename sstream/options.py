@@ -1,10 +1,12 @@
 """One declaration per option: a job's configuration dataclass.
 
-Every job (train, predict, saliency, verify, estimate-memory, split) takes a dataclass whose
-fields are its options. A field declared with `option` carries the option's default and its
-help text (what `--help` prints); the command line reads both from the field, so a default or
-a help text is written once. `Options` gives every such dataclass the same `to_dict` and
-`from_dict` (config files, `config.json`, checkpoints).
+Every job (train, predict, saliency, heatmap, verify, estimate-memory, split, report, tissue,
+info, view, make-sample-data) takes a dataclass whose fields are its options. A field
+declared with `option` carries the option's default and its help text (what `--help`
+prints); the command line reads both from the field, so a default or a help text is written
+once. `Options` gives every such dataclass the same `to_dict` and `from_dict` (config files,
+`config.json`, checkpoints), and `given`: how a job takes its options as a config, by name,
+or both.
 
 Standard library only: jobs, the CLI and the tests all import it.
 """
@@ -66,6 +68,13 @@ class Options:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**{name: _tuple_if_declared(declared[name], value)
                       for name, value in values.items()})
+
+    @classmethod
+    def given(cls: type[_Config], config: _Config | None, options: dict[str, Any]) -> _Config:
+        """`config` with the options given by name in its place, or those options alone: how
+        a job takes a config, its options as keywords, or both (TypeError for a name that is
+        no option, as for a function's keyword)."""
+        return dataclasses.replace(config, **options) if config is not None else cls(**options)
 
 
 def _tuple_if_declared(declared: Field, value: Any) -> Any:

@@ -13,9 +13,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from sstream.errors import InputError
+from sstream.options import Options, option
 from sstream.task import Classification, Regression, Task, selection_score
 
 SKIPPED = ("epoch", "lr", "seconds")   # settings and timings, not results
@@ -53,11 +56,24 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def report(runs: list[str | Path]) -> Report:
-    """Summarise the runs' best epochs. ValueError naming a directory without a usable
-    metrics.csv, or runs of different tasks."""
-    if not runs:
-        raise ValueError("give at least one run directory")
+@dataclass
+class ReportConfig(Options):
+    """The runs `sstream report` summarises."""
+
+    runs: list[str] = option(help="Training output directories (one per fold).", factory=list)
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise InputError("give at least one run directory")
+
+
+def report(config: ReportConfig | None = None, **options: Any) -> Report:
+    """Summarise the runs' best epochs: `report(ReportConfig(runs))` or `report(runs=runs)`.
+    InputError for no runs, a directory without a usable metrics.csv, or runs of different
+    tasks."""
+    config = ReportConfig.given(config, options)
+    config.validate()
+    runs = config.runs
     summaries = [_best_epoch(Path(run)) for run in runs]
     kinds = {_task_kind(Path(run)) for run in runs}
     if len(kinds) > 1:

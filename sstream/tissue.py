@@ -23,17 +23,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from sstream.data import PixelSource
 from sstream.engine import StreamingCNN
+from sstream.errors import InputError
 from sstream.io import SlideImage, atomic_output, open_image
 from sstream.io.tissue import TissueMask, detect_tissue, read_tissue_mask, tissue_preview
+from sstream.options import Options, option
 
-__all__ = ["TISSUE_CHOICES", "Tissue", "TissuePreview", "output_mask", "pixel_mask",
-           "preview_tissue", "write_preview"]
+__all__ = ["TISSUE_CHOICES", "Tissue", "TissueConfig", "TissuePreview", "output_mask",
+           "pixel_mask", "preview_tissue", "write_preview"]
 
 TISSUE_CHOICES = ("auto", "none")
 
@@ -123,6 +126,26 @@ def pixel_mask(source: PixelSource, box: tuple[int, int, int, int]) -> np.ndarra
 
 
 @dataclass
+class TissueConfig(Options):
+    """The options of `sstream tissue` (`preview_tissue`): which mask, what is written."""
+
+    out: str | None = option(None, "Preview PNG: the slide with glass dimmed and the tissue "
+                             "outlined.", shown="<slide>.tissue.png")
+    tissue: str = option("auto", "auto (detect) or a mask image to check against the slide.")
+    mask: str | None = option(None, "Also write the mask as a PNG (255 = tissue) to edit and "
+                              "pass back as --tissue PATH.")
+    max_side: int = option(1024, "Longer side of the preview (px).")
+    overwrite: bool = option(False, "Replace existing outputs.")
+
+    def validate(self) -> None:
+        """InputError for a preview that cannot be made (the mask file is checked on use)."""
+        if self.max_side < 16:
+            raise InputError("--max-side must be at least 16")
+        if self.tissue == "none":
+            raise InputError("--tissue none has no mask to preview: use auto or a mask file")
+
+
+@dataclass
 class TissuePreview:
     """What `preview_tissue` found and wrote."""
 
@@ -134,35 +157,38 @@ class TissuePreview:
     mask_size: tuple[int, int]  # (width, height) of the mask
 
 
-def preview_tissue(slide_path: str | Path, out: str | Path, choice: str = "auto",
-                   mask_out: str | Path | None = None, max_side: int = 1024,
-                   overwrite: bool = False) -> TissuePreview:
+def preview_tissue(slide_path: str | Path, config: TissueConfig | None = None,
+                   **options: Any) -> TissuePreview:
     """The `sstream tissue` job: the slide with its tissue mask drawn over it (PNG, longer
-    side `max_side`), and optionally the mask itself (a PNG, 255 = tissue, at the detection
-    resolution: edit it and pass it back as --tissue PATH). Written atomically.
+    side `max_side`, at `out`, by default beside the slide as <slide>.tissue.png), and
+    optionally the mask itself (`mask`: a PNG, 255 = tissue, at the detection resolution:
+    edit it and pass it back as --tissue PATH). Written atomically. Options come as a
+    `TissueConfig`, by name (`preview_tissue(slide, max_side=512)`), or both.
 
     A slide where "auto" finds no tissue gets its preview too (fraction 0: it shows why;
     the jobs then use the whole image).
 
     Raises:
-        ValueError: `choice` "none" (nothing to preview) or not a file; unreadable slide
-            or mask (ImageReadError). FileExistsError: an output exists.
+        InputError: `tissue` "none" (nothing to preview) or not a file, `max_side` below 16;
+            unreadable slide or mask (ImageReadError). FileExistsError: an output exists.
     """
-    tissue = Tissue.parse(choice)
-    if tissue.choice == "none":
-        raise ValueError("--tissue none has no mask to preview: use auto or a mask file")
-    outputs = [Path(out)] + ([Path(mask_out)] if mask_out is not None else [])
+    config = TissueConfig.given(config, options)
+    config.validate()
+    tissue = Tissue.parse(config.tissue)
+    beside = Path(slide_path).with_name(Path(slide_path).name + ".tissue.png")
+    outputs = [Path(config.out) if config.out is not None else beside]
+    outputs += [Path(config.mask)] if config.mask is not None else []
     for path in outputs:
-        if path.exists() and not overwrite:
+        if path.exists() and not config.overwrite:
             raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
     with open_image(slide_path) as slide:
         mask = read_tissue_mask(tissue.choice, slide) if tissue.is_file else detect_tissue(slide)
-        write_preview(slide, mask, outputs[0], max_side, overwrite)
+        write_preview(slide, mask, outputs[0], config.max_side, config.overwrite)
     from PIL import Image
 
-    if mask_out is not None:
-        with atomic_output(outputs[1], overwrite=overwrite) as tmp:
+    if config.mask is not None:
+        with atomic_output(outputs[1], overwrite=config.overwrite) as tmp:
             Image.fromarray(mask.mask.astype(np.uint8) * 255).save(tmp, format="PNG")
     return TissuePreview(Path(slide_path), mask.fraction, mask.source, outputs[0],
-                         outputs[1] if mask_out is not None else None,
+                         outputs[1] if config.mask is not None else None,
                          (mask.mask.shape[1], mask.mask.shape[0]))

@@ -34,13 +34,16 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from sstream.errors import InputError
 from sstream.io import ImageReadError, open_image
 from sstream.io.colormap import inferno
 from sstream.io.tissue import TissueMask, detect_tissue, read_tissue_mask
+from sstream.options import Options, option
 
 TILE = 256
 STATIC = Path(__file__).resolve().parent / "viewer"
@@ -323,21 +326,43 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: a viewer asks for hundreds of tiles."""
 
 
-def make_server(slide: str | os.PathLike, overlays: list[str | os.PathLike] = (),
-                host: str = "127.0.0.1", port: int = 8000, tissue: str | None = None
-                ) -> ThreadingHTTPServer:
+@dataclass
+class ViewConfig(Options):
+    """The options of `sstream view` (`make_server`): what is drawn over the slide, and where
+    the viewer is served."""
+
+    overlays: list[str] = option(help="Saliency map (pyramidal TIFF from sstream saliency) to "
+                                 "overlay; repeatable.", factory=list)
+    port: int = option(8000, "Port (0: any free one).")
+    host: str = option("127.0.0.1", "Address to listen on (default: this machine only; reach "
+                       "it over SSH with ssh -L).")
+    tissue: str = option("none", "Outline the tissue: auto (found as the jobs find it), a mask "
+                         "image, or none.")
+
+    def validate(self) -> None:
+        """InputError for a port no socket has (the slide, maps and mask are checked as they
+        are opened)."""
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"--port must be in 0..65535, got {self.port}")
+
+
+def make_server(slide: str | os.PathLike, config: ViewConfig | None = None,
+                **options: Any) -> ThreadingHTTPServer:
     """A server for the slide, its overlays and (`tissue`: "auto" or a mask file) its tissue
     outline; not started: call `serve_forever()`, and `server_close()` then
-    `server.source.close()` when done. Port 0 picks a free one.
+    `server.source.close()` when done. Port 0 picks a free one. Options come as a
+    `ViewConfig`, by name (`make_server(slide, overlays=[map_tif], port=0)`), or both.
 
     Raises:
-        ImageReadError: the slide or a map cannot be read. ValueError: a map of another
-            size. OSError: the port is taken.
+        ImageReadError: the slide or a map cannot be read. InputError: a map of another
+            size, a tissue that is neither a choice nor a file. OSError: the port is taken.
     """
-    source = TileSource(slide, list(overlays), tissue)
+    config = ViewConfig.given(config, options)
+    config.validate()
+    source = TileSource(slide, list(config.overlays), config.tissue)
     handler = type("Handler", (_Handler,), {"source": source, "static": _static_files()})
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        server = ThreadingHTTPServer((config.host, config.port), handler)
     except OSError:
         source.close()
         raise

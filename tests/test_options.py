@@ -21,12 +21,17 @@ import typer
 from sstream.cli import _parse_size, app
 from sstream.estimate import EstimateConfig
 from sstream.heatmap import HeatmapConfig
+from sstream.info import InfoConfig
 from sstream.options import Options, option, option_default, option_field
 from sstream.predict import PredictConfig
+from sstream.report import ReportConfig
 from sstream.saliency import SaliencyConfig
+from sstream.sample_data import SampleDataConfig
 from sstream.split import SplitConfig
+from sstream.tissue import TissueConfig
 from sstream.train import TrainConfig
 from sstream.verify import VerifyConfig
+from sstream.view import ViewConfig
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,13 @@ JOBS = {
         "size", "dtype", "budget",     # hidden former names of three options
         "json_output", "plot"}),       # what is printed, and a picture of it
         field_only=frozenset({"num_classes"})),   # the head's width: memory hardly moves
+    "tissue": Job(TissueConfig, cli_only=frozenset({"slide", "json_output"})),
+    "info": Job(InfoConfig, cli_only=frozenset({"slides", "json_output"})),
+    "view": Job(ViewConfig, cli_only=frozenset({"slide"})),
+    "report": Job(ReportConfig, cli_only=frozenset({"json_out"})),
+    "make-sample-data": Job(SampleDataConfig, cli_only=frozenset({
+        "tile",             # hidden former name of --tiff-tile-size
+        "json_output"})),
 }
 
 
@@ -147,7 +159,12 @@ def test_train_groups_its_options_in_panels():
                                     SaliencyConfig(index="tumour", mpp=0.5, uint8=True),
                                     HeatmapConfig(index=1, tissue="none"),
                                     VerifyConfig("tiny", (96, 80), 32, mpp=0.5),
-                                    EstimateConfig(["8192x6144"], tile_size=["512"])])
+                                    EstimateConfig(["8192x6144"], tile_size=["512"]),
+                                    TissueConfig(out="p.png", mask="m.png", max_side=512),
+                                    InfoConfig(mpp=0.5, thumbnail="t.png", max_side=256),
+                                    ViewConfig(["map.tif"], port=0, tissue="auto"),
+                                    SampleDataConfig("data", count=4, min_size=64, patients=2),
+                                    ReportConfig(["fold_0", "fold_1"])])
 def test_configs_round_trip_through_json(config):
     again = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
@@ -189,6 +206,39 @@ def test_saliency_options_by_name_replace_the_configs():
         compute_saliency("slide.tif", "best.pt", "map.tif", colour="red")
 
 
+def test_given_takes_a_config_its_options_by_name_or_both():
+    assert SampleDataConfig.given(None, {"out": "d", "count": 4}) == SampleDataConfig("d", 4)
+    assert ViewConfig.given(ViewConfig(port=0), {"tissue": "auto"}) == ViewConfig(
+        port=0, tissue="auto")
+    assert ViewConfig.given(None, {}) == ViewConfig()
+    with pytest.raises(TypeError, match="colour"):
+        TissueConfig.given(TissueConfig(), {"colour": "red"})
+
+
+def test_the_small_jobs_take_their_options_by_name(tmp_path):
+    """make-sample-data, info, tissue and view from Python: a config's options by keyword."""
+    from sstream.info import describe_slide, write_slide_thumbnail
+    from sstream.sample_data import write_sample_data
+    from sstream.tissue import preview_tissue
+    from sstream.view import make_server
+
+    written = write_sample_data(out=str(tmp_path / "d"), count=2, size=64, tiff_tile_size=32)
+    assert (written.slides, written.cohort_csv) == (2, None) and written.val_csv.is_file()
+    slide = tmp_path / "d" / "images" / "slide_000.tif"
+    assert describe_slide(slide, mpp=1.0).read_size == (32, 32)  # the slide is at 0.5 µm/px
+    thumbnail = write_slide_thumbnail(slide, InfoConfig(thumbnail=str(tmp_path / "t.png"),
+                                                        max_side=16))
+    assert (thumbnail.width, thumbnail.height) == (16, 16) and thumbnail.path.is_file()
+    preview = preview_tissue(slide, max_side=32)
+    assert preview.preview == tmp_path / "d" / "images" / "slide_000.tif.tissue.png"
+    server = make_server(slide, port=0)
+    try:
+        assert server.source.tissue is None and len(server.source.layers) == 1
+    finally:
+        server.server_close()
+        server.source.close()
+
+
 @pytest.mark.parametrize(("config", "error"), [
     (PredictConfig("best.pt", tile_size=0), "--tile-size must be positive"),
     (PredictConfig("best.pt", level=1, mpp=0.5), "not both"),
@@ -200,6 +250,17 @@ def test_saliency_options_by_name_replace_the_configs():
     (VerifyConfig(tile_size=0), "must be positive"),
     (SplitConfig("a.csv", "out", folds=1), "--folds"),
     (TrainConfig(train_csv="a.csv", epochs=0), "--epochs"),
+    (TissueConfig(max_side=5), "--max-side must be at least 16"),
+    (TissueConfig(tissue="none"), "--tissue none has no mask to preview"),
+    (InfoConfig(mpp=float("nan")), "--mpp must be a positive number"),
+    (InfoConfig(max_side=5), "--max-side must be at least 16"),
+    (InfoConfig(assume_mpp=0.0), "--assume-mpp must be a positive"),
+    (ViewConfig(port=70000), "--port must be in 0..65535"),
+    (SampleDataConfig("d", count=1), "--count >= 2"),
+    (SampleDataConfig("d", min_size=800), "--min-size <= --size"),
+    (SampleDataConfig("d", val_fraction=1.0), "--val-fraction"),
+    (SampleDataConfig("d", count=4, patients=5), "--patients must be in 2..--count"),
+    (ReportConfig(), "give at least one run directory"),
 ])
 def test_configs_refuse_what_cannot_work(config, error):
     with pytest.raises(ValueError, match=error):
@@ -208,5 +269,6 @@ def test_configs_refuse_what_cannot_work(config, error):
 
 def test_defaults_are_valid():
     for config in (PredictConfig("best.pt"), SaliencyConfig(), HeatmapConfig(), VerifyConfig(),
-                   SplitConfig("a.csv", "out"), TrainConfig(train_csv="a.csv")):
+                   SplitConfig("a.csv", "out"), TrainConfig(train_csv="a.csv"), TissueConfig(),
+                   InfoConfig(), ViewConfig(), SampleDataConfig("d"), ReportConfig(["run"])):
         config.validate()

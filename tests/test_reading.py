@@ -270,7 +270,7 @@ def test_view_places_an_mpp_map_by_its_physical_size(scans, tmp_path):
     checkpoint = write_checkpoint(tmp_path / "sal.pt", read={"mpp": 0.5})
     out = tmp_path / "map.tif"
     compute_saliency(scans["fine"], checkpoint, out, tile_size=64, device="cpu")
-    server = make_server(scans["fine"], [out], port=0)
+    server = make_server(scans["fine"], overlays=[out], port=0)
     try:
         assert server.source.layers[1].per_slide_pixel == (0.5, 0.5)
         tile = server.source.tile("overlay0", server.source.max_level, 0, 0)
@@ -283,7 +283,7 @@ def test_view_places_an_mpp_map_by_its_physical_size(scans, tmp_path):
                        description=json.dumps({"mpp": 1.0})) as writer:
         writer.write_band(0, np.ones((FIELD // 2, FIELD // 2), np.float32))
     with pytest.raises(ValueError, match="does not overlay"):
-        make_server(scans["fine"], [wrong], port=0)
+        make_server(scans["fine"], overlays=[wrong], port=0)
 
 
 def test_a_model_trained_on_crops_predicts_on_crops_unless_told_whole(scans):

@@ -28,7 +28,7 @@ def served(tmp_path_factory):
     with TiffMapWriter(saliency, (700, 700), np.float32, tile_size=128,
                        description=json.dumps({"encoding": "float32"})) as writer:
         writer.write_band(0, values)
-    server = make_server(slide, [saliency], port=0)
+    server = make_server(slide, overlays=[saliency], port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server, slide
@@ -110,7 +110,7 @@ def test_a_map_of_another_slide_is_refused(served, tmp_path):
     with TiffMapWriter(other, (100, 300), np.float32, tile_size=64) as writer:
         writer.write_band(0, np.ones((100, 300), np.float32))
     with pytest.raises(ValueError, match="does not overlay"):
-        make_server(slide_path, [other], port=0)
+        make_server(slide_path, overlays=[other], port=0)
 
 
 def _browser():
@@ -223,7 +223,7 @@ def test_several_overlays_are_served_side_by_side(served, tmp_path):
             band[:350 if index == 0 else 700, 350:] = value  # class 1 covers more
             writer.write_band(0, band)
         maps.append(path)
-    server = make_server(slide_path, maps, port=0)
+    server = make_server(slide_path, overlays=maps, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         overlays = json.loads(get(server, "/config.json"))["overlays"]
@@ -236,3 +236,28 @@ def test_several_overlays_are_served_side_by_side(served, tmp_path):
         server.shutdown()
         server.server_close()
         server.source.close()
+
+
+def test_the_view_command_serves_its_options_until_interrupted(served, monkeypatch):
+    """`sstream view` hands its options to make_server (a ViewConfig) and stops on Ctrl-C."""
+    from http.server import ThreadingHTTPServer
+
+    from typer.testing import CliRunner
+
+    from sstream.cli import app
+
+    _, slide = served
+    seen = {}
+
+    def interrupted(server):
+        seen["overlays"] = [layer.name for layer in server.source.layers]
+        seen["tissue"] = server.source.tissue is not None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ThreadingHTTPServer, "serve_forever", interrupted)
+    result = CliRunner().invoke(app, ["view", str(slide), "--overlay",
+                                      str(slide.with_name("map.tif")), "--port", "0",
+                                      "--tissue", "AUTO"])
+    assert result.exit_code == 0, result.output
+    assert "viewing slide.tif at http://127.0.0.1:" in result.output and "stopped" in result.output
+    assert seen == {"overlays": ["slide", "overlay0"], "tissue": True}
