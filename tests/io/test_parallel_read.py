@@ -154,3 +154,21 @@ def test_ctrl_c_while_waiting_for_a_region_stops_cleanly():
     started = len(reads.calls)
     time.sleep(0.6)
     assert len(reads.calls) == started and reads.running == 0
+
+
+@pytest.mark.parametrize("photometric, channels", [("rgb", 3), ("ycbcr", 3),
+                                                   ("minisblack", 1)])
+def test_jpeg_tiles_decode_to_tifffiles_pixels(tmp_path, photometric, channels):
+    """The parallel reader decodes JPEG tiles itself (imagecodecs, tifffile's arguments):
+    its pixels are tifffile's own, bit for bit, in every colour layout."""
+    import tifffile
+
+    image = rgb_image()[..., :channels].squeeze()
+    path = tmp_path / f"{photometric}.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), compression="jpeg",
+                     photometric=photometric, metadata=None)
+    want = tifffile.imread(path).reshape(H, W, -1)
+    with open_image(path, read_workers=3) as slide:
+        assert slide._levels[0].tiles is not None  # the parallel reader, not tifffile's
+        got = slide.read_region((0, 0), 0, (W, H))
+    np.testing.assert_array_equal(got if channels == 3 else got[..., :1], want)
