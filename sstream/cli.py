@@ -378,9 +378,9 @@ def train(
         "x accumulate images).", rich_help_panel="Training"),
     amp: bool = typer.Option(
         False, help="Mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU).",
-        rich_help_panel="Training"),
+        rich_help_panel="Streaming"),
     amp_dtype: str = typer.Option(
-        None, help="Force the AMP dtype: bf16 or fp16.", rich_help_panel="Training"),
+        None, help="Force the AMP dtype: bf16 or fp16.", rich_help_panel="Streaming"),
     seed: int = typer.Option(
         0, help="Seed for order, crops, augmentation and init.", rich_help_panel="Training"),
     tile_size: int = typer.Option(
@@ -503,31 +503,34 @@ def train(
 @app.command()
 def predict(
     images: list[Path] = typer.Argument(None, help="Slides or images to predict."),
-    checkpoint: Path = typer.Option(..., help="Checkpoint written by sstream train."),
     csv: Path = typer.Option(None, help="CSV with an image column (and optional labels) "
-                             "instead of IMAGES."),
-    out: Path = typer.Option(None, help="Write predictions to this CSV (columns image, "
-                             "prob_<class>..., pred[, label])."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output "
-                                   "file."),
+                             "instead of IMAGES.", rich_help_panel="Data"),
+    checkpoint: Path = typer.Option(..., help="Checkpoint written by sstream train.",
+                                    rich_help_panel="Model"),
     level: int = typer.Option(None, help="Pyramid level to read.",
-                              show_default="as the model was trained"),
+                              show_default="as the model was trained", rich_help_panel="Reading"),
     mpp: float = typer.Option(None, help="Read at exactly this many µm per pixel.",
-                              show_default="as the model was trained"),
-    assume_mpp: float = typer.Option(None, help=ASSUME_MPP_HELP),
+                              show_default="as the model was trained", rich_help_panel="Reading"),
+    assume_mpp: float = typer.Option(None, help=ASSUME_MPP_HELP, rich_help_panel="Reading"),
     image_size: str = typer.Option(None, help="Centre crop or pad to N or WxH; whole: the "
-                                   "whole image.", show_default="as the model was trained"),
-    tile_size: int = typer.Option(None, help="Tile side in input pixels.",
-                                  show_default="training's, else 512"),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    amp: bool = typer.Option(False, help="Mixed precision inference."),
+                                   "whole image.", show_default="as the model was trained",
+                                   rich_help_panel="Reading"),
     tissue: str = typer.Option(None, callback=_tissue_choice, help="auto, none, or a mask "
                                "image (one slide); a CSV's "
                                "mask column gives slides their own masks.",
-                               show_default="as the model was trained"),
-    quiet: bool = typer.Option(False, help="Print only errors."),
+                               show_default="as the model was trained", rich_help_panel="Reading"),
+    tile_size: int = typer.Option(None, help="Tile side in input pixels.",
+                                  show_default="training's, else 512", rich_help_panel="Streaming"),
+    device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel="Streaming"),
+    amp: bool = typer.Option(False, help="Mixed precision inference.", rich_help_panel="Streaming"),
+    out: Path = typer.Option(None, help="Write predictions to this CSV (columns image, "
+                             "prob_<class>..., pred[, label]).", rich_help_panel="Output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output "
+                                   "file.", rich_help_panel="Output"),
+    quiet: bool = typer.Option(False, help="Print only errors.", rich_help_panel="Output"),
     json_output: bool = typer.Option(False, "--json", help="Print the predictions, "
-                                     "evaluations and failures as JSON instead of tables."),
+                                     "evaluations and failures as JSON instead of tables.",
+                                     rich_help_panel="Output"),
 ) -> None:
     """Predict class probabilities (or regression values) for slides with a trained
     checkpoint (streaming forward)."""
@@ -585,61 +588,71 @@ def saliency(
     slides: list[str] = typer.Argument(None, help="Slides or images to explain (tiled/"
                                        "pyramidal TIFF, SVS, OME-TIFF, PNG, JPEG)."),
     csv: str | None = typer.Option(None, "--csv", help="CSV with an image column (and "
-                                   "optional mask and mpp columns) instead of SLIDES."),
+                                   "optional mask and mpp columns) instead of SLIDES.",
+                                   rich_help_panel="Data"),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c",
-                                   help="sstream checkpoint (.pt) of the trained model."),
+                                   help="sstream checkpoint (.pt) of the trained model.",
+                                   rich_help_panel="Model"),
     class_index: str | None = typer.Option(
         None, "--class", help="Class whose logit is explained: its name (string labels) or "
         "index.",
-        show_default="the predicted class"),
+        show_default="the predicted class", rich_help_panel="Map"),
     target: int | None = typer.Option(
         None, "--target", help="Regression models: the target (0-based) whose predicted "
-        "value is explained.", show_default="the first"),
-    level: int | None = typer.Option(
-        None, "--level", help="Slide pyramid level to read (the model's input).",
-        show_default="as the model was trained"),
-    mpp: float | None = typer.Option(
-        None, "--mpp", help="Read at exactly this many µm per pixel (the map then has this "
-        "resolution).", show_default="as the model was trained"),
-    assume_mpp: float | None = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
+        "value is explained.", show_default="the first", rich_help_panel="Map"),
     method: str = typer.Option(
         "gradient", "--method",
         help="gradient: max over colour channels of |d logit / d pixel| (Simonyan et al.); "
-             "gradient-x-input: sum over channels of pixel x gradient (signed)."),
-    out: str | None = typer.Option(
-        None, "--out", "-o", help="Map TIFF to write; with several slides or --csv, the "
-        "folder of the maps (<slide stem>.tif and .png).",
-        show_default="<slide>.saliency.tif"),
-    overview: str | None = typer.Option(
-        None, "--overview", help="PNG overview to write.",
-        show_default="<slide>.saliency.png"),
-    no_overview: bool = typer.Option(False, "--no-overview", help="Write no PNG overview."),
-    uint8: bool = typer.Option(
-        False, "--uint8", help="Write uint8 quantised with a percentile scale (recorded in the "
-                               "TIFF description) instead of float32."),
-    percentile: float = typer.Option(
-        99.5, "--percentile", help="Percentile of the non-zero |values| that sets the uint8 "
-                                   "scale and the overview's colour range."),
-    tile_size: int = typer.Option(
-        256, "--tile-size", help="Streaming tile side in pixels. Memory grows with it: "
-        "larger tiles take more memory and less time (docs/results.md)."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+             "gradient-x-input: sum over channels of pixel x gradient (signed).",
+             rich_help_panel="Map"),
+    level: int | None = typer.Option(
+        None, "--level", help="Slide pyramid level to read (the model's input).",
+        show_default="as the model was trained", rich_help_panel="Reading"),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="Read at exactly this many µm per pixel (the map then has this "
+        "resolution).", show_default="as the model was trained", rich_help_panel="Reading"),
+    assume_mpp: float | None = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP,
+                                            rich_help_panel="Reading"),
     tissue: str | None = typer.Option(
         None, "--tissue", callback=_tissue_choice,
         help="auto, none or a mask image: the prediction pools over tissue "
-        "and the map is zero on glass.", show_default="as the model was trained"),
+        "and the map is zero on glass.", show_default="as the model was trained",
+        rich_help_panel="Reading"),
+    tile_size: int = typer.Option(
+        256, "--tile-size", help="Streaming tile side in pixels. Memory grows with it: "
+        "larger tiles take more memory and less time (docs/results.md).",
+        rich_help_panel="Streaming"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP, rich_help_panel="Streaming"),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Map TIFF to write; with several slides or --csv, the "
+        "folder of the maps (<slide stem>.tif and .png).",
+        show_default="<slide>.saliency.tif", rich_help_panel="Output"),
+    overview: str | None = typer.Option(
+        None, "--overview", help="PNG overview to write.",
+        show_default="<slide>.saliency.png", rich_help_panel="Output"),
+    no_overview: bool = typer.Option(False, "--no-overview", help="Write no PNG overview.",
+                                     rich_help_panel="Output"),
+    uint8: bool = typer.Option(
+        False, "--uint8", help="Write uint8 quantised with a percentile scale (recorded in the "
+                               "TIFF description) instead of float32.", rich_help_panel="Output"),
+    percentile: float = typer.Option(
+        99.5, "--percentile", help="Percentile of the non-zero |values| that sets the uint8 "
+                                   "scale and the overview's colour range.",
+                                   rich_help_panel="Output"),
     geojson: str | None = typer.Option(
         None, "--geojson", help="Also write the map's strongest regions as QuPath "
         "annotations (GeoJSON polygons in level-0 pixels, with peak and mean), traced at "
-        "the overview's resolution."),
+        "the overview's resolution.", rich_help_panel="Output"),
     contour_percentile: float = typer.Option(
         95.0, "--contour-percentile", help="--geojson: outline the regions at or above "
-        "this percentile of the map's non-zero |values|."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+        "this percentile of the map's non-zero |values|.", rich_help_panel="Output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs.",
+                                   rich_help_panel="Output"),
     view: bool = typer.Option(False, "--view", help="Then serve the slide with the map in "
-                              "the browser viewer (sstream view) on port 8000."),
+                              "the browser viewer (sstream view) on port 8000.",
+                              rich_help_panel="Output"),
     json_output: bool = typer.Option(False, "--json", help="Print what was written and "
-                                     "found as JSON."),
+                                     "found as JSON.", rich_help_panel="Output"),
 ) -> None:
     """Write a full-resolution saliency map of a slide as a pyramidal TIFF and a PNG overview
     (several slides or a CSV: one map per slide, shared among the ranks under torchrun)."""
@@ -782,31 +795,41 @@ def _saliency_of_slides(slides: list[str], csv: str | None, checkpoint: str, out
 def heatmap(
     slide: str = typer.Argument(..., help="Slide or image to map (as for saliency)."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c",
-                                   help="sstream checkpoint (.pt) of the trained model."),
-    out: str = typer.Option(..., "--out", "-o", help="Map TIFF to write (pyramidal, float32, "
-                            "one pixel per output position of the stream)."),
+                                   help="sstream checkpoint (.pt) of the trained model.",
+                                   rich_help_panel="Model"),
     class_index: str | None = typer.Option(
         None, "--class", help="Max/avg heads: the class (name or index; a regression's "
-        "target index) whose activation map is drawn.", show_default="the predicted class"),
+        "target index) whose activation map is drawn.", show_default="the predicted class",
+        rich_help_panel="Map"),
     level: int | None = typer.Option(None, "--level", help="Slide pyramid level to read.",
-                                     show_default="as the model was trained"),
+                                     show_default="as the model was trained",
+                                     rich_help_panel="Reading"),
     mpp: float | None = typer.Option(None, "--mpp", help="Read at exactly this many µm per "
-                                     "pixel.", show_default="as the model was trained"),
-    assume_mpp: float | None = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
-    tile_size: int = typer.Option(512, "--tile-size", help="Streaming tile side in pixels."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+                                     "pixel.", show_default="as the model was trained",
+                                     rich_help_panel="Reading"),
+    assume_mpp: float | None = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP,
+                                            rich_help_panel="Reading"),
     tissue: str | None = typer.Option(
         None, "--tissue", callback=_tissue_choice,
         help="auto, none or a mask image: the map is zero off the tissue.",
-        show_default="as the model was trained"),
+        show_default="as the model was trained", rich_help_panel="Reading"),
+    tile_size: int = typer.Option(512, "--tile-size", help="Streaming tile side in pixels.",
+                                  rich_help_panel="Streaming"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP, rich_help_panel="Streaming"),
+    out: str = typer.Option(..., "--out", "-o", help="Map TIFF to write (pyramidal, float32, "
+                            "one pixel per output position of the stream).",
+                            rich_help_panel="Output"),
     geojson: str | None = typer.Option(
         None, "--geojson", help="Also write the map's strongest regions as QuPath "
-        "annotations (GeoJSON polygons in level-0 pixels, with peak and mean)."),
+        "annotations (GeoJSON polygons in level-0 pixels, with peak and mean).",
+        rich_help_panel="Output"),
     contour_percentile: float = typer.Option(
         95.0, "--contour-percentile", help="--geojson: outline the regions at or above "
-        "this percentile of the map's non-zero values."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
-    json_output: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+        "this percentile of the map's non-zero values.", rich_help_panel="Output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs.",
+                                   rich_help_panel="Output"),
+    json_output: bool = typer.Option(False, "--json", help="Print what was written as JSON.",
+                                     rich_help_panel="Output"),
 ) -> None:
     """Write where the model looked: an attention head's weights, or a max/avg head's class
     activation map, as a pyramidal TIFF that overlays the slide (sstream view, QuPath)."""
@@ -837,30 +860,36 @@ def heatmap(
 
 @app.command("verify")
 def verify_command(
-    model: str = typer.Option("resnet18", "--model", help="Model name (see train --model)."),
-    image_size: str = typer.Option("1024", "--image-size", help="Input size: N (square) or "
-                                   "WxH."),
-    size: str = typer.Option(None, "--size", hidden=True, help="Former --image-size."),
-    tile_size: int = typer.Option(512, "--tile-size", help="Streaming tile side in pixels."),
+    image: Path = typer.Option(None, "--image", help="A slide or image (its centre at "
+                               "--image-size) instead of random pixels.", rich_help_panel="Data"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random pixels.",
+                             rich_help_panel="Data"),
+    model: str = typer.Option("resnet18", "--model", help="Model name (see train --model).",
+                              rich_help_panel="Model"),
     stream_layers: str | None = typer.Option(
         None, "--stream-layers", help="Stream up to this stage (as for train).",
-        show_default="the whole trunk"),
-    dtype: str = typer.Option("float64", "--dtype", help="float64 (exactness, tolerance "
-                              "1e-9) or float32 (tolerance 1e-4)."),
+        show_default="the whole trunk", rich_help_panel="Model"),
     weights: Path = typer.Option(None, "--weights", help="torchvision-format backbone "
-                                 "weights, as for train."),
-    image: Path = typer.Option(None, "--image", help="A slide or image (its centre at "
-                               "--image-size) instead of random pixels."),
-    level: int = typer.Option(None, "--level", help="--image: the pyramid level to read.",
-                              show_default="0"),
-    mpp: float = typer.Option(None, "--mpp", help="--image: read at exactly this many µm "
-                              "per pixel."),
-    assume_mpp: float = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random pixels."),
+                                 "weights, as for train.", rich_help_panel="Model"),
     pooling: str = typer.Option("max", "--pooling", help="The head's pooling, as for train: "
-                                "max, avg or attention."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+                                "max, avg or attention.", rich_help_panel="Model"),
+    image_size: str = typer.Option("1024", "--image-size", help="Input size: N (square) or "
+                                   "WxH.", rich_help_panel="Reading"),
+    size: str = typer.Option(None, "--size", hidden=True, help="Former --image-size.",
+                             rich_help_panel="Reading"),
+    level: int = typer.Option(None, "--level", help="--image: the pyramid level to read.",
+                              show_default="0", rich_help_panel="Reading"),
+    mpp: float = typer.Option(None, "--mpp", help="--image: read at exactly this many µm "
+                              "per pixel.", rich_help_panel="Reading"),
+    assume_mpp: float = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP,
+                                     rich_help_panel="Reading"),
+    tile_size: int = typer.Option(512, "--tile-size", help="Streaming tile side in pixels.",
+                                  rich_help_panel="Streaming"),
+    dtype: str = typer.Option("float64", "--dtype", help="float64 (exactness, tolerance "
+                              "1e-9) or float32 (tolerance 1e-4).", rich_help_panel="Streaming"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP, rich_help_panel="Streaming"),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table.",
+                                     rich_help_panel="Output"),
 ) -> None:
     """Check that streaming trains exactly as conventional backprop, for your model and size.
 
@@ -899,17 +928,21 @@ def verify_command(
 @app.command("tissue")
 def tissue_command(
     slide: Path = typer.Argument(..., help="Slide or image whose tissue to find."),
+    tissue: str = typer.Option("auto", "--tissue", callback=_tissue_choice, help="auto "
+                               "(detect) or a mask image to check against the slide.",
+                               rich_help_panel="Reading"),
     out: Path = typer.Option(None, "--out", "-o", help="Preview PNG: the slide with glass "
                              "dimmed and the tissue outlined.",
-                             show_default="<slide>.tissue.png"),
-    tissue: str = typer.Option("auto", "--tissue", callback=_tissue_choice, help="auto "
-                               "(detect) or a mask image to check against the slide."),
+                             show_default="<slide>.tissue.png", rich_help_panel="Output"),
     mask: Path = typer.Option(None, "--mask", help="Also write the mask as a PNG (255 = "
-                              "tissue) to edit and pass back as --tissue PATH."),
-    max_side: int = typer.Option(1024, "--max-side", help="Longer side of the preview (px)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+                              "tissue) to edit and pass back as --tissue PATH.",
+                              rich_help_panel="Output"),
+    max_side: int = typer.Option(1024, "--max-side", help="Longer side of the preview (px).",
+                                 rich_help_panel="Output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs.",
+                                   rich_help_panel="Output"),
     json_output: bool = typer.Option(False, "--json", help="Print what was found and written "
-                                     "as JSON."),
+                                     "as JSON.", rich_help_panel="Output"),
 ) -> None:
     """Preview the tissue mask of a slide before a long run: what --tissue auto pools over."""
     from sstream.tissue import TissueConfig, preview_tissue
@@ -981,14 +1014,18 @@ def serve(slide: Path, config: ViewConfig) -> None:
 def info_command(
     slides: list[Path] = typer.Argument(..., help="Slides or images to describe."),
     mpp: float = typer.Option(None, "--mpp", help="Also say how --mpp would read each slide: "
-                              "the level, its resize factor, the size read."),
-    assume_mpp: float = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP),
+                              "the level, its resize factor, the size read.",
+                              rich_help_panel="Reading"),
+    assume_mpp: float = typer.Option(None, "--assume-mpp", help=ASSUME_MPP_HELP,
+                                     rich_help_panel="Reading"),
     thumbnail: Path = typer.Option(None, "--thumbnail", help="Write a PNG thumbnail (one "
-                                   "slide)."),
-    max_side: int = typer.Option(1024, "--max-side", help="Longer side of the thumbnail."),
+                                   "slide).", rich_help_panel="Output"),
+    max_side: int = typer.Option(1024, "--max-side", help="Longer side of the thumbnail.",
+                                 rich_help_panel="Output"),
     json_output: bool = typer.Option(False, "--json", help="One JSON record per slide, as a "
-                                     "list."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the thumbnail."),
+                                     "list.", rich_help_panel="Output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the thumbnail.",
+                                   rich_help_panel="Output"),
 ) -> None:
     """Format, backend, levels, resolution, objective and associated images of slides."""
     import json
@@ -1039,39 +1076,50 @@ def _each_slide(slides: list[Path], describe: Callable[[Path], Any]
 
 @app.command("estimate-memory")
 def estimate_memory(
-    image_size: list[str] = typer.Option(
-        [], "--image-size", help="Image size: 8192 (square) or 8192x6144 (width x height); "
-                                 "repeat for several.", show_default="required"),
-    size: list[str] = typer.Option([], "--size", hidden=True, help="Former --image-size."),
-    model: str = typer.Option("resnet34", "--model", help="Model name (see sstream.models)."),
+    model: str = typer.Option("resnet34", "--model", help="Model name (see sstream.models).",
+                              rich_help_panel="Model"),
     stream_layers: str | None = typer.Option(
         None, "--stream-layers", help="Stream up to and including this stage (resnet: "
         "layer1..layer4; convnext_tiny/tiny: stage1..stage4; vgg16: block1..block5).",
-        show_default="the whole trunk"),
+        show_default="the whole trunk", rich_help_panel="Model"),
+    pooling: str = typer.Option("max", "--pooling", help="The head's pooling, as for train: "
+                                "max, avg or attention.", rich_help_panel="Model"),
+    image_size: list[str] = typer.Option(
+        [], "--image-size", help="Image size: 8192 (square) or 8192x6144 (width x height); "
+                                 "repeat for several.", show_default="required",
+                                 rich_help_panel="Reading"),
+    size: list[str] = typer.Option([], "--size", hidden=True, help="Former --image-size.",
+                                   rich_help_panel="Reading"),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (momentum).",
+                                  rich_help_panel="Training"),
     tile_size: list[str] = typer.Option(
         [], "--tile-size", help="Streaming tile side in pixels; repeat for several.",
-        show_default="512 1024 2048 4096 (those not larger than the image)"),
+        show_default="512 1024 2048 4096 (those not larger than the image)",
+        rich_help_panel="Streaming"),
     amp_dtype: str | None = typer.Option(
         None, "--amp-dtype", help="Mixed precision in bf16 or fp16 (as train --amp "
                                   "--amp-dtype): float32 parameters, gradients and optimizer "
-                                  "state.", show_default="float32 throughout"),
+                                  "state.", show_default="float32 throughout",
+                                  rich_help_panel="Streaming"),
     dtype: str | None = typer.Option(None, "--dtype", hidden=True, help="Former "
-                                     "--amp-dtype: float32, float16 or bfloat16."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (momentum)."),
+                                     "--amp-dtype: float32, float16 or bfloat16.",
+                                     rich_help_panel="Streaming"),
     budget: str | None = typer.Option(None, "--budget", hidden=True,
-                                      help="Former --memory-budget."),
+                                      help="Former --memory-budget.", rich_help_panel="Streaming"),
     memory_budget: str | None = typer.Option(
         None, "--memory-budget", help="Memory budget, e.g. 12GiB (2**30 bytes each), 12GB (10**9), "
-                               "500MiB, 12e9: prints the largest tile that fits."),
+                               "500MiB, 12e9: prints the largest tile that fits.",
+                               rich_help_panel="Streaming"),
     engine: str = typer.Option(
         "auto", "--engine", help="Streaming engine to model: auto (halo where the stream "
-                                 "allows it, as training picks), halo or crop."),
-    pooling: str = typer.Option("max", "--pooling", help="The head's pooling, as for train: "
-                                "max, avg or attention."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+                                 "allows it, as training picks), halo or crop.",
+                                 rich_help_panel="Streaming"),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table.",
+                                     rich_help_panel="Output"),
     plot: str | None = typer.Option(
         None, "--plot", help="Write a PNG: predicted peak against image size (log axes), "
-                             "conventional and streaming, with the budget line."),
+                             "conventional and streaming, with the budget line.",
+                             rich_help_panel="Output"),
 ) -> None:
     """Estimate peak memory of conventional vs streaming training, and the tile that fits.
 
@@ -1129,17 +1177,23 @@ def estimate_memory(
 def split_command(
     csv: Path = typer.Argument(..., help="Labelled CSV of the whole cohort (image, label, "
                                "optional patient column)."),
-    out: Path = typer.Option(..., "--out", help="Folder for test.csv, fold_<k>/train.csv "
-                             "and fold_<k>/val.csv, and splits.csv (the counts)."),
-    folds: int = typer.Option(5, "--folds", help="Cross-validation folds."),
-    test_fraction: float = typer.Option(0.0, "--test-fraction", help="Share of patients "
-                                        "held out in test.csv, from every fold (0: none)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the shuffle: the same seed gives "
-                             "the same splits."),
     task: str = typer.Option("classification", "--task", help="classification (stratified "
-                             "on the class) or regression (on quantile bins of the target)."),
-    bins: int = typer.Option(4, "--bins", help="Regression: quantile bins to stratify on."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing splits."),
+                             "on the class) or regression (on quantile bins of the target).",
+                             rich_help_panel="Data"),
+    bins: int = typer.Option(4, "--bins", help="Regression: quantile bins to stratify on.",
+                             rich_help_panel="Data"),
+    folds: int = typer.Option(5, "--folds", help="Cross-validation folds.",
+                              rich_help_panel="Cohort"),
+    test_fraction: float = typer.Option(0.0, "--test-fraction", help="Share of patients "
+                                        "held out in test.csv, from every fold (0: none).",
+                                        rich_help_panel="Cohort"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffle: the same seed gives "
+                             "the same splits.", rich_help_panel="Cohort"),
+    out: Path = typer.Option(..., "--out", help="Folder for test.csv, fold_<k>/train.csv "
+                             "and fold_<k>/val.csv, and splits.csv (the counts).",
+                             rich_help_panel="Output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing splits.",
+                                   rich_help_panel="Output"),
 ) -> None:
     """Split a cohort into stratified cross-validation folds (and a held-out test set) that
     keep each patient's slides together (scikit-learn's StratifiedGroupKFold)."""
@@ -1184,24 +1238,33 @@ def report_command(
 @app.command("make-sample-data")
 def make_sample_data(
     out: Path = typer.Argument(..., help="Output directory (images/, train.csv, val.csv)."),
-    count: int = typer.Option(32, help="Number of slides (labels alternate 0, 1)."),
-    size: int = typer.Option(768, help="Slide side in pixels (the maximum with --min-size)."),
-    min_size: int = typer.Option(None, help="Draw each side from \\[min-size, size]."),
-    seed: int = typer.Option(0, help="Seed: the same seed gives the same files."),
-    val_fraction: float = typer.Option(0.25, help="Share of slides in val.csv."),
-    tiff_tile_size: int = typer.Option(256, "--tiff-tile-size", help="Tile side of the "
-                                       "TIFFs written (multiple of 16; not the streaming "
-                                       "--tile-size)."),
-    tile: int = typer.Option(None, "--tile", hidden=True, help="Former --tiff-tile-size."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
+    count: int = typer.Option(32, help="Number of slides (labels alternate 0, 1).",
+                              rich_help_panel="Data"),
+    size: int = typer.Option(768, help="Slide side in pixels (the maximum with --min-size).",
+                             rich_help_panel="Data"),
+    min_size: int = typer.Option(None, help="Draw each side from \\[min-size, size].",
+                                 rich_help_panel="Data"),
+    seed: int = typer.Option(0, help="Seed: the same seed gives the same files.",
+                             rich_help_panel="Data"),
+    val_fraction: float = typer.Option(0.25, help="Share of slides in val.csv.",
+                                       rich_help_panel="Data"),
     regression: bool = typer.Option(False, help="Regression data: every slide has lesions "
-                                    "and its label is their texture contrast in [0, 1]."),
+                                    "and its label is their texture contrast in [0, 1].",
+                                    rich_help_panel="Data"),
     patients: int = typer.Option(None, help="A cohort: slide i belongs to patient i mod N "
                                  "(one label per patient), every CSV gets a patient column, "
                                  "val.csv holds whole patients and cohort.csv every slide "
-                                 "(for sstream split).", show_default="none"),
+                                 "(for sstream split).", show_default="none",
+                                 rich_help_panel="Data"),
+    tiff_tile_size: int = typer.Option(256, "--tiff-tile-size", help="Tile side of the "
+                                       "TIFFs written (multiple of 16; not the streaming "
+                                       "--tile-size).", rich_help_panel="Output"),
+    tile: int = typer.Option(None, "--tile", hidden=True, help="Former --tiff-tile-size.",
+                             rich_help_panel="Output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files.",
+                                   rich_help_panel="Output"),
     json_output: bool = typer.Option(False, "--json", help="Print the files written as "
-                                     "JSON."),
+                                     "JSON.", rich_help_panel="Output"),
 ) -> None:
     """Generate synthetic slides whose label is visible only at full resolution.
 

@@ -26,7 +26,8 @@ def slide(tmp_path_factory):
 
 
 def help_of(command: str) -> str:
-    result = runner.invoke(app, [command, "-h"], terminal_width=200)
+    # rich sizes the help from COLUMNS (click's terminal_width does not reach it)
+    result = runner.invoke(app, [command, "-h"], terminal_width=200, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -118,6 +119,44 @@ def test_make_sample_data_json(tmp_path):
     written = json.loads(result.stdout)
     assert written["slides"] == 2 and (tmp_path / "d" / "train.csv").samefile(
         written["train_csv"])
+
+
+PANELS = ("Data", "Model", "Map", "Reading", "Training", "Streaming", "Cohort", "Output",
+          "Distributed")   # train's panels, and saliency's and heatmap's Map
+
+
+def visible_options() -> dict[str, list]:
+    """Each command's options that --help lists (not --help itself, nor hidden ones)."""
+    import typer
+
+    group = typer.main.get_command(app)
+    context = typer.Context(group)
+    commands = {name: group.get_command(context, name) for name in group.list_commands(context)}
+    return {name: [param for param in command.params if isinstance(param, typer.core.TyperOption)
+                   and not param.hidden]
+            for name, command in commands.items()}
+
+
+def test_every_long_command_groups_all_its_options_in_panels():
+    for command, options in visible_options().items():
+        panels = [option.rich_help_panel for option in options]
+        if len(options) > 8 or any(panels):
+            assert set(panels) <= set(PANELS), (command, panels)
+
+
+def test_one_concept_sits_in_one_panel():
+    """An option that several commands share is found under the same panel in each (a seed
+    is no shared concept: training order, random pixels, synthetic slides, a shuffle)."""
+    from collections import defaultdict
+
+    panels = defaultdict(set)
+    for options in visible_options().values():
+        for option in options:
+            if option.rich_help_panel is not None:
+                panels[option.opts[0]].add(option.rich_help_panel)
+    spread = {name: found for name, found in panels.items() if len(found) > 1}
+    assert set(spread) <= {"--seed"}, spread
+    assert panels["--json"] == {"Output"} and panels["--image-size"] == {"Reading"}
 
 
 def test_device_help_is_one_text():
