@@ -199,40 +199,54 @@ class TiffTiles:
         """Rows [y0, y1) x columns [x0, x1) as (h, w, samples) in the file's dtype; sparse
         tiles read as 0, as tifffile reads them.
 
-        Each task decodes its run of segments and copies the part of each inside the region
-        into place; numpy copies without the GIL, so the copies run in parallel too. (JPEG
-        tiles are decoded into a new array each: imagecodecs' jpeg_decode with `out=` decodes
+        The tiles' places are worked out for the whole region at once (numpy), so that a
+        task's loop does little besides reading, decoding and copying: with many threads,
+        the Python a tile costs holds the GIL that every other thread needs. Each task
+        decodes its run of segments and copies the part of each inside the region into
+        place; numpy copies without the GIL, so the copies run in parallel too. (JPEG tiles
+        are decoded into a new array each: imagecodecs' jpeg_decode with `out=` decodes
         about 40% slower, one thread or several.)"""
         out = np.empty((y1 - y0, x1 - x0, self.samples), dtype=self.dtype)
-
-        def decode_run(run: Sequence[int]) -> None:
-            for index in run:
-                self._decode_into(index, out, y0, x0)
-
-        run_parallel([lambda run=run: decode_run(run) for run in split_evenly(
-            self.segments(y0, y1, x0, x1), workers * _TASKS_PER_WORKER)], workers)
+        placements = self._placements(self.segments(y0, y1, x0, x1), y0, y1, x0, x1)
+        run_parallel([lambda run=run: self._decode_run(run, out) for run in split_evenly(
+            placements, workers * _TASKS_PER_WORKER)], workers)
         return out
 
-    def _decode_into(self, index: int, out: np.ndarray, y0: int, x0: int) -> None:
-        """Decode segment `index` and copy its part inside the region `out` (whose corner is
-        (y0, x0) in the page) into place."""
-        ty0, ty1, tx0, tx1 = self.segment_box(index)
-        # intersection of the segment with the region, in page coordinates
-        iy0, iy1 = max(ty0, y0), min(ty1, y0 + out.shape[0])
-        ix0, ix1 = max(tx0, x0), min(tx1, x0 + out.shape[1])
-        target = out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
-        data = self.segment_bytes(index)
-        if data is None:  # a sparse tile
-            target[...] = 0
-            return
+    def _placements(self, segments: list[int], y0: int, y1: int, x0: int, x1: int
+                    ) -> list[tuple[int, ...]]:
+        """For each segment: (index, file offset, byte count, then rows and columns of its
+        part in the region, then the same part's rows and columns in the segment)."""
+        index = np.asarray(segments, dtype=np.int64)
+        row, col = np.divmod(index, self.tiles_across)
+        ty0, tx0 = row * self.tile_height, col * self.tile_width
+        iy0, iy1 = np.maximum(ty0, y0), np.minimum(np.minimum(ty0 + self.tile_height,
+                                                              self.height), y1)
+        ix0, ix1 = np.maximum(tx0, x0), np.minimum(np.minimum(tx0 + self.tile_width,
+                                                              self.width), x1)
+        columns = (index, self._offsets[index], self._counts[index], iy0 - y0, iy1 - y0,
+                   ix0 - x0, ix1 - x0, iy0 - ty0, iy1 - ty0, ix0 - tx0, ix1 - tx0)
+        return list(zip(*(c.tolist() for c in columns), strict=True))
+
+    def _decode_run(self, placements: Sequence[tuple[int, ...]], out: np.ndarray) -> None:
+        """Read, decode and copy into `out` each segment of `placements` (`_placements`)."""
+        fd, pread = self._fd, os.pread
+        for index, offset, count, oy0, oy1, ox0, ox1, sy0, sy1, sx0, sx1 in placements:
+            if offset <= 0 or count <= 0:  # a sparse tile
+                out[oy0:oy1, ox0:ox1] = 0
+                continue
+            data = pread(fd, count, offset)
+            if len(data) != count:
+                raise OSError(f"file ends inside a tile ({len(data)} of {count} bytes read)")
+            out[oy0:oy1, ox0:ox1] = self._decode_segment(index, data)[sy0:sy1, sx0:sx1]
+
+    def _decode_segment(self, index: int, data: bytes) -> np.ndarray:
+        """Segment `index`'s pixels as (length, width, samples)."""
         if self._jpeg_args is not None:
             tile = self._jpeg_decode(data, **self._jpeg_args)
-            tile = tile.reshape(*tile.shape[:2], -1)  # one sample: (length, width, 1)
-        else:
-            tile, _, _ = self._decode(data, index, jpegtables=self._jpegtables,
-                                      jpegheader=self._jpegheader)
-            tile = tile.reshape(tile.shape[-3:])  # (length, width, samples) of depth 1
-        target[...] = tile[iy0 - ty0:iy1 - ty0, ix0 - tx0:ix1 - tx0]
+            return tile if tile.ndim == 3 else tile[..., None]  # one sample: (l, w, 1)
+        tile, _, _ = self._decode(data, index, jpegtables=self._jpegtables,
+                                  jpegheader=self._jpegheader)
+        return tile.reshape(tile.shape[-3:])  # (length, width, samples) of depth 1
 
 
 def _jpeg_arguments(keyframe: Any) -> dict[str, Any] | None:
