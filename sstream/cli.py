@@ -897,7 +897,6 @@ def verify_command(
     difference of the logits, the input gradient and every parameter gradient, with the
     time and peak memory of each. Exit code 1 if a difference exceeds the tolerance.
     """
-    import json
 
     from sstream.cli_render import verification_table
     from sstream.verify import VerifyConfig, verify
@@ -913,7 +912,7 @@ def verify_command(
                 image=str(image) if image else None, device=device, seed=seed, level=level,
                 mpp=mpp, assume_mpp=assume_mpp, pooling=pooling))
         if json_output:
-            print(json.dumps(result.to_dict(), default=str, indent=2))
+            _print_json(result)
         else:
             console.print(verification_table(result))
             if result.cropped_because:
@@ -1028,7 +1027,6 @@ def info_command(
                                    rich_help_panel="Output"),
 ) -> None:
     """Format, backend, levels, resolution, objective and associated images of slides."""
-    import json
 
     from sstream.cli_render import info_table
     from sstream.info import InfoConfig, describe_slide, write_slide_thumbnail
@@ -1040,8 +1038,8 @@ def info_command(
                                        else str(thumbnail), max_side, overwrite))
         records, failures = _each_slide(slides, lambda path: describe_slide(path, config))
         if json_output:
-            console.print_json(json.dumps([r.to_dict() for r in records] + [
-                {"path": str(path), "error": reason} for path, reason in failures]))
+            _print_json(records + [{"path": str(path), "error": reason}
+                                   for path, reason in failures])
         else:
             for record in records:
                 console.print(info_table(record))
@@ -1125,7 +1123,7 @@ def estimate_memory(
 
     Traced on the meta device: no GPU, no real memory, seconds even for 65536 x 65536.
     """
-    from sstream.cli_render import memory_table, to_json
+    from sstream.cli_render import memory_table
     from sstream.estimate import EstimateConfig, parse_tile_size, write_memory_plot
     from sstream.estimate import estimate_memory as run_estimate
     from sstream.runtime import parse_bytes
@@ -1158,7 +1156,7 @@ def estimate_memory(
                                               config.dtype, optimizer, result.budget_bytes,
                                               max_size=max(65536, side), engine=engine)
         if json_output:
-            print(to_json(result))
+            _print_json(result)
         else:
             console.print(memory_table(result, console.width))
             for advice in result.advice:
@@ -1194,6 +1192,9 @@ def split_command(
                              rich_help_panel="Output"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing splits.",
                                    rich_help_panel="Output"),
+    json_output: bool = typer.Option(False, "--json", help="Print what was written (the "
+                                     "files and each split's counts) as JSON.",
+                                     rich_help_panel="Output"),
 ) -> None:
     """Split a cohort into stratified cross-validation folds (and a held-out test set) that
     keep each patient's slides together (scikit-learn's StratifiedGroupKFold)."""
@@ -1208,7 +1209,10 @@ def split_command(
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         result = split_cohort(config)
-        console.print(split_table(result))
+        if json_output:
+            _print_json(result)
+        else:
+            console.print(split_table(result))
         if not result.grouped_by_patient:
             err_console.print("[yellow]no patient column: every slide counts as its own "
                               "patient[/yellow]")
@@ -1217,7 +1221,7 @@ def split_command(
 @app.command("report")
 def report_command(
     runs: list[Path] = typer.Argument(..., help="Training output directories (one per fold)."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Mean and standard deviation over runs (e.g. folds) of every metric at each run's best
     epoch (the one best.pt keeps)."""
@@ -1226,8 +1230,8 @@ def report_command(
 
     with user_errors():
         summary = report(_validated(ReportConfig([str(run) for run in runs])))
-        if json_out:
-            typer.echo(summary.to_json())
+        if json_output:
+            _print_json(summary)
         else:
             console.print(report_table(summary))
 

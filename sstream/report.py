@@ -52,9 +52,6 @@ class Report:
                                      "values": [_json_number(v) for v in m.values]}
                             for m in self.metrics}}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 @dataclass
 class ReportConfig(Options):

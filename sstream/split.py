@@ -79,6 +79,7 @@ class SplitResult:
     counts: list[SplitCounts]
     grouped_by_patient: bool    # False: no patient column, every slide its own patient
     strata_name: str            # "class" or "<target> bin"
+    files: list[Path] = field(default_factory=list)  # every CSV written, splits.csv last
 
 
 def split_cohort(config: SplitConfig) -> SplitResult:
@@ -122,7 +123,8 @@ def split_cohort(config: SplitConfig) -> SplitResult:
                     Path(config.csv).parent.resolve())
         counts.append(_count(name, strata[picked], groups[picked]))
     _write_counts(out / "splits.csv", counts)
-    return SplitResult(out, counts, any(s.patient for s in samples), strata_name)
+    files = [out / f"{name}.csv" for name in writes] + [out / "splits.csv"]
+    return SplitResult(out, counts, any(s.patient for s in samples), strata_name, files)
 
 
 def _strata(samples: list[Sample], task: Task, bins: int) -> tuple[np.ndarray, str]:

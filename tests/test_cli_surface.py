@@ -14,8 +14,8 @@ from sstream.cli import app
 from sstream.io import write_synthetic_slide
 
 runner = CliRunner()
-COMMANDS = ["train", "predict", "saliency", "view", "verify", "tissue", "info",
-            "estimate-memory", "make-sample-data"]
+COMMANDS = ["train", "predict", "saliency", "heatmap", "view", "verify", "tissue", "info",
+            "estimate-memory", "split", "report", "make-sample-data"]
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,22 @@ def test_split_cli_refuses_too_few_patients_in_one_line(tmp_path):
     assert run.exit_code == 2 and "--folds must be at least 2" in run.output
 
 
+def test_split_json_lists_the_files_written_and_the_counts(tmp_path):
+    data = write_cohort(tmp_path, ["tumor", "normal"] * 6, [f"c{i}" for i in range(12)],
+                        size=(8, 8))
+    run = runner.invoke(app, ["split", str(data), "--folds", "2", "--test-fraction", "0.25",
+                              "--out", str(tmp_path / "s"), "--json"])
+    assert run.exit_code == 0, run.output
+    written = json.loads(run.stdout)
+    names = ["test", "fold_0/train", "fold_0/val", "fold_1/train", "fold_1/val"]
+    assert [c["split"] for c in written["counts"]] == names
+    assert written["files"] == [str(tmp_path / "s" / f"{n}.csv") for n in names + ["splits"]]
+    assert all(Path(f).is_file() for f in written["files"])
+    assert written["strata_name"] == "class" and written["grouped_by_patient"] is True
+    assert sum(c["strata"]["tumor"] for c in written["counts"][1:3]) == 6 - written[
+        "counts"][0]["strata"].get("tumor", 0)
+
+
 def test_report_takes_each_runs_best_epoch_and_gives_mean_and_sd(tmp_path):
     runs = []
     for index, (aucs, accuracy) in enumerate((([0.6, 0.8, 0.7], 0.5), ([0.9, 0.5, 0.9],

@@ -52,7 +52,7 @@ JOBS = {
         "quiet", "json_events"})),         # what the terminal shows
     "predict": Job(PredictConfig, cli_only=frozenset({"quiet", "json_output"}),
                    field_only=frozenset({"whole_image"})),   # --image-size whole
-    "split": Job(SplitConfig),
+    "split": Job(SplitConfig, cli_only=frozenset({"json_output"})),
     "saliency": Job(SaliencyConfig, cli_only=frozenset({
         "slides", "csv", "checkpoint",          # the jobs' arguments: what is mapped,
         "out", "overview", "no_overview", "geojson",   # and the files written
@@ -72,7 +72,7 @@ JOBS = {
     "tissue": Job(TissueConfig, cli_only=frozenset({"slide", "json_output"})),
     "info": Job(InfoConfig, cli_only=frozenset({"slides", "json_output"})),
     "view": Job(ViewConfig, cli_only=frozenset({"slide"})),
-    "report": Job(ReportConfig, cli_only=frozenset({"json_out"})),
+    "report": Job(ReportConfig, cli_only=frozenset({"json_output"})),
     "make-sample-data": Job(SampleDataConfig, cli_only=frozenset({
         "tile",             # hidden former name of --tiff-tile-size
         "json_output"})),
