@@ -17,6 +17,8 @@ import dataclasses
 from dataclasses import MISSING, Field, asdict, fields
 from typing import Any, TypeVar
 
+from sstream.errors import InputError
+
 # help texts several jobs' options share
 DEVICE_HELP = "auto (CUDA when a GPU is there, else the CPU), cpu, cuda or cuda:N."
 ASSUME_MPP_HELP = ("Level 0's µm per pixel for slides that do not state it (a CSV's mpp "
@@ -65,7 +67,7 @@ class Options:
         declared = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(values) - set(declared))
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise InputError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**{name: _tuple_if_declared(declared[name], value)
                       for name, value in values.items()})
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sstream.errors import InputError
+from sstream.errors import InputError, first_line
 from sstream.options import Options, option
 from sstream.task import Classification, Regression, Task, selection_score
 
@@ -74,7 +74,7 @@ def report(config: ReportConfig | None = None, **options: Any) -> Report:
     summaries = [_best_epoch(Path(run)) for run in runs]
     kinds = {_task_kind(Path(run)) for run in runs}
     if len(kinds) > 1:
-        raise ValueError(f"the runs are of different tasks ({', '.join(sorted(kinds))})")
+        raise InputError(f"the runs are of different tasks ({', '.join(sorted(kinds))})")
     names = [n for n in summaries[0].row if n not in SKIPPED]
     metrics = []
     for name in names:
@@ -89,11 +89,11 @@ def report(config: ReportConfig | None = None, **options: Any) -> Report:
 def _best_epoch(run: Path) -> RunSummary:
     path = run / "metrics.csv"
     if not path.is_file():
-        raise ValueError(f"{run}: no metrics.csv (not a training run directory)")
+        raise InputError(f"{run}: no metrics.csv (not a training run directory)")
     with open(path, newline="") as handle:
         rows = [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(handle)]
     if not rows:
-        raise ValueError(f"{path}: no epochs yet")
+        raise InputError(f"{path}: no epochs yet")
     task = _task(run)
     best = max(rows, key=lambda row: selection_score(row, task))
     return RunSummary(run, int(best["epoch"]), len(rows), best)
@@ -101,8 +101,13 @@ def _best_epoch(run: Path) -> RunSummary:
 
 def _task_kind(run: Path) -> str:
     config = run / "config.json"
-    return json.loads(config.read_text()).get("task", "classification") \
-        if config.is_file() else "classification"
+    if not config.is_file():
+        return "classification"
+    try:
+        return json.loads(config.read_text()).get("task", "classification")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise InputError(f"{config}: not a readable run configuration ({first_line(exc)})"
+                         ) from None
 
 
 def _task(run: Path) -> Task:

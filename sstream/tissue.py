@@ -57,7 +57,7 @@ class Tissue:
             return cls(text)
         path = Path(text)
         if not path.is_file():
-            raise ValueError(f"--tissue must be auto, none or a mask image file; {text!r} is "
+            raise InputError(f"--tissue must be auto, none or a mask image file; {text!r} is "
                              "neither" + (" (a directory)" if path.is_dir() else " (no such "
                                                                                   "file)"))
         return cls(str(path))
@@ -101,7 +101,7 @@ def output_mask(source: PixelSource, scnn: StreamingCNN) -> torch.Tensor | None:
     if not mask.any() and source.tissue.source == "auto":
         return None
     if not mask.any():
-        raise ValueError(f"no tissue under the image ({source.tissue.source} mask, "
+        raise InputError(f"no tissue under the image ({source.tissue.source} mask, "
                          f"{source.tissue.fraction:.1%} of the slide): check it with `sstream "
                          "tissue`, or use --tissue none")
     return torch.from_numpy(mask.copy())  # a writable array of its own (not a view)

@@ -120,13 +120,13 @@ class TileSource:
 
     def _render(self, layer: Layer, level: int, x: int, y: int) -> bytes:
         if not 0 <= level <= self.max_level:
-            raise ValueError(f"level {level} outside 0..{self.max_level}")
+            raise InputError(f"level {level} outside 0..{self.max_level}")
         downsample = 2 ** (self.max_level - level)
         width = math.ceil(self.layers[0].width / downsample)
         height = math.ceil(self.layers[0].height / downsample)
         x0, y0 = x * TILE, y * TILE
         if x < 0 or y < 0 or x0 >= width or y0 >= height:
-            raise ValueError(f"tile {x}_{y} outside level {level} ({width} x {height})")
+            raise InputError(f"tile {x}_{y} outside level {level} ({width} x {height})")
         size = (min(TILE, width - x0), min(TILE, height - y0))
         box = (x0 * downsample, y0 * downsample, size[0] * downsample, size[1] * downsample)
         out = io.BytesIO()
@@ -160,7 +160,7 @@ def _tissue_mask(slide, tissue: str | None) -> TissueMask | None:
     if tissue == "auto":
         return detect_tissue(slide)
     if not Path(tissue).is_file():
-        raise ValueError(f"--tissue must be auto, none or a mask image file; {tissue!r} is "
+        raise InputError(f"--tissue must be auto, none or a mask image file; {tissue!r} is "
                          "neither")
     return read_tissue_mask(tissue, slide)
 
@@ -232,7 +232,7 @@ def _place(layer: Layer, width: int, height: int, slide_mpp: float | None, path:
     for side, slide_side, per in ((layer.width, width, layer.per_slide_pixel[0]),
                                   (layer.height, height, layer.per_slide_pixel[1])):
         if abs(side - slide_side * per) > max(1.0, 0.01 * side):
-            raise ValueError(f"{path}: a {layer.width} x {layer.height} map does not "
+            raise InputError(f"{path}: a {layer.width} x {layer.height} map does not "
                              f"overlay a {width} x {height} slide")
 
 
