@@ -89,7 +89,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-class UsageError(SstreamError, ValueError):
+class UsageError(InputError):
     """A bad combination of options: exit code 2, like typer's own usage errors."""
 
 
@@ -167,7 +167,7 @@ def user_errors() -> Iterator[None]:
         _fail(exc, EXIT_USAGE)
     except typer.Abort:
         raise
-    except (SstreamError, ValueError, OSError) as exc:
+    except (SstreamError, OSError) as exc:
         _fail(exc, EXIT_FAILURE)
     except Exception as exc:
         if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's
@@ -267,8 +267,8 @@ def _load_config_file(path: Path) -> dict:
     """Options from a TOML or YAML file; keys are option names (dashes or underscores)."""
     if not path.is_file():
         raise UsageError(f"--config {path}: no such file")
-    text = path.read_text()
     try:
+        text = path.read_text()
         if path.suffix.lower() in (".yaml", ".yml"):
             try:
                 import yaml
@@ -551,7 +551,7 @@ def predict(
             device=device, amp=amp, overwrite=overwrite, tissue=tissue)
         try:
             config.validate()
-        except ValueError as exc:
+        except InputError as exc:
             raise UsageError(str(exc)) from None
         rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 alone reports
         events = PredictEvents() if quiet or json_output or rank else \
@@ -1063,7 +1063,7 @@ def _each_slide(slides: list[Path], describe: Callable[[Path], Any]
     for path in slides:
         try:
             records.append(describe(path))
-        except (SstreamError, ValueError, OSError) as exc:
+        except (SstreamError, OSError) as exc:
             reason = first_line(exc)
             failures.append((path, reason if str(path) in reason else f"{path}: {reason}"))
     return records, failures
@@ -1142,7 +1142,7 @@ def estimate_memory(
             with err_console.status("tracing the training step on the meta device (the halo "
                                     "engine runs its tiles: seconds to a minute)"):
                 result = run_estimate(config)
-        except ValueError as exc:
+        except InputError as exc:
             raise UsageError(str(exc)) from None
         plot_path = None
         if plot is not None:
@@ -1206,7 +1206,7 @@ def split_command(
                              overwrite)
         try:
             config.validate()
-        except ValueError as exc:
+        except InputError as exc:
             raise UsageError(str(exc)) from None
         result = split_cohort(config)
         if json_output:
