@@ -536,7 +536,7 @@ def predict(
     checkpoint (streaming forward)."""
     import os
 
-    from sstream.cli_render import RichPredictEvents, evaluation_report, predictions_table
+    from sstream.cli_render import RichPredictEvents, print_notes, print_predictions
     from sstream.predict import PredictConfig, PredictEvents
     from sstream.predict import predict as run_prediction
 
@@ -563,17 +563,11 @@ def predict(
                 events.close()
         if result.rank:
             return
-        for note in result.notes:
-            err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        print_notes(err_console, result.notes)
         if json_output:
             _print_json({k: v for k, v in vars(result).items() if k != "task"})
         elif not quiet:
-            console.print(predictions_table(result.predictions, result.task))
-            for evaluation in result.evaluations:
-                console.print(evaluation_report(evaluation))
-            if result.out:
-                console.print(f"predictions written to {result.out}"
-                              + "".join(f", {path}" for path in result.written))
+            print_predictions(console, result)
         for image, reason in result.failures:
             err_console.print(f"[bold red]error:[/bold red] {image}: {reason}", highlight=False)
         if result.failures:
@@ -658,18 +652,7 @@ def saliency(
     (several slides or a CSV: one map per slide, shared among the ranks under torchrun)."""
     from pathlib import Path
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TaskID,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
+    from sstream.cli_render import SlideProgress, print_notes, print_saliency
     from sstream.saliency import (
         SaliencyConfig,
         SaliencyOptionError,
@@ -677,11 +660,6 @@ def saliency(
         default_output_paths,
     )
     from sstream.view import ViewConfig
-
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:  # type: ignore[no-untyped-def]
-            unit = "rows" if task.fields.get("unit") == "rows" else "tiles"
-            return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s")
 
     with user_errors():
         if overview is not None and no_overview:
@@ -710,19 +688,7 @@ def saliency(
             overview_path = Path(overview)
         elif no_overview:
             overview_path = None
-        columns = (TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
-                   RateColumn(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
-        bar = Progress(*columns, console=err_console)  # started by the first tile
-        tasks: dict[str, TaskID] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if not tasks:
-                bar.start()
-            if phase not in tasks:
-                unit = "rows" if phase == "quantise" else "tiles"
-                tasks[phase] = bar.add_task(phase, total=total, unit=unit)
-            bar.update(tasks[phase], completed=done)
-
+        progress = SlideProgress(err_console)
         try:
             result = compute_saliency(
                 slide, checkpoint, out_path, overview=overview_path, progress=progress,
@@ -730,26 +696,12 @@ def saliency(
         except SaliencyOptionError as exc:
             raise UsageError(str(exc)) from None
         finally:
-            if tasks:
-                bar.stop()
-        for note in result.notes:
-            err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+            progress.close()
+        print_notes(err_console, result.notes)
         if json_output:
             _print_json(result)
-            if view:
-                serve(Path(slide), ViewConfig([str(result.out)]))
-            return
-        console.print(result.summary, highlight=False)
-        resized = "" if result.resize == 1 else f" resized by {result.resize:.4g}"
-        at = "" if result.mpp is None else f" at {result.mpp:.4g} µm/px"
-        console.print(f"map {result.size[0]} x {result.size[1]} ({result.encoding}, level "
-                      f"{result.level}{resized}{at}, {result.method}): {result.out}",
-                      highlight=False)
-        if result.overview is not None:
-            console.print(f"overview: {result.overview}", highlight=False)
-        console.print(f"values {result.min:.3g} .. {result.max:.3g}, scale {result.scale:.3g} "
-                      f"(p{result.percentile:g} of |non-zero|), {result.tiles} tiles in "
-                      f"{result.seconds:.1f} s", highlight=False, soft_wrap=True)
+        else:
+            print_saliency(console, result)
         if view:
             serve(Path(slide), ViewConfig([str(result.out)]))
 
@@ -762,7 +714,7 @@ def _saliency_of_slides(slides: list[str], csv: str | None, checkpoint: str, out
 
     from rich.markup import escape
 
-    from sstream.cli_render import RichSaliencyEvents
+    from sstream.cli_render import RichSaliencyEvents, print_notes
     from sstream.saliency import SaliencyEvents, SaliencyOptionError, saliency_for_slides
 
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 alone reports
@@ -777,8 +729,7 @@ def _saliency_of_slides(slides: list[str], csv: str | None, checkpoint: str, out
             events.close()
     if result.rank:
         return
-    for note in dict.fromkeys(n for r in result.maps.values() for n in r.notes):
-        err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    print_notes(err_console, dict.fromkeys(n for r in result.maps.values() for n in r.notes))
     if json_output:
         _print_json(result)
     else:
@@ -833,6 +784,7 @@ def heatmap(
 ) -> None:
     """Write where the model looked: an attention head's weights, or a max/avg head's class
     activation map, as a pyramidal TIFF that overlays the slide (sstream view, QuPath)."""
+    from sstream.cli_render import print_heatmap
     from sstream.heatmap import HeatmapConfig, HeatmapError, compute_heatmap
 
     with user_errors():
@@ -846,13 +798,8 @@ def heatmap(
             raise UsageError(str(exc)) from None
         if json_output:
             _print_json(result)
-            return
-        console.print(result.summary, highlight=False)
-        at = "" if result.mpp is None else f" at {result.mpp:.4g} µm/px"
-        console.print(f"{result.kind} map {result.size[0]} x {result.size[1]} (1 pixel per "
-                      f"{result.stride} slide pixels{at}), values {result.min:.3g} .. "
-                      f"{result.max:.3g}, {result.seconds:.1f} s: {result.out}",
-                      highlight=False, soft_wrap=True)
+        else:
+            print_heatmap(console, result)
 
 
 # ---- verify -------------------------------------------------------------------------------
@@ -944,6 +891,7 @@ def tissue_command(
                                      "as JSON.", rich_help_panel="Output"),
 ) -> None:
     """Preview the tissue mask of a slide before a long run: what --tissue auto pools over."""
+    from sstream.cli_render import print_tissue
     from sstream.tissue import TissueConfig, preview_tissue
 
     with user_errors():
@@ -954,11 +902,7 @@ def tissue_command(
         if json_output:
             _print_json(result)
         else:
-            console.print(f"{result.slide.name}: tissue {result.fraction:.1%} of the slide "
-                          f"({result.source}); preview: {result.preview}", highlight=False)
-        if result.mask is not None and not json_output:
-            console.print(f"mask ({result.mask_size[0]} x {result.mask_size[1]} px): "
-                          f"{result.mask}", highlight=False)
+            print_tissue(console, result)
         if result.fraction == 0:
             err_console.print("[yellow]no tissue found: with --tissue auto the jobs use the "
                               "whole image (a grayscale, fluorescence or empty slide?); give a "
@@ -1123,7 +1067,7 @@ def estimate_memory(
 
     Traced on the meta device: no GPU, no real memory, seconds even for 65536 x 65536.
     """
-    from sstream.cli_render import memory_table
+    from sstream.cli_render import print_memory_report
     from sstream.estimate import EstimateConfig, parse_tile_size, write_memory_plot
     from sstream.estimate import estimate_memory as run_estimate
     from sstream.runtime import parse_bytes
@@ -1158,12 +1102,7 @@ def estimate_memory(
         if json_output:
             _print_json(result)
         else:
-            console.print(memory_table(result, console.width))
-            for advice in result.advice:
-                style = "green" if advice["fits"] else "bold red"
-                console.print(f"[{style}]{advice['message']}[/{style}]", highlight=False)
-            if plot_path is not None:
-                console.print(f"plot written to {plot_path}")
+            print_memory_report(console, result, plot_path)
         if result.over_budget:
             raise typer.Exit(EXIT_FAILURE)
 

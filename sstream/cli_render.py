@@ -11,8 +11,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich import box
@@ -22,6 +23,8 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -30,10 +33,14 @@ from rich.table import Table
 from rich.text import Text
 
 from sstream.estimate import MemoryReport, format_bytes
-from sstream.predict import PredictEvents, Prediction
+from sstream.predict import PredictEvents, Prediction, PredictResult
 from sstream.saliency import SaliencyEvents, SaliencyResult
 from sstream.task import Evaluation, Task
 from sstream.train import TrainEvents, TrainResult
+
+if TYPE_CHECKING:
+    from sstream.heatmap import HeatmapResult
+    from sstream.tissue import TissuePreview
 
 
 def _progress(console: Console) -> Progress:
@@ -230,6 +237,100 @@ class RichSaliencyEvents(SaliencyEvents):
 
     def close(self) -> None:
         self.progress.stop()
+
+
+class _RateColumn(ProgressColumn):
+    """Tiles (or quantised rows) per second."""
+
+    def render(self, task: Any) -> Text:
+        unit = "rows" if task.fields.get("unit") == "rows" else "tiles"
+        return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s")
+
+
+class SlideProgress:
+    """One slide's progress as `compute_saliency` reports it, (phase, done, total): a bar per
+    phase (the tiles, then the quantised rows) with its rate, shown from the first report."""
+
+    def __init__(self, console: Console) -> None:
+        self.bar = Progress(TextColumn("{task.description:>9}"), BarColumn(),
+                            MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn(),
+                            TextColumn("left"), TimeRemainingColumn(), console=console)
+        self.phases: dict[str, TaskID] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.phases:
+            self.bar.start()
+        if phase not in self.phases:
+            unit = "rows" if phase == "quantise" else "tiles"
+            self.phases[phase] = self.bar.add_task(phase, total=total, unit=unit)
+        self.bar.update(self.phases[phase], completed=done)
+
+    def close(self) -> None:
+        if self.phases:
+            self.bar.stop()
+
+
+def print_notes(console: Console, notes: Iterable[str]) -> None:
+    """What a job noted on the way (a resolution assumed, a size clipped), a line each."""
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+
+
+def print_predictions(console: Console, result: PredictResult) -> None:
+    """`sstream predict`'s result: the predictions, their evaluation against the labels,
+    and the files written."""
+    console.print(predictions_table(result.predictions, result.task))
+    for evaluation in result.evaluations:
+        console.print(evaluation_report(evaluation))
+    if result.out:
+        console.print(f"predictions written to {result.out}"
+                      + "".join(f", {path}" for path in result.written))
+
+
+def print_saliency(console: Console, result: SaliencyResult) -> None:
+    """One slide's saliency map: the model's prediction, the map's size, resolution and
+    files, and its values."""
+    console.print(result.summary, highlight=False)
+    resized = "" if result.resize == 1 else f" resized by {result.resize:.4g}"
+    at = "" if result.mpp is None else f" at {result.mpp:.4g} µm/px"
+    console.print(f"map {result.size[0]} x {result.size[1]} ({result.encoding}, level "
+                  f"{result.level}{resized}{at}, {result.method}): {result.out}",
+                  highlight=False)
+    if result.overview is not None:
+        console.print(f"overview: {result.overview}", highlight=False)
+    console.print(f"values {result.min:.3g} .. {result.max:.3g}, scale {result.scale:.3g} "
+                  f"(p{result.percentile:g} of |non-zero|), {result.tiles} tiles in "
+                  f"{result.seconds:.1f} s", highlight=False, soft_wrap=True)
+
+
+def print_heatmap(console: Console, result: HeatmapResult) -> None:
+    """`sstream heatmap`'s map: the model's prediction, the map's kind, size and values."""
+    console.print(result.summary, highlight=False)
+    at = "" if result.mpp is None else f" at {result.mpp:.4g} µm/px"
+    console.print(f"{result.kind} map {result.size[0]} x {result.size[1]} (1 pixel per "
+                  f"{result.stride} slide pixels{at}), values {result.min:.3g} .. "
+                  f"{result.max:.3g}, {result.seconds:.1f} s: {result.out}",
+                  highlight=False, soft_wrap=True)
+
+
+def print_tissue(console: Console, result: TissuePreview) -> None:
+    """`sstream tissue`'s finding: the share of tissue, and the preview and mask written."""
+    console.print(f"{result.slide.name}: tissue {result.fraction:.1%} of the slide "
+                  f"({result.source}); preview: {result.preview}", highlight=False)
+    if result.mask is not None:
+        console.print(f"mask ({result.mask_size[0]} x {result.mask_size[1]} px): "
+                      f"{result.mask}", highlight=False)
+
+
+def print_memory_report(console: Console, result: MemoryReport, plot: Path | None) -> None:
+    """`sstream estimate-memory`'s table, its advice (green where it fits, red where not),
+    and the plot written."""
+    console.print(memory_table(result, console.width))
+    for advice in result.advice:
+        style = "green" if advice["fits"] else "bold red"
+        console.print(f"[{style}]{advice['message']}[/{style}]", highlight=False)
+    if plot is not None:
+        console.print(f"plot written to {plot}")
 
 
 def epoch_table(metrics: dict[str, Any]) -> Group:

@@ -74,3 +74,27 @@ def test_the_memory_table(width):
     assert_readable(done.output, width)
     assert "whole-slide" in done.output and "compute" in done.output
     assert ("activations" in done.output) == (width >= 110)
+
+
+def test_result_lines_and_the_slide_progress():
+    """The jobs' results as cli_render prints them, and saliency's bars: one per phase, with
+    rows for the quantisation and tiles before it."""
+    from pathlib import Path
+
+    from sstream.cli_render import SlideProgress, print_notes, print_tissue
+    from sstream.tissue import TissuePreview
+
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    print_tissue(console, TissuePreview(Path("a/slide.tif"), 0.4321, "auto",
+                                        Path("slide.tif.tissue.png"), Path("m.png"), (64, 48)))
+    print_notes(console, ["read at level 1", "read at level 1"])
+    assert console.export_text().splitlines() == [
+        "slide.tif: tissue 43.2% of the slide (auto); preview: slide.tif.tissue.png",
+        "mask (64 x 48 px): m.png", "note: read at level 1", "note: read at level 1"]
+    progress = SlideProgress(Console(width=120, file=open("/dev/null", "w")))  # noqa: SIM115
+    for phase, done, total in (("saliency", 1, 4), ("saliency", 4, 4), ("quantise", 3, 9)):
+        progress(phase, done, total)
+    tasks = {task.description: task for task in progress.bar.tasks}
+    assert tasks["saliency"].completed == 4 and tasks["quantise"].fields["unit"] == "rows"
+    progress.close()
+    assert not progress.bar.live.is_started
