@@ -38,7 +38,8 @@ def test_python_dash_m_runs_the_cli():
 
 
 # sstream.tissue is not among them: its Tissue choice serves train, predict and saliency
-JOBS = ("train", "predict", "saliency", "estimate", "verify", "view")
+JOBS = ("train", "predict", "saliency", "heatmap", "estimate", "verify", "view", "split",
+        "report", "info", "sample_data")
 
 
 def _sstream_imports(module: str) -> set[str]:
