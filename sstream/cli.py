@@ -1068,7 +1068,7 @@ def estimate_memory(
     Traced on the meta device: no GPU, no real memory, seconds even for 65536 x 65536.
     """
     from sstream.cli_render import print_memory_report
-    from sstream.estimate import EstimateConfig, parse_tile_size, write_memory_plot
+    from sstream.estimate import EstimateConfig, plot_estimate
     from sstream.estimate import estimate_memory as run_estimate
     from sstream.runtime import parse_bytes
 
@@ -1082,7 +1082,6 @@ def estimate_memory(
         try:
             if config.memory_budget is not None:
                 parse_bytes(config.memory_budget)
-            tiles = [parse_tile_size(t) for t in tile_size]
             with err_console.status("tracing the training step on the meta device (the halo "
                                     "engine runs its tiles: seconds to a minute)"):
                 result = run_estimate(config)
@@ -1090,15 +1089,9 @@ def estimate_memory(
             raise UsageError(str(exc)) from None
         plot_path = None
         if plot is not None:
-            fitting = [a["tile_size"] for a in result.advice if a["tile_size"] is not None]
-            side = min(result.estimates[0].image_size)
-            plot_tile = (fitting[0] if fitting and isinstance(fitting[0], int)
-                         else tiles[0] if tiles else min(1024, side))
-            with err_console.status(f"estimating image sides up to {max(65536, side)} for "
+            with err_console.status("estimating image sides up to 65536 (or the image's) for "
                                     "the plot"):
-                plot_path = write_memory_plot(plot, model, stream_layers, plot_tile,
-                                              config.dtype, optimizer, result.budget_bytes,
-                                              max_size=max(65536, side), engine=engine)
+                plot_path = plot_estimate(plot, config, result)
         if json_output:
             _print_json(result)
         else:

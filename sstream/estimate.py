@@ -24,7 +24,8 @@ from sstream.options import Options, option
 from sstream.runtime import parse_bytes
 
 __all__ = ["DEFAULT_TILE_SIZES", "EstimateConfig", "MemoryReport", "estimate_memory",
-           "format_bytes", "parse_size", "parse_tile_size", "write_memory_plot"]
+           "format_bytes", "parse_size", "parse_tile_size", "plot_estimate",
+           "write_memory_plot"]
 
 DEFAULT_TILE_SIZES = (512, 1024, 2048, 4096)
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # train's --amp-dtype spellings
@@ -232,6 +233,19 @@ def estimate_memory(config: EstimateConfig) -> MemoryReport:
         if budget_bytes is not None:
             result.advice.append(_advice(estimate, budget_bytes, stream_layers, model_name))
     return result
+
+
+def plot_estimate(path: str | Path, config: EstimateConfig, result: MemoryReport) -> Path:
+    """`write_memory_plot` for what `estimate_memory(config)` found (`--plot`): at the largest
+    square tile that fits the budget, else the first tile asked for, else 1024 (at most the
+    image's side), for image sides up to 65536 or the first image's, if larger."""
+    fitting = [a["tile_size"] for a in result.advice if a["tile_size"] is not None]
+    side = min(result.estimates[0].image_size)
+    tile = (fitting[0] if fitting and isinstance(fitting[0], int)  # a square tile
+            else parse_tile_size(config.tile_size[0]) if config.tile_size else min(1024, side))
+    return write_memory_plot(path, config.model, config.stream_layers, tile, config.dtype,
+                             config.optimizer, result.budget_bytes, max_size=max(65536, side),
+                             engine=config.engine)
 
 
 def write_memory_plot(path: str | Path, model_name: str, stream_layers: str | None,
