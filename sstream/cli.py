@@ -565,7 +565,7 @@ def predict(
             return
         print_notes(err_console, result.notes)
         if json_output:
-            _print_json({k: v for k, v in vars(result).items() if k != "task"})
+            _print_json(result)
         elif not quiet:
             print_predictions(console, result)
         for image, reason in result.failures:

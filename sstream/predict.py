@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +88,11 @@ class PredictResult:
     written: list[Path] = field(default_factory=list)   # the report files beside `out`
     notes: list[str] = field(default_factory=list)      # where reading departs from training
     rank: int = 0         # under torchrun: this process's rank (only rank 0 writes and prints)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field but the task (the model's, not a result: predictions and evaluations
+        name its classes), as `--json` prints them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task"}
 
 
 class PredictEvents:

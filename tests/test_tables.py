@@ -98,3 +98,19 @@ def test_result_lines_and_the_slide_progress():
     assert tasks["saliency"].completed == 4 and tasks["quantise"].fields["unit"] == "rows"
     progress.close()
     assert not progress.bar.live.is_started
+
+
+def test_predict_json_is_the_result_without_its_task():
+    import json
+    from pathlib import Path
+
+    from sstream.cli_render import to_json
+    from sstream.predict import PredictResult
+
+    result = PredictResult([Prediction("a.tif", [0.25, 0.75], 1)], [("b.tif", "unreadable")],
+                           None, Path("p.csv"), Classification(), notes=["read at level 1"])
+    printed = json.loads(to_json(result))
+    assert "task" not in printed and printed["out"] == "p.csv"
+    assert printed["predictions"][0]["image"] == "a.tif"
+    assert printed["failures"] == [["b.tif", "unreadable"]]
+    assert printed["notes"] == ["read at level 1"] and printed["rank"] == 0
