@@ -103,3 +103,56 @@ def test_training_starts_reading_the_next_slide_while_the_current_one_trains(tmp
                                           tissue="none", augment="none"))
     for name, value in plain.model.state_dict().items():
         assert torch.equal(ahead.model.state_dict()[name], value), name
+
+
+def test_training_reads_ahead_into_slides_of_shapes_not_planned_yet(tmp_path, monkeypatch):
+    """Whole images, each of its own shape: the loading thread cannot plan them, so the
+    training thread plans the next one between the current image's forward and backward and
+    announces its reads then; the image's own forward then reads exactly those regions, and
+    the weights are those of a run without read-ahead."""
+    import csv
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    import sstream.train as train_module
+    import sstream.training.images
+    from tests.conftest import float64_training
+    from tests.test_train_predict import config
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for index, size in enumerate([(72, 88), (88, 64), (64, 96), (80, 80)]):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+            tmp_path / f"{index}.png")
+        rows.append((f"{index}.png", index % 2))
+    with open(tmp_path / "shapes.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("image", "label"), *rows])
+    monkeypatch.setattr(sstream.training.images, "IN_MEMORY_PIXELS", 0)  # read lazily
+    announced: dict[int, list] = {}
+    sources = []  # kept alive, so that no two sources share an id
+    expect = PixelSource.expect
+
+    def recorded(self, boxes):
+        assert threading.current_thread() is threading.main_thread()  # no shape planned
+        sources.append(self)
+        announced.setdefault(id(self), []).append(list(boxes))
+        return expect(self, announced[id(self)][-1])
+
+    monkeypatch.setattr(PixelSource, "expect", recorded)
+    settings = dict(train_csv=str(tmp_path / "shapes.csv"), epochs=1, tissue="none",
+                    augment="none", accumulate=1)
+    with float64_training():
+        ahead = train_module.train(config(tmp_path, out=str(tmp_path / "a"), **settings))
+    # each image: its forward's reads, then its backward's; every image after the first:
+    # its forward's reads announced once more beforehand, during the step before it
+    counts = [len(calls) for calls in announced.values()]
+    assert counts == [2, 3, 3, 3], counts
+    early = list(announced.values())[1:]
+    assert all(calls[0] == calls[1] for calls in early)  # the forward reads what was announced
+    monkeypatch.setattr(PixelSource, "expect", lambda self, boxes: None)  # no read-ahead
+    with float64_training():
+        plain = train_module.train(config(tmp_path, out=str(tmp_path / "b"), **settings))
+    for name, value in plain.model.state_dict().items():
+        assert torch.equal(ahead.model.state_dict()[name], value), name

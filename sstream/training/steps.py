@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -98,12 +99,13 @@ class StepLoop:
         group_loss, group_tiles, stop_wanted, error = 0.0, 0, False, None
         try:
             for index in parallel.shard(start, stop):
-                source, mask = loads.next()
-                sample = self.parts.train_samples[int(order[index])]
+                loaded = loads.next()
+                source, mask, sample = loaded.source, loaded.mask, loaded.sample
                 try:
                     if mask is _NOT_MADE:
                         mask = images.sample_output_mask(source, self.parts.scnn, sample)
-                    loss = self._train_image(source, mask, sample, stop - start, state)
+                    loss = self._train_image(source, mask, sample, stop - start, state,
+                                             lambda: loads.prepare_next(self._prepare))
                 finally:
                     source.close()
                 tiles = len(self.parts.scnn.plan(source.shape))
@@ -130,9 +132,10 @@ class StepLoop:
         return GroupResult(loss_sum, int(tiles_sum), bool(stops))
 
     def _train_image(self, source: PixelSource, mask: torch.Tensor | None, sample: Sample,
-                     group_size: int, state: TrainState) -> float:
+                     group_size: int, state: TrainState,
+                     before_backward: Callable[[], None]) -> float:
         """Forward and backward one image (`mask`: its output mask); gradients accumulate
-        (loss / group size)."""
+        (loss / group size). `before_backward` runs between the two (on this thread)."""
         parts = self.parts
         with autocast(parts.device, parts.config.amp, parts.amp_dtype):
             logits = streamed_logits(parts.model, parts.scnn, source, mask,  # (1, classes)
@@ -145,6 +148,7 @@ class StepLoop:
                                 f"{state.step}; stopped, keeping the last good checkpoint "
                                 "(lower --lr, or try without --amp)")
         scaled = loss / group_size
+        before_backward()
         if parts.scaler is not None:
             parts.scaler.scale(scaled).backward()
         else:
@@ -169,29 +173,62 @@ class StepLoop:
         sample = self.parts.train_samples[int(order[index])]
         return self.pool.submit(self._load_ahead, sample, (epoch, 1, index))
 
-    def _load_ahead(self, sample: Sample, seed_keys: tuple[int, ...]
-                    ) -> tuple[PixelSource, torch.Tensor | None | object]:
+    def _load_ahead(self, sample: Sample, seed_keys: tuple[int, ...]) -> _Loaded:
         """(On the loading thread.) The next image and its output mask, with the first
         regions of a lazily read slide already decoding: the regions its pooled forward will
         read are announced to the read-ahead while the current image trains. The mask is
         made here only where the image's shape has been planned (making it asks for the
-        output's size); elsewhere it is `_NOT_MADE`, for the training thread to make."""
+        output's size); elsewhere it is `_NOT_MADE`, and `_prepare` (on the training thread,
+        during the current image's step) or the image's own turn makes it."""
         parts = self.parts
         source = images.load_training_image(sample, parts.config, True, seed_keys,
                                             parts.dtype, parts.tissue)
-        if not (source.read_ahead and parts.config.whole_slide
-                and parts.scnn.planned(source.shape)):
-            return source, _NOT_MADE
+        loaded = _Loaded(source, _NOT_MADE, sample)
+        if not (self._reads_ahead(source) and parts.scnn.planned(source.shape)):
+            return loaded
         try:
-            mask = images.sample_output_mask(source, parts.scnn, sample)
+            loaded.mask = images.sample_output_mask(source, parts.scnn, sample)
         except BaseException:  # (no tissue under the image:) the slide is not handed on
             source.close()
             raise
-        source.expect(parts.scnn.pooled_reads(source.shape, mask))
-        return source, mask
+        source.expect(parts.scnn.pooled_reads(source.shape, loaded.mask))
+        return loaded
+
+    def _prepare(self, loaded: _Loaded) -> None:
+        """(On the training thread, between the current image's forward and backward.)
+        Plan the next image's shape, make its output mask and announce its pooled forward's
+        reads, so that its first regions decode during the current backward. The loading
+        thread cannot do this for a shape not planned yet: planning traces the stream and
+        runs it on the meta device, which must not happen beside a running forward. What
+        fails here is left for the image's own turn, which reports it."""
+        parts = self.parts
+        if loaded.mask is not _NOT_MADE or not self._reads_ahead(loaded.source):
+            return
+        try:
+            parts.scnn.halo_program(loaded.source.shape, training=False)
+            mask = images.sample_output_mask(loaded.source, parts.scnn, loaded.sample)
+        except Exception:  # noqa: S110 - made again, and reported, when its turn comes
+            return
+        loaded.mask = mask
+        loaded.source.expect(parts.scnn.pooled_reads(loaded.source.shape, mask))
+
+    def _reads_ahead(self, source: PixelSource) -> bool:
+        """Whether the image is read lazily by a read-ahead on the whole-slide path (the
+        path whose reads the engine can list before the forward)."""
+        return bool(source.read_ahead) and self.parts.config.whole_slide
 
 
 _NOT_MADE = object()  # an output mask the loading thread left for the training thread
+
+
+@dataclass
+class _Loaded:
+    """An image the loading thread prepared: its source, its output mask (or `_NOT_MADE`)
+    and its sample."""
+
+    source: PixelSource
+    mask: torch.Tensor | None | object
+    sample: Sample
 
 
 class _Loads:
@@ -202,10 +239,17 @@ class _Loads:
         self.start, self.position = start, 0
         self.pending = start(0)
 
-    def next(self) -> tuple[PixelSource, torch.Tensor | None | object]:
-        """The next image and its output mask, or `_NOT_MADE` (waiting for its load); the
-        one after starts loading."""
+    def next(self) -> _Loaded:
+        """The next image (waiting for its load); the one after starts loading."""
         loaded = self.pending.result()
         self.position += 1
         self.pending = self.start(self.position)
         return loaded
+
+    def prepare_next(self, prepare: Callable[[_Loaded], None]) -> None:
+        """`prepare` the image loading after the current one if its load has finished
+        (without waiting for it: a load still running, failed or cancelled is left alone)."""
+        pending = self.pending
+        if pending is not None and pending.done() and not pending.cancelled() \
+                and pending.exception() is None:
+            prepare(pending.result())
