@@ -10,7 +10,7 @@ sstream: its traceback is printed with a line asking for a report.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -973,14 +973,15 @@ def info_command(
     """Format, backend, levels, resolution, objective and associated images of slides."""
 
     from sstream.cli_render import info_table
-    from sstream.info import InfoConfig, describe_slide, write_slide_thumbnail
+    from sstream.info import InfoConfig, describe_slides, write_slide_thumbnail
 
     with user_errors():
         if thumbnail is not None and len(slides) > 1:
             raise UsageError("--thumbnail writes one slide's thumbnail: give one slide")
         config = _validated(InfoConfig(mpp, assume_mpp, None if thumbnail is None
                                        else str(thumbnail), max_side, overwrite))
-        records, failures = _each_slide(slides, lambda path: describe_slide(path, config))
+        found = describe_slides(slides, config)
+        records, failures = found.records, found.failures
         if json_output:
             _print_json(records + [{"path": str(path), "error": reason}
                                    for path, reason in failures])
@@ -997,20 +998,6 @@ def info_command(
             (err_console if json_output else console).print(
                 f"thumbnail ({written.width} x {written.height} px): {written.path}",
                 highlight=False)
-
-
-def _each_slide(slides: list[Path], describe: Callable[[Path], Any]
-                ) -> tuple[list[Any], list[tuple[Path, str]]]:
-    """`describe` of each slide, and (slide, one line naming it) for each that fails: one
-    unreadable slide among several does not hide the others."""
-    records, failures = [], []
-    for path in slides:
-        try:
-            records.append(describe(path))
-        except (SstreamError, OSError) as exc:
-            reason = first_line(exc)
-            failures.append((path, reason if str(path) in reason else f"{path}: {reason}"))
-    return records, failures
 
 
 # ---- estimate-memory ------------------------------------------------------------------------

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import sstream.io.info
-from sstream.errors import InputError
+from sstream.errors import InputError, SstreamError, first_line
 from sstream.io.info import SlideInfo
 from sstream.options import ASSUME_MPP_HELP, Options, option
 
-__all__ = ["InfoConfig", "Thumbnail", "describe_slide", "write_slide_thumbnail"]
+__all__ = ["InfoConfig", "SlideRecords", "Thumbnail", "describe_slide", "describe_slides",
+           "write_slide_thumbnail"]
 
 
 @dataclass
@@ -65,6 +66,32 @@ def describe_slide(slide: str | os.PathLike, config: InfoConfig | None = None,
     config = InfoConfig.given(config, options)
     config.validate()
     return sstream.io.info.slide_info(slide, config.mpp, assume_mpp=config.assume_mpp)
+
+
+@dataclass
+class SlideRecords:
+    """What `describe_slides` found: a record per readable slide, and (slide, one line
+    naming it and what is wrong) per slide that could not be described."""
+
+    records: list[SlideInfo]
+    failures: list[tuple[Path, str]]
+
+
+def describe_slides(slides: list[str | os.PathLike], config: InfoConfig | None = None,
+                    **options: Any) -> SlideRecords:
+    """`describe_slide` of each slide: one unreadable slide among several does not hide the
+    others. Options that cannot work raise InputError before any slide is opened."""
+    config = InfoConfig.given(config, options)
+    config.validate()
+    found = SlideRecords([], [])
+    for slide in slides:
+        try:
+            found.records.append(describe_slide(slide, config))
+        except (SstreamError, OSError) as exc:
+            reason = first_line(exc)
+            found.failures.append((Path(slide), reason if str(slide) in reason
+                                   else f"{slide}: {reason}"))
+    return found
 
 
 def write_slide_thumbnail(slide: str | os.PathLike, config: InfoConfig) -> Thumbnail:
