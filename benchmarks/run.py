@@ -62,9 +62,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _table(result: dict) -> list[str]:
-    lines = [f"## {result['title']}", "", "| " + " | ".join(map(str, result["columns"]))
-             + " |", "|" + "---|" * len(result["columns"])]
+def _table(result: dict, heading: bool = True) -> list[str]:
+    lines = [f"## {result['title']}", ""] if heading else []
+    lines += ["| " + " | ".join(map(str, result["columns"])) + " |",
+              "|" + "---|" * len(result["columns"])]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in result["rows"]]
     lines += [""] + [f"- {note}" for note in result.get("notes", [])]
     return lines + [f"\n({result['seconds']} s)", ""]
@@ -90,8 +91,9 @@ def docs_page(report: dict, previous: str, modules: list[str]) -> str:
     for name in modules:
         if name in report["results"]:
             result = report["results"][name]
-            body = [f"Measured {report['started']} on {report['machine']}, full size "
-                    f"(`python benchmarks/run.py --only {name}`).", "", *_table(result)]
+            body = [f"## {result['title']}", "", f"Measured {report['started']} on "
+                    f"{report['machine']}, full size (`python benchmarks/run.py --only "
+                    f"{name}`).", "", *_table(result, heading=False)]
             kept[name] = "\n".join([SECTION.format(name), "", *body]).rstrip() + "\n"
         page.append(kept.get(name) or f"{SECTION.format(name)}\n\n## {name}\n\nNot run at "
                     "full size yet.\n")
