@@ -179,13 +179,7 @@ class TiffTiles:
 
     def segment_bytes(self, index: int) -> bytes | None:
         """The compressed bytes of segment `index` (None for a sparse, unwritten one)."""
-        offset, count = int(self._offsets[index]), int(self._counts[index])
-        if offset <= 0 or count <= 0:
-            return None
-        data = os.pread(self._fd, count, offset)
-        if len(data) != count:
-            raise OSError(f"file ends inside a tile ({len(data)} of {count} bytes read)")
-        return data
+        return _read_segment(self._fd, int(self._offsets[index]), int(self._counts[index]))
 
     def jpeg_file(self, index: int) -> bytes | None:
         """Segment `index` as a complete JPEG file (the JPEGTables tag's tables spliced in
@@ -229,14 +223,11 @@ class TiffTiles:
 
     def _decode_run(self, placements: Sequence[tuple[int, ...]], out: np.ndarray) -> None:
         """Read, decode and copy into `out` each segment of `placements` (`_placements`)."""
-        fd, pread = self._fd, os.pread
         for index, offset, count, oy0, oy1, ox0, ox1, sy0, sy1, sx0, sx1 in placements:
-            if offset <= 0 or count <= 0:  # a sparse tile
+            data = _read_segment(self._fd, offset, count)
+            if data is None:  # a sparse tile
                 out[oy0:oy1, ox0:ox1] = 0
                 continue
-            data = pread(fd, count, offset)
-            if len(data) != count:
-                raise OSError(f"file ends inside a tile ({len(data)} of {count} bytes read)")
             out[oy0:oy1, ox0:ox1] = self._decode_segment(index, data)[sy0:sy1, sx0:sx1]
 
     def _decode_segment(self, index: int, data: bytes) -> np.ndarray:
@@ -247,6 +238,17 @@ class TiffTiles:
         tile, _, _ = self._decode(data, index, jpegtables=self._jpegtables,
                                   jpegheader=self._jpegheader)
         return tile.reshape(tile.shape[-3:])  # (length, width, samples) of depth 1
+
+
+def _read_segment(fd: int, offset: int, count: int) -> bytes | None:
+    """`count` bytes at `offset` of the file (a positioned read: no seek, so no lock); None
+    for a sparse, unwritten segment."""
+    if offset <= 0 or count <= 0:
+        return None
+    data = os.pread(fd, count, offset)
+    if len(data) != count:
+        raise OSError(f"file ends inside a tile ({len(data)} of {count} bytes read)")
+    return data
 
 
 def _jpeg_arguments(keyframe: Any) -> dict[str, Any] | None:

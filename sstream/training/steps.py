@@ -187,11 +187,10 @@ class StepLoop:
         if not (self._reads_ahead(source) and parts.scnn.planned(source.shape)):
             return loaded
         try:
-            loaded.mask = images.sample_output_mask(source, parts.scnn, sample)
+            self._announce(loaded)
         except BaseException:  # (no tissue under the image:) the slide is not handed on
             source.close()
             raise
-        source.expect(parts.scnn.pooled_reads(source.shape, loaded.mask))
         return loaded
 
     def _prepare(self, loaded: _Loaded) -> None:
@@ -201,16 +200,20 @@ class StepLoop:
         thread cannot do this for a shape not planned yet: planning traces the stream and
         runs it on the meta device, which must not happen beside a running forward. What
         fails here is left for the image's own turn, which reports it."""
-        parts = self.parts
         if loaded.mask is not _NOT_MADE or not self._reads_ahead(loaded.source):
             return
         try:
-            parts.scnn.halo_program(loaded.source.shape, training=False)
-            mask = images.sample_output_mask(loaded.source, parts.scnn, loaded.sample)
+            self.parts.scnn.halo_program(loaded.source.shape, training=False)
+            self._announce(loaded)
         except Exception:  # noqa: S110 - made again, and reported, when its turn comes
-            return
-        loaded.mask = mask
-        loaded.source.expect(parts.scnn.pooled_reads(loaded.source.shape, mask))
+            loaded.mask = _NOT_MADE
+
+    def _announce(self, loaded: _Loaded) -> None:
+        """Make the image's output mask and announce its pooled forward's reads (its shape
+        planned)."""
+        scnn = self.parts.scnn
+        loaded.mask = images.sample_output_mask(loaded.source, scnn, loaded.sample)
+        loaded.source.expect(scnn.pooled_reads(loaded.source.shape, loaded.mask))
 
     def _reads_ahead(self, source: PixelSource) -> bool:
         """Whether the image is read lazily by a read-ahead on the whole-slide path (the
